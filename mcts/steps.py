@@ -1,0 +1,148 @@
+"""The step format: the one text format that the policy writes, the search parses and SFT trains on.
+
+A step is one or more natural-language reasoning lines written as Python comments, followed by
+Python code, closed by a delimiter:
+
+    # Tom starts with 3 apples and buys 5 more.
+    apples = 3 + 5
+    print(apples)
+    <end_of_step>
+
+The final step states the answer as ``\\boxed{...}`` (in a comment, usually after computing it) and
+is closed by the answer delimiter instead:
+
+    # The answer is \\boxed{8}
+    <end_of_answer>
+
+When a step's code printed something, the rendered history shows it to the model as comment lines
+``# output: ...`` right after the code, so the next step (and the final answer) can use the value.
+Generation stops at either delimiter; engines return the text *without* the delimiter and report
+which one was hit (``None`` when the token budget ran out).
+
+A weak bootstrap policy may write a whole solution in one go (``mode="solution"``): ``split_steps``
+cuts such text into steps at delimiters when the model wrote them, else at each comment line that
+follows a code line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STEP_END = "<end_of_step>"
+ANSWER_END = "<end_of_answer>"
+STOP_STRINGS: tuple[str, ...] = (STEP_END, ANSWER_END)
+OUTPUT_PREFIX = "# output: "
+MAX_OUTPUT_LINES = 4  # rendered output lines per step; longer output is cut with a marker
+
+
+@dataclass(frozen=True)
+class Step:
+    """One parsed step. ``text`` is the step's source as the model wrote it, without delimiter."""
+
+    text: str  # comments + code, stripped of surrounding blank lines
+    reasoning: str  # the comment lines joined, without '#'
+    code: str  # the non-comment lines (may be empty for a pure answer step)
+    answer: str | None  # content of the last \boxed{} in the step, if any
+
+    @property
+    def is_final(self) -> bool:
+        return self.answer is not None
+
+
+class StepFormatError(ValueError):
+    """Model output that is not a usable step; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` in ``text``, braces balanced; None when absent or unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i = start + len("\\boxed{")
+    depth = 1
+    for j in range(i, len(text)):
+        ch = text[j]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j].strip()
+    return None
+
+
+def _strip_model_outputs(lines: list[str]) -> list[str]:
+    # The model may imitate the rendered '# output:' lines; they are ours to write, never its.
+    return [ln for ln in lines if not ln.lstrip().startswith(OUTPUT_PREFIX.strip())]
+
+
+def parse_step(raw: str) -> Step:
+    """Turn one step of model output (delimiter already removed) into a ``Step`` or raise StepFormatError."""
+    text = raw.replace(STEP_END, "").replace(ANSWER_END, "")
+    lines = _strip_model_outputs(text.strip("\n").splitlines())
+    while lines and not lines[-1].strip():
+        lines.pop()
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    if not lines:
+        raise StepFormatError("empty step")
+    comments = [ln.strip()[1:].strip() for ln in lines if ln.strip().startswith("#")]
+    code_lines = [ln for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not comments:
+        raise StepFormatError("no reasoning comment: a step starts with a '# ...' line")
+    body = "\n".join(lines)
+    answer = last_boxed(body)
+    if "\\boxed{" in body and answer is None:
+        raise StepFormatError("unclosed \\boxed{")
+    if answer is not None and not answer:
+        raise StepFormatError("empty \\boxed{}")
+    return Step(text=body, reasoning="\n".join(comments), code="\n".join(code_lines), answer=answer)
+
+
+def split_steps(text: str) -> list[str]:
+    """Cut a whole generated solution into raw step texts (see module doc). Never drops content."""
+    if STEP_END in text or ANSWER_END in text:
+        parts = text.replace(ANSWER_END, STEP_END).split(STEP_END)
+        return [p.strip("\n") for p in parts if p.strip()]
+    steps: list[list[str]] = []
+    prev_was_code = True  # so the first line opens a step
+    for ln in text.strip("\n").splitlines():
+        is_comment = ln.strip().startswith("#") and not ln.strip().startswith(OUTPUT_PREFIX.strip())
+        if is_comment and prev_was_code:
+            steps.append([])
+        if not steps:
+            steps.append([])
+        steps[-1].append(ln)
+        if ln.strip():
+            prev_was_code = not is_comment
+    return ["\n".join(s).strip("\n") for s in steps if "".join(s).strip()]
+
+
+def render_output(stdout: str) -> str:
+    """The '# output: ...' lines shown after a step's code ('' when the code printed nothing)."""
+    out = stdout.strip("\n")
+    if not out.strip():
+        return ""
+    lines = out.splitlines()
+    if len(lines) > MAX_OUTPUT_LINES:
+        lines = lines[:MAX_OUTPUT_LINES] + ["..."]
+    return "\n".join(OUTPUT_PREFIX + ln for ln in lines)
+
+
+def render_step(step_text: str, stdout: str = "", final: bool = False) -> str:
+    """One step as it appears in a prompt or an SFT completion, delimiter included, ending in a newline."""
+    parts = [step_text.strip("\n")]
+    shown = render_output(stdout)
+    if shown:
+        parts.append(shown)
+    parts.append(ANSWER_END if final else STEP_END)
+    return "\n".join(parts) + "\n"
+
+
+def render_steps(steps: list[tuple[str, str, bool]]) -> str:
+    """A sequence of (step_text, stdout, final) rendered back to back."""
+    return "".join(render_step(t, o, f) for t, o, f in steps)

@@ -1,0 +1,72 @@
+"""The small CLI around a run: export, eval, info, config.
+
+    python -m pipeline info RUN_DIR
+    python -m pipeline export RUN_DIR --round 2 --out exported/
+    python -m pipeline eval RUN_DIR --round 2
+    python -m pipeline config configs/embedded.yaml --set search.rollouts=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from pipeline.info import info
+
+    print(info(Path(args.run_dir)))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.driver import export_round_cli
+
+    return export_round_cli(Path(args.run_dir), args.round, Path(args.out) if args.out else None)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.driver import eval_round_cli
+
+    return eval_round_cli(Path(args.run_dir), args.round)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, dump_config, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Inspect, export and evaluate runs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="one-page summary of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("export", help="write a round's sft / ppm_pairs / steps / trees parquet files")
+    p.add_argument("run_dir")
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--out", help="output directory (default: the round directory)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="(re-)evaluate a round's policy and PPM on the held-out set")
+    p.add_argument("run_dir")
+    p.add_argument("--round", type=int, required=True)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("config", help="validate a preset and print the resolved config")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_config)
+
+    args = parser.parse_args(argv)
+    return args.func(args)

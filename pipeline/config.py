@@ -1,0 +1,169 @@
+"""The run config: one typed object composed of per-concept parts, loaded from a YAML preset plus overrides.
+
+    cfg = load_config("configs/embedded.yaml", ["search.c_puct=1.5", "rounds.schedule.0.rollouts=4"])
+
+Each part is a frozen dataclass owned by the code it configures (problems -> ``data``, search -> ``mcts``,
+sandbox / engines -> ``pipeline``, training / rounds -> ``rounds``); the parts that belong to orchestration
+(storage, ray, eval) are defined here. ``load_config`` validates everything once, before any work starts,
+and raises ``ConfigError`` with a one-line message naming the key, the value and what is allowed. It also
+checks that local paths named by the config exist (the one I/O step, kept out of the dataclasses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data import ProblemsConfig
+from mcts.config import SearchConfig
+from pipeline.confload import ConfigError, apply_override, build, diff, to_plain
+from pipeline.engines.config import EngineConfig
+from pipeline.sandbox import SandboxConfig
+from rounds.schedule import RoundsConfig
+from rounds.train_config import TrainingConfig
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    runs_dir: str = "runs"  # a fresh run without --run-dir goes to runs_dir/<name>-<timestamp>
+    # Finished trees are buffered and written as one shard when this many problems are done (and at the end
+    # of a worker's batch): small shards bound what a crash can lose, large ones keep the file count down.
+    shard_problems: int = 8
+    cache_dir: str = ""  # model cache ('' = $OPEN_RSTAR_CACHE or ~/.cache/open-rstar)
+
+    def __post_init__(self) -> None:
+        if not self.runs_dir:
+            raise ValueError("runs_dir='': must name a directory")
+        if self.shard_problems < 1:
+            raise ValueError(f"shard_problems={self.shard_problems}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # '' = start a local cluster in-process unless RAY_ADDRESS is set (as under `ray job submit`);
+    # 'auto' or 'ray://host:port' joins an existing cluster.
+    address: str = ""
+    num_cpus: int = 0  # for a local cluster; 0 = all cores
+    rollout_workers: int = 1  # rollout worker actors; problems are sharded across them
+    policy_engines: int = 1  # policy engine actors (one per GPU, or per CPU slot)
+    gpus_per_engine: float = 0.0
+    cpus_per_engine: float = 1.0
+    cpus_per_worker: float = 1.0
+    max_restarts: int = 2  # actor restarts before a failure is final
+    include_dashboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("rollout_workers", "policy_engines"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("num_cpus", "max_restarts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        for name in ("gpus_per_engine", "cpus_per_engine", "cpus_per_worker"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    enabled: bool = True
+    base_model: bool = True  # evaluate the untrained bootstrap policy as round 0
+    maj_k: int = 8  # samples for maj@k
+    best_of_n: int = 8  # samples scored by the PPM for best-of-N
+    mcts_rollouts: int = 8  # PPM-guided test-time MCTS rollouts per problem
+    mcts_children: int = 4
+    max_new_tokens: int = 384
+
+    def __post_init__(self) -> None:
+        for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0  # every seed in the run derives from this (mcts.seeds)
+    problems: ProblemsConfig = field(default_factory=ProblemsConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    engines: EngineConfig = field(default_factory=EngineConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name={self.name!r}: must be a non-empty name without '/'")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~"))
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Local files and model directories named by the config must exist (hub ids and built-ins are not checked)."""
+    models = {"engines.policy_model": cfg.engines.policy_model}
+    for key in ("bootstrap_model", "ppm_model"):
+        if hasattr(cfg.engines, key) and getattr(cfg.engines, key):
+            models[f"engines.{key}"] = getattr(cfg.engines, key)
+    for key, spec in models.items():
+        if _looks_like_path(spec) and not (Path(spec).expanduser() / "config.json").is_file():
+            raise ConfigError(f"{key}={spec!r}: no model there (expected a directory with config.json)")
+    for key in ("source", "eval_source"):
+        spec = getattr(cfg.problems, key, "")
+        if spec and not spec.startswith("builtin:") and (_looks_like_path(spec) or Path(spec).suffix):
+            if not Path(spec).expanduser().exists():
+                raise ConfigError(f"problems.{key}={spec!r}: file not found")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML preset (None = defaults), apply ``KEY=VALUE`` overrides, validate, check paths."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    if overrides:
+        # Overrides address the resolved tree so list items that only exist as defaults can be set.
+        data = _merge(to_plain(build(RunConfig, data)), data)
+        for assignment in overrides:
+            apply_override(data, assignment)
+    cfg = build(RunConfig, data)
+    check_paths(cfg)
+    return cfg
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def dump_config(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False)
+
+
+def config_diff(stored_yaml: str, cfg: RunConfig) -> list[str]:
+    import yaml
+
+    return diff(yaml.safe_load(stored_yaml), to_plain(cfg))
+
+
+__all__ = ["RunConfig", "StorageConfig", "RayConfig", "EvalConfig", "ConfigError", "load_config", "dump_config",
+           "config_diff", "check_paths"]

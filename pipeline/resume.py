@@ -1,0 +1,43 @@
+"""Continue a run after a crash or a stop: ``python -m pipeline.resume RUN_DIR [--rounds A-B] [--force]``.
+
+Reads the run's stored config.yaml, skips every phase whose completion marker exists (problems already in
+a completed tree shard, exports, training, eval) and continues. A finished run says so and does nothing.
+Overrides (--set) that change the config are refused unless --force, with the diff of what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.resume", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a run directory holding config.yaml")
+    parser.add_argument("--rounds", help="rounds to run: N or A-B (default: all in the stored schedule)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--force", action="store_true", help="resume even if --set changes the stored config")
+    args = parser.parse_args(argv)
+
+    from pipeline.config import ConfigError, load_config
+    from rounds.schedule import parse_round_range
+
+    stored = Path(args.run_dir) / "config.yaml"
+    if not stored.is_file():
+        print(f"pipeline.resume: error: {stored}: no such file; is {args.run_dir} a run directory?", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(stored, args.overrides)
+        rounds = parse_round_range(args.rounds or f"1-{cfg.rounds.count}", cfg.rounds.count)
+    except (ConfigError, ValueError) as e:
+        print(f"pipeline.resume: error: {e}", file=sys.stderr)
+        return 2
+
+    from pipeline.driver import start
+
+    return start(cfg, args.run_dir, rounds, force=args.force)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The Ray job entry point: run rounds of self-evolution for one config.
+
+    ray job submit --working-dir . -- python round.py --config configs/embedded.yaml [--rounds 1-4]
+    python round.py --config configs/tiny.yaml --run-dir runs/mine --set search.c_puct=1.5
+
+Run directly, it starts a local Ray cluster; with RAY_ADDRESS set (as under `ray job submit`) it joins that
+cluster. Without --run-dir a fresh directory is made under storage.runs_dir. A run directory that already holds
+a run continues it, exactly as `python -m pipeline.resume RUN_DIR` would. Exit status 2 means the config or the
+arguments were rejected before any work started (and nothing was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="round.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/embedded.yaml")
+    parser.add_argument("--run-dir", help="run directory (default: a fresh one under storage.runs_dir)")
+    parser.add_argument("--rounds", help="which rounds to run: N or A-B (default: all in the schedule)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set search.rollouts=16 (repeatable)")
+    parser.add_argument("--force", action="store_true", help="continue an existing run even if the config changed")
+    args = parser.parse_args(argv)
+
+    from pipeline.config import ConfigError, load_config
+    from rounds.schedule import parse_round_range
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        rounds = parse_round_range(args.rounds or f"1-{cfg.rounds.count}", cfg.rounds.count)
+    except (ConfigError, ValueError) as e:
+        print(f"round.py: error: {e}", file=sys.stderr)
+        return 2
+
+    from pipeline.driver import start
+
+    return start(cfg, args.run_dir, rounds, force=args.force)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

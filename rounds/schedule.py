@@ -1,0 +1,91 @@
+"""The four-round schedule: one list of small round specs, each round's numbers in one place.
+
+Round 1 bootstraps (the base model few-shot prompted writing whole solutions, or a stronger model),
+terminal-guided. Round 2 uses the round-1 SFT policy, terminal-guided, more rollouts. Round 3 adds the
+round-2 PPM to the search (PPM-augmented Q). Round 4 uses policy and PPM r3 and spends extra rollouts
+on problems still unsolved. Every number is config; presets change them in YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    # Which policy generates: the bootstrap model (engines.bootstrap_model, or the base model), or the
+    # SFT policy trained in the previous round.
+    policy: Literal["bootstrap", "previous"] = "previous"
+    # Q annotation: terminal-guided (+1/-1 from the grader) or PPM-augmented (Q initialised by the PPM).
+    q_mode: Literal["terminal", "ppm"] = "terminal"
+    rollouts: int = 16
+    children: int = 8
+    # Extra rollouts for problems that no rollout solved yet (round 4 in rStar-Math: 64 in all).
+    extra_rollouts_unsolved: int = 0
+    # "solution": one proposal is a whole solution, cut into steps (a weak bootstrap policy needs it);
+    # "step": one proposal is one step (the MCTS way, once SFT has taught the format).
+    gen_mode: Literal["step", "solution"] = "step"
+    few_shot: bool = False
+    # Problems searched this round (0 = all of problems.n); later rounds may add more.
+    problems: int = 0
+    train_policy: bool = True
+    train_ppm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rollouts < 1:
+            raise ValueError(f"rollouts={self.rollouts}: must be >= 1")
+        if self.children < 1:
+            raise ValueError(f"children={self.children}: must be >= 1")
+        if self.extra_rollouts_unsolved < 0:
+            raise ValueError(f"extra_rollouts_unsolved={self.extra_rollouts_unsolved}: must be >= 0")
+        if self.problems < 0:
+            raise ValueError(f"problems={self.problems}: must be >= 0 (0 = all)")
+
+
+def _default_schedule() -> list[RoundSpec]:
+    return [
+        RoundSpec(policy="bootstrap", q_mode="terminal", rollouts=8, children=5, gen_mode="solution", few_shot=True),
+        RoundSpec(policy="previous", q_mode="terminal", rollouts=16, children=8),
+        RoundSpec(policy="previous", q_mode="ppm", rollouts=16, children=8),
+        RoundSpec(policy="previous", q_mode="ppm", rollouts=16, children=8, extra_rollouts_unsolved=48),
+    ]
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    schedule: list[RoundSpec] = field(default_factory=_default_schedule)
+    # rStar-Math retrains policy and PPM from the base weights each round; False continues instead.
+    from_base: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.schedule:
+            raise ValueError("schedule=[]: must list at least one round")
+        if self.schedule[0].policy == "previous":
+            raise ValueError("schedule.0.policy='previous': round 1 has no previous policy; use 'bootstrap'")
+        if self.schedule[0].q_mode == "ppm":
+            raise ValueError("schedule.0.q_mode='ppm': round 1 has no trained PPM yet; use 'terminal'")
+        for i, spec in enumerate(self.schedule):
+            if spec.q_mode == "ppm" and i > 0 and not self.schedule[i - 1].train_ppm:
+                raise ValueError(f"schedule.{i}.q_mode='ppm': round {i} trains no PPM (train_ppm=false)")
+
+    @property
+    def count(self) -> int:
+        return len(self.schedule)
+
+
+def parse_round_range(text: str, count: int) -> list[int]:
+    """'1-4', '2', '3-' -> 1-based round numbers within 1..count; ValueError naming the problem otherwise."""
+    text = text.strip()
+    try:
+        if "-" in text:
+            lo_s, hi_s = text.split("-", 1)
+            lo = int(lo_s) if lo_s else 1
+            hi = int(hi_s) if hi_s else count
+        else:
+            lo = hi = int(text)
+    except ValueError:
+        raise ValueError(f"--rounds {text!r}: expected N or A-B, e.g. 1-4") from None
+    if not (1 <= lo <= hi <= count):
+        raise ValueError(f"--rounds {text!r}: rounds run 1..{count} in this config")
+    return list(range(lo, hi + 1))
