@@ -54,9 +54,8 @@ def _default_schedule() -> list[RoundSpec]:
 
 @dataclass(frozen=True)
 class RoundsConfig:
+    # Whether each round retrains from the base weights (rStar-Math) or continues: training.from_base.
     schedule: list[RoundSpec] = field(default_factory=_default_schedule)
-    # rStar-Math retrains policy and PPM from the base weights each round; False continues instead.
-    from_base: bool = True
 
     def __post_init__(self) -> None:
         if not self.schedule:

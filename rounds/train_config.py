@@ -1,0 +1,167 @@
+"""Training config and result records for policy SFT and PPM training (``rounds.train_policy`` / ``train_ppm``).
+
+``TrainingConfig`` holds what both trainers share (seed, precision, checkpointing, from_base) and one
+``StageConfig`` per trainer for the numbers that differ between them (rStar-Math trains the policy for
+2 epochs and the PPM for 1, both at lr 7e-6). YAML addresses them as ``training.policy.lr`` and
+``training.ppm.epochs``.
+
+``trainer_arguments`` turns a stage into the keyword arguments shared by TRL's ``SFTConfig`` and
+``RewardConfig``. It is pure: the caller says whether a GPU is present, so the CPU/GPU choice is testable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """The numbers of one trainer (policy SFT or PPM)."""
+
+    epochs: float = 2.0
+    lr: float = 7e-6
+    batch_size: int = 4  # per device; effective batch = batch_size * grad_accum * devices
+    grad_accum: int = 1
+    # Tokens per sequence. SFT truncates longer prompt+completion (keeping the start, TRL's rule); the PPM
+    # keeps the *end* of longer texts, because its score is read at the last token.
+    max_length: int = 1024
+    warmup_ratio: float = 0.03  # fraction of the total optimizer steps spent warming up linearly
+    weight_decay: float = 0.0
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    max_steps: int = 0  # optimizer-step cap; 0 = no cap (epochs decide)
+
+    def __post_init__(self) -> None:
+        if not self.epochs > 0:
+            raise ValueError(f"epochs={self.epochs}: must be > 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr}: must be > 0")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay}: must be >= 0")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps={self.max_steps}: must be >= 0 (0 = no cap)")
+
+
+def _policy_stage() -> StageConfig:
+    return StageConfig(epochs=2.0, lr=7e-6)
+
+
+def _ppm_stage() -> StageConfig:
+    return StageConfig(epochs=1.0, lr=7e-6)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    policy: StageConfig = field(default_factory=_policy_stage)
+    ppm: StageConfig = field(default_factory=_ppm_stage)
+    seed: int = 0
+    # True: every round starts from the base weights (rStar-Math's choice); False: from the previous round's
+    # checkpoint (a previous PPM keeps its trained head). See ``init_checkpoint``.
+    from_base: bool = True
+    # Fraction of PPM pairs held out (whole problems, so none is on both sides) to measure
+    # pairwise accuracy after training; 0 = no held-out measurement.
+    heldout_fraction: float = 0.1
+    # "auto": bf16 on a GPU that supports it, fp32 on CPU. bf16 on CPU is ~10x slower here, hence not auto.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # "auto": the GPU when one is present, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Trades compute for memory; worth it for 7B models on a GPU, only a slowdown for small ones or on CPU.
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    save_steps: int = 50  # trainer checkpoint interval (optimizer steps): what a crash can lose
+    save_total_limit: int = 2  # >= 2 so a checkpoint cut short by a crash always leaves a complete older one
+    keep_checkpoints: bool = False  # keep the trainer checkpoints (optimizer state included) after success
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction={self.heldout_fraction}: must be in [0, 1)")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed}: must be >= 0")
+        for name in ("logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.save_total_limit < 2:
+            raise ValueError(f"save_total_limit={self.save_total_limit}: must be >= 2 (a crash mid-save must "
+                             f"leave one complete checkpoint to resume from)")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training run reports to the round's metrics (``dataclasses.asdict`` gives plain JSON)."""
+
+    kind: str  # "policy" or "ppm"
+    out_dir: str  # the final HF checkpoint directory
+    steps: int  # optimizer steps in total (across resumes)
+    final_loss: float  # the last logged training loss
+    mean_loss: float  # the mean training loss over the whole run, as the trainer reports it
+    losses: tuple[float, ...]  # every logged training loss, in step order (resumed runs include the earlier part)
+    train_rows: int  # rows (SFT examples or PPM pairs) trained on
+    wall_s: float  # seconds this call spent loading and training (up to the final save)
+    resumed_from: str  # the trainer checkpoint this call resumed from; '' = started fresh
+    truncated_rows: int = 0  # rows longer than max_length (SFT: cut at the end; PPM: cut at the start)
+    # PPM only: fraction of held-out pairs with score(chosen) > score(rejected), from ``ppm_scores`` on the final
+    # model; -1.0 when nothing was held out (heldout_fraction=0 or a single prompt group).
+    pairwise_accuracy: float = -1.0
+    heldout_pairs: int = 0
+
+
+def init_checkpoint(cfg: TrainingConfig, base: str | Path, previous: str | Path | None) -> str | Path:
+    """Where this round's training starts: the base weights, or the previous round's checkpoint when
+    ``from_base`` is False and there is one (round 1 has none)."""
+    return base if cfg.from_base or previous is None else previous
+
+
+def use_gpu(cfg: TrainingConfig, cuda_available: bool) -> bool:
+    if cfg.device == "cuda" and not cuda_available:
+        raise ValueError("training.device='cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    return cfg.device == "cuda" or (cfg.device == "auto" and cuda_available)
+
+
+def trainer_arguments(cfg: TrainingConfig, stage: StageConfig, work_dir: Path, *, cuda_available: bool,
+                      bf16_supported: bool, transformers_v5: bool = True) -> dict[str, Any]:
+    """Keyword arguments shared by ``SFTConfig`` and ``RewardConfig`` (both ``TrainingArguments``).
+
+    ``transformers_v5``: use the v5 argument names (``activation_checkpointing``; ``warmup_steps`` taking a
+    ratio); False gives the 4.x names (``gradient_checkpointing``, ``warmup_ratio``).
+    """
+    gpu = use_gpu(cfg, cuda_available)
+    if cfg.precision == "bf16" and gpu and not bf16_supported:
+        raise ValueError("training.precision='bf16' but this GPU has no bf16 support; use 'fp32' or 'auto'")
+    # TRL defaults bf16=True and gradient_checkpointing=True; on CPU both make a small model ~10x slower.
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and gpu and bf16_supported)
+    checkpointing = cfg.gradient_checkpointing and gpu
+    renamed = (
+        {"activation_checkpointing": checkpointing, "warmup_steps": stage.warmup_ratio}  # float < 1 = a ratio
+        if transformers_v5
+        else {"gradient_checkpointing": checkpointing, "warmup_ratio": stage.warmup_ratio}
+    )
+    return dict(
+        output_dir=str(work_dir),
+        num_train_epochs=stage.epochs,
+        max_steps=stage.max_steps if stage.max_steps > 0 else -1,
+        learning_rate=stage.lr,
+        per_device_train_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.grad_accum,
+        weight_decay=stage.weight_decay,
+        lr_scheduler_type=stage.lr_scheduler,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=not gpu,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        save_only_model=False,  # resuming needs the optimizer, scheduler and RNG states
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **renamed,
+    )

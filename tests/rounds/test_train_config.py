@@ -1,0 +1,107 @@
+"""TrainingConfig validation and the pure CPU/GPU choice of trainer arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rounds.train_config import StageConfig, TrainingConfig, init_checkpoint, trainer_arguments
+
+
+def test_defaults_follow_rstar_math():
+    cfg = TrainingConfig()
+    assert (cfg.policy.epochs, cfg.policy.lr) == (2.0, 7e-6)
+    assert (cfg.ppm.epochs, cfg.ppm.lr) == (1.0, 7e-6)
+    assert cfg.from_base is True
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": 0}, "epochs=0: must be > 0"),
+        ({"lr": -1.0}, "lr=-1.0: must be > 0"),
+        ({"batch_size": 0}, "batch_size=0: must be >= 1"),
+        ({"grad_accum": 0}, "grad_accum=0: must be >= 1"),
+        ({"max_length": 0}, "max_length=0: must be >= 1"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio=1.0: must be in [0, 1)"),
+        ({"weight_decay": -0.1}, "weight_decay=-0.1: must be >= 0"),
+        ({"max_steps": -1}, "max_steps=-1: must be >= 0 (0 = no cap)"),
+    ],
+)
+def test_stage_rejects_bad_values_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        StageConfig(**kwargs)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    "kwargs, starts",
+    [
+        ({"heldout_fraction": 1.0}, "heldout_fraction=1.0: must be in [0, 1)"),
+        ({"seed": -1}, "seed=-1: must be >= 0"),
+        ({"logging_steps": 0}, "logging_steps=0: must be >= 1"),
+        ({"save_steps": 0}, "save_steps=0: must be >= 1"),
+        ({"save_total_limit": 1}, "save_total_limit=1: must be >= 2"),
+    ],
+)
+def test_training_rejects_bad_values_naming_the_field(kwargs, starts):
+    with pytest.raises(ValueError) as e:
+        TrainingConfig(**kwargs)
+    assert str(e.value).startswith(starts), str(e.value)
+
+
+def test_cpu_arguments_avoid_bf16_and_checkpointing():
+    cfg = TrainingConfig(gradient_checkpointing=True, policy=StageConfig(max_steps=0))
+    args = trainer_arguments(cfg, cfg.policy, Path("/w"), cuda_available=False, bf16_supported=False)
+    assert args["use_cpu"] is True
+    assert args["bf16"] is False
+    assert args["activation_checkpointing"] is False  # asked for, but only worth it on a GPU
+    assert args["max_steps"] == -1  # 0 = no cap -> the Trainer's "epochs decide"
+    assert args["warmup_steps"] == 0.03  # a float < 1 is a ratio in transformers 5
+    assert args["output_dir"] == "/w" and args["save_only_model"] is False
+
+
+def test_gpu_arguments_use_bf16_and_configured_checkpointing():
+    cfg = TrainingConfig(gradient_checkpointing=True, ppm=StageConfig(max_steps=7))
+    args = trainer_arguments(cfg, cfg.ppm, Path("/w"), cuda_available=True, bf16_supported=True)
+    assert (args["use_cpu"], args["bf16"], args["activation_checkpointing"]) == (False, True, True)
+    assert args["max_steps"] == 7
+    fp32 = trainer_arguments(TrainingConfig(precision="fp32"), cfg.ppm, Path("/w"), cuda_available=True,
+                             bf16_supported=True)
+    assert fp32["bf16"] is False
+
+
+def test_device_and_precision_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="device='cuda' but no CUDA GPU"):
+        trainer_arguments(TrainingConfig(device="cuda"), StageConfig(), Path("/w"), cuda_available=False,
+                          bf16_supported=False)
+    with pytest.raises(ValueError, match="precision='bf16' but this GPU has no bf16"):
+        trainer_arguments(TrainingConfig(precision="bf16"), StageConfig(), Path("/w"), cuda_available=True,
+                          bf16_supported=False)
+
+
+def test_transformers4_argument_names():
+    args = trainer_arguments(TrainingConfig(), StageConfig(warmup_ratio=0.1), Path("/w"), cuda_available=False,
+                             bf16_supported=False, transformers_v5=False)
+    assert args["warmup_ratio"] == 0.1 and args["gradient_checkpointing"] is False
+    assert "warmup_steps" not in args and "activation_checkpointing" not in args
+
+
+def test_arguments_build_real_trl_configs():
+    from trl import RewardConfig, SFTConfig
+
+    cfg = TrainingConfig()
+    kwargs = trainer_arguments(cfg, cfg.policy, Path("/tmp/unused"), cuda_available=False, bf16_supported=False)
+    sft = SFTConfig(**kwargs, completion_only_loss=True)
+    reward = RewardConfig(**kwargs)
+    # TRL's own defaults (bf16, gradient checkpointing on) must not leak through on CPU.
+    for args in (sft, reward):
+        assert args.use_cpu and not args.bf16 and not args.gradient_checkpointing
+        assert args.learning_rate == 7e-6 and args.seed == 0
+
+
+def test_init_checkpoint_from_base_or_previous():
+    assert init_checkpoint(TrainingConfig(from_base=True), "base", "r1/policy") == "base"
+    assert init_checkpoint(TrainingConfig(from_base=False), "base", "r1/policy") == "r1/policy"
+    assert init_checkpoint(TrainingConfig(from_base=False), "base", None) == "base"  # round 1 has no previous
