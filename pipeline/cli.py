@@ -15,8 +15,13 @@ from pathlib import Path
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from pipeline.info import info
+    from pipeline.storage import StorageError
 
-    print(info(Path(args.run_dir)))
+    try:
+        print(info(Path(args.run_dir)))
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

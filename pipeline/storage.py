@@ -1,0 +1,622 @@
+"""The run directory: where every artefact of a run lives, written so that a crash never leaves a lie on disk.
+
+Layout (DESIGN.md, "Storage layout of a run")::
+
+    runs/NAME/
+      config.yaml                    resolved config, written first
+      log.jsonl                      structured log (pipeline.runlog)
+      round_N/
+        trees/_plan.json             the round's problem ids (the "total" of progress and info)
+        trees/part-00000.parquet     node-table shards, whole problems only
+        trees/_manifest.json         the committed shards and the problem ids in each: the only truth
+        sft.parquet  ppm_pairs.parquet  steps.parquet  trees.parquet   exports (pipeline.export)
+        policy/  ppm/                HF checkpoints (written via ``atomic_dir``)
+        eval.json
+        _done/<phase>.json           one completion marker per phase; resume skips marked phases
+        _SUCCESS                     the whole round is done
+      report.md  rounds.png
+
+Every file is written under a temporary name in the same directory, fsynced and renamed into place, so a
+reader sees the old file or the new one, never half of one. Tree shards follow a commit protocol:
+
+1. the shard is written under a temporary name ``.tmp-<pid>-<uuid>.parquet``;
+2. under an exclusive ``flock`` on ``_manifest.lock`` the manifest is re-read, problems somebody else
+   committed meanwhile are dropped (the shard is rewritten without them), the shard is renamed to the next
+   free ``part-NNNNN.parquet`` and the manifest naming it is written (temp + rename).
+
+A SIGKILL before step 2 finishes leaves at most an unlisted file, which readers ignore and
+``TreeStore.collect_garbage`` removes; its problems are simply redone. A problem id is in at most one
+listed shard, so nothing is ever stored twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pyarrow is imported lazily: `python -m pipeline info --help` should not pay for it
+    import pyarrow as pa
+
+PHASES: tuple[str, ...] = ("rollouts", "export", "train_ppm", "train_policy", "eval")
+EXPORT_TABLES: tuple[str, ...] = ("sft", "ppm_pairs", "steps", "trees")
+MANIFEST_NAME = "_manifest.json"
+PLAN_NAME = "_plan.json"
+MANIFEST_FORMAT = 1
+_SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+_TMP_RE = re.compile(r"^\.tmp-(\d+)-[0-9a-f]+")
+_ROUND_RE = re.compile(r"^round_(\d+)$")
+TREES_ID_COLUMN = "problem_id"  # the node-table column naming a row's tree (data.schemas.TREES_SCHEMA)
+SOLVED_COLUMN, SOLVED_VALUE = "verdict", "correct"  # a tree with such a row is solved (mcts.node.Verdict)
+
+
+class StorageError(RuntimeError):
+    """A run directory that cannot be used as it is; the message names the file and what to do."""
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is only durable once the directory entry is; without this a power cut can undo it.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}-{path.name}{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on a clean exit it is fsynced and renamed to ``path``.
+
+    On an exception the temporary file is removed and ``path`` is untouched. Use it for writers that want a
+    file name (``ParquetWriter``, ``savefig``)::
+
+        with atomic_path(run.plot_path) as tmp:
+            fig.savefig(tmp, format="png")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise StorageError(f"atomic write of {path}: the writer produced no file at {tmp}")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file we wrote; a damaged one is reported with its path (atomic writes make that rare)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StorageError(f"{path}: not valid JSON ({e}); it was not written by this version, or the disk "
+                           f"is damaged. Move it aside to redo what it records.") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory; on a clean exit it replaces ``path`` (e.g. a checkpoint).
+
+    A previous ``path`` is moved aside and deleted only after the new directory is in place, so at any
+    instant ``path`` is either absent, the old complete directory, or the new complete one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path, ".d")
+    tmp.mkdir()
+    old = None
+    try:
+        yield tmp
+        if path.exists():
+            old = _tmp_name(path, ".old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover)
+
+
+# --------------------------------------------------------------------------------------------- tree shards
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One committed shard as the manifest lists it."""
+
+    file: str  # name inside trees/
+    rows: int
+    problems: tuple[str, ...]  # in the order their rows appear in the file
+    solved: tuple[str, ...]  # the subset of ``problems`` with a correct final answer (as the writer was told)
+    written_at: str
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "rows": self.rows, "problems": list(self.problems),
+                "solved": list(self.solved), "written_at": self.written_at}
+
+    @staticmethod
+    def from_json(d: dict) -> ShardInfo:
+        return ShardInfo(file=d["file"], rows=int(d["rows"]), problems=tuple(d["problems"]),
+                         solved=tuple(d.get("solved", ())), written_at=d.get("written_at", ""))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class TreeStore:
+    """The node-table shards of one round: commit (via ``writer``), list, stream back, clean up."""
+
+    def __init__(self, trees_dir: str | Path, schema: pa.Schema | None = None, id_column: str | None = None):
+        self.dir = Path(trees_dir)
+        self._schema = schema
+        self._id_column = id_column
+
+    @property
+    def schema(self) -> pa.Schema:
+        if self._schema is None:
+            from data.schemas import TREES_SCHEMA
+
+            self._schema = TREES_SCHEMA
+        return self._schema
+
+    @property
+    def id_column(self) -> str:
+        return self._id_column or TREES_ID_COLUMN
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST_NAME
+
+    # ---- reading
+
+    def shards(self) -> list[ShardInfo]:
+        """Committed shards in commit order ([] before the first commit)."""
+        if not self.manifest_path.exists():
+            return []
+        data = read_json(self.manifest_path)
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise StorageError(f"{self.manifest_path}: unknown manifest format {data.get('format')!r} "
+                               f"(expected {MANIFEST_FORMAT}); written by another version of open-rstar?")
+        return [ShardInfo.from_json(s) for s in data["shards"]]
+
+    def completed_problem_ids(self) -> set[str]:
+        """Problems whose tree is committed; resume redoes every other problem of the round."""
+        return {pid for s in self.shards() for pid in s.problems}
+
+    def solved_problem_ids(self) -> set[str]:
+        return {pid for s in self.shards() for pid in s.solved}
+
+    def write_plan(self, problem_ids: Sequence[str]) -> None:
+        """Record the round's problem ids (the denominator of progress; resume's to-do list)."""
+        ids = list(problem_ids)
+        if len(set(ids)) != len(ids):
+            dup = sorted({p for p in ids if ids.count(p) > 1})[:5]
+            raise StorageError(f"{self.dir / PLAN_NAME}: duplicate problem ids {dup}; ids must be unique")
+        atomic_write_json(self.dir / PLAN_NAME, {"problems": ids, "written_at": utc_now()})
+
+    def plan(self) -> list[str] | None:
+        """The ids recorded by ``write_plan``; None when no plan was written."""
+        path = self.dir / PLAN_NAME
+        return list(read_json(path)["problems"]) if path.exists() else None
+
+    def pending_problem_ids(self) -> list[str]:
+        """Planned problems without a committed tree, in plan order."""
+        plan = self.plan()
+        if plan is None:
+            raise StorageError(f"{self.dir / PLAN_NAME}: no plan; call write_plan(problem_ids) first")
+        done = self.completed_problem_ids()
+        return [p for p in plan if p not in done]
+
+    def iter_trees(self, columns: Sequence[str] | None = None, batch_size: int = 4096) -> Iterator[pa.Table]:
+        """Yield each committed problem's node table, one problem at a time, in commit order.
+
+        Memory is one tree plus one record batch, whatever the number of trees: shards are read batch by
+        batch and a problem's rows are contiguous in its shard (the writer writes them so).
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols = None if columns is None else list(dict.fromkeys([self.id_column, *columns]))
+        for shard in self.shards():
+            path = self.dir / shard.file
+            if not path.exists():
+                raise StorageError(f"{path}: listed in {self.manifest_path} but missing; the round's trees are "
+                                   f"incomplete. Remove the entry from the manifest to redo its problems.")
+            expected = list(shard.problems)
+            seen: list[str] = []
+            current: str | None = None
+            pending: list[pa.RecordBatch] = []
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=cols):
+                ids = batch.column(self.id_column).to_pylist()
+                start = 0
+                for i in range(1, len(ids) + 1):
+                    if i < len(ids) and ids[i] == ids[start]:
+                        continue
+                    pid = ids[start]
+                    if pid != current:
+                        if current is not None:
+                            yield pa.Table.from_batches(pending)
+                            seen.append(current)
+                        current, pending = pid, []
+                    pending.append(batch.slice(start, i - start))
+                    start = i
+            if current is not None:
+                yield pa.Table.from_batches(pending)
+                seen.append(current)
+            if seen != expected:
+                raise StorageError(f"{path}: holds problems {seen[:5]}... but the manifest lists {expected[:5]}...; "
+                                   f"the shard does not match its manifest entry")
+
+    # ---- writing
+
+    def writer(self, shard_problems: int = 8, max_age_s: float | None = None) -> TreeWriter:
+        return TreeWriter(self, shard_problems, max_age_s)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "_manifest.lock", "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released by the kernel if we are killed
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _commit(self, tmp: Path, table: pa.Table, problems: list[str], solved: set[str]) -> ShardInfo | None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        with self._locked():
+            shards = self.shards()
+            done = {pid for s in shards for pid in s.problems}
+            keep = [p for p in problems if p not in done]
+            if not keep:
+                tmp.unlink()
+                return None
+            if len(keep) < len(problems):
+                # Another writer committed some of these problems meanwhile; theirs wins, ours are dropped.
+                table = table.filter(pc.is_in(table.column(self.id_column), value_set=pa.array(keep)))
+                pq.write_table(table, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            used = [int(m.group(1)) for name in [*(s.file for s in shards), *os.listdir(self.dir)]
+                    if (m := _SHARD_RE.match(name))]
+            name = f"part-{max(used, default=-1) + 1:05d}.parquet"
+            os.replace(tmp, self.dir / name)
+            _fsync_dir(self.dir)
+            info = ShardInfo(file=name, rows=table.num_rows, problems=tuple(keep),
+                             solved=tuple(p for p in keep if p in solved), written_at=utc_now())
+            # The manifest goes last: until it names the shard, the shard does not exist for anyone.
+            atomic_write_json(self.manifest_path, {"format": MANIFEST_FORMAT,
+                                                   "shards": [s.to_json() for s in [*shards, info]]})
+            return info
+
+    def collect_garbage(self) -> list[Path]:
+        """Remove shards the manifest does not list and temporary files of dead processes; return them.
+
+        Run it on resume, before writing. Temporary files of a live process (another writer) are kept.
+        """
+        if not self.dir.exists():
+            return []
+        removed: list[Path] = []
+        with self._locked():
+            listed = {s.file for s in self.shards()}
+            for name in sorted(os.listdir(self.dir)):
+                path = self.dir / name
+                tmp = _TMP_RE.match(name)
+                if (_SHARD_RE.match(name) and name not in listed) or (tmp and not _pid_alive(int(tmp.group(1)))):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                    removed.append(path)
+        return removed
+
+
+class TreeWriter:
+    """Buffers finished trees and commits them as shards of ``shard_problems`` problems.
+
+    ``append`` is idempotent by problem id: a problem already committed (by anyone) or already buffered is
+    skipped and ``False`` returned, so a tree can never be stored twice. Use as a context manager, or call
+    ``close()``: whatever is buffered at a clean exit is committed; after an exception it is not (the
+    problems are redone on resume, exactly as after a crash).
+
+    ``max_age_s`` bounds how long a finished tree may wait in the buffer when problems finish slowly: the
+    buffer is committed once its oldest tree is that old, checked on ``append`` and on ``flush_if_stale``
+    (which a driver calls between waves). None waits for ``shard_problems`` trees or ``close``.
+    """
+
+    def __init__(self, store: TreeStore, shard_problems: int = 8, max_age_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if shard_problems < 1:
+            raise ValueError(f"shard_problems={shard_problems}: must be >= 1")
+        if max_age_s is not None and not max_age_s >= 0:
+            raise ValueError(f"max_age_s={max_age_s}: must be >= 0 seconds, or None")
+        self.store = store
+        self.shard_problems = shard_problems
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._oldest = 0.0  # clock() when the first tree of the current buffer arrived
+        self._committed = store.completed_problem_ids()
+        self._buffer: list[tuple[str, pa.Table]] = []
+        self._solved: set[str] = set()
+        self.skipped: list[str] = []  # ids refused as duplicates, for the caller to report
+
+    def append(self, problem_id: str, rows: pa.Table | Iterable[dict], solved: bool | None = None) -> bool:
+        """Queue one problem's node-table rows; commit a shard when ``shard_problems`` are queued.
+
+        ``solved`` feeds the manifest's solve rate; None derives it from the rows (a ``verdict='correct'``
+        row means a correct terminal, ``mcts.node``), which needs that column in the schema.
+        """
+        if problem_id in self._committed or any(pid == problem_id for pid, _ in self._buffer):
+            self.skipped.append(problem_id)
+            return False
+        table = self._as_table(problem_id, rows)
+        if solved is None:
+            if SOLVED_COLUMN not in table.column_names:
+                raise StorageError(f"tree of problem {problem_id!r}: pass solved=True/False; the schema has no "
+                                   f"{SOLVED_COLUMN!r} column to derive it from")
+            solved = SOLVED_VALUE in table.column(SOLVED_COLUMN).to_pylist()
+        if not self._buffer:
+            self._oldest = self._clock()
+        self._buffer.append((problem_id, table))
+        if solved:
+            self._solved.add(problem_id)
+        if len(self._buffer) >= self.shard_problems:
+            self.flush()
+        else:
+            self.flush_if_stale()
+        return True
+
+    def flush_if_stale(self) -> ShardInfo | None:
+        """Commit the buffer if its oldest tree has waited ``max_age_s`` or longer (see class doc)."""
+        if self._buffer and self.max_age_s is not None and self._clock() - self._oldest >= self.max_age_s:
+            return self.flush()
+        return None
+
+    def _as_table(self, problem_id: str, rows: pa.Table | Iterable[dict]) -> pa.Table:
+        import pyarrow as pa
+
+        schema, col = self.store.schema, self.store.id_column
+        try:
+            if isinstance(rows, pa.Table):
+                table = rows.select(schema.names).cast(schema)
+            else:
+                table = pa.Table.from_pylist(list(rows), schema=schema)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise StorageError(f"tree of problem {problem_id!r}: rows do not fit the trees schema "
+                               f"({type(e).__name__}: {e})") from None
+        if table.num_rows == 0:
+            raise StorageError(f"tree of problem {problem_id!r}: no rows; a tree has at least its root")
+        ids = set(table.column(col).to_pylist())
+        if ids != {problem_id}:
+            raise StorageError(f"tree of problem {problem_id!r}: column {col!r} holds {sorted(map(str, ids))[:3]}; "
+                               f"every row must carry the problem id it is appended under")
+        return table
+
+    def flush(self) -> ShardInfo | None:
+        """Commit the buffered problems as one shard now (None when nothing new was buffered)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._buffer:
+            return None
+        problems = [pid for pid, _ in self._buffer]
+        table = pa.concat_tables([t for _, t in self._buffer])
+        self.store.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.store.dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}.parquet"
+        try:
+            pq.write_table(table, tmp)
+            info = self.store._commit(tmp, table, problems, self._solved)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        self._committed.update(problems)
+        self._buffer.clear()
+        self._solved.clear()
+        return info
+
+    @property
+    def buffered(self) -> list[str]:
+        return [pid for pid, _ in self._buffer]
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> TreeWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+# --------------------------------------------------------------------------------------------- run directory
+
+
+class RunDir:
+    """Paths and completion markers of one run directory. Creating the object touches nothing on disk."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    @staticmethod
+    def fresh(runs_dir: str | Path, name: str, now: _dt.datetime | None = None) -> RunDir:
+        """Create ``runs_dir/<name>-YYYYmmdd-HHMMSS`` (``-2``, ``-3``... if taken) and return it."""
+        stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+        base = Path(runs_dir) / f"{name}-{stamp}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 1000):
+            path = base if i == 1 else base.with_name(f"{base.name}-{i}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return RunDir(path)
+        raise StorageError(f"{base}: 999 runs with this name and timestamp already exist in {runs_dir}")
+
+    # ---- paths
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "log.jsonl"
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def plot_path(self) -> Path:
+        return self.root / "rounds.png"
+
+    def round_dir(self, round: int) -> Path:
+        if not isinstance(round, int) or round < 1:
+            raise ValueError(f"round={round!r}: rounds are numbered from 1")
+        return self.root / f"round_{round}"
+
+    def trees_dir(self, round: int) -> Path:
+        return self.round_dir(round) / "trees"
+
+    def export_path(self, round: int, table: str) -> Path:
+        if table not in EXPORT_TABLES:
+            raise ValueError(f"table={table!r}: must be one of {', '.join(EXPORT_TABLES)}")
+        return self.round_dir(round) / f"{table}.parquet"
+
+    def policy_dir(self, round: int) -> Path:
+        return self.round_dir(round) / "policy"
+
+    def ppm_dir(self, round: int) -> Path:
+        return self.round_dir(round) / "ppm"
+
+    def eval_path(self, round: int) -> Path:
+        return self.round_dir(round) / "eval.json"
+
+    def success_path(self, round: int) -> Path:
+        return self.round_dir(round) / "_SUCCESS"
+
+    def marker_path(self, round: int, phase: str) -> Path:
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r}: must be one of {', '.join(PHASES)}")
+        return self.round_dir(round) / "_done" / f"{phase}.json"
+
+    # ---- content
+
+    def trees(self, round: int, schema: pa.Schema | None = None, id_column: str | None = None) -> TreeStore:
+        return TreeStore(self.trees_dir(round), schema, id_column)
+
+    def completed_problem_ids(self, round: int) -> set[str]:
+        return self.trees(round).completed_problem_ids()
+
+    def write_config(self, text: str) -> Path:
+        """Store the resolved config (YAML text from ``pipeline.config.dump_config``); first thing a run writes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(self.config_path, text)
+
+    def read_config(self) -> str:
+        if not self.config_path.is_file():
+            raise StorageError(f"{self.config_path}: not found; {self.root} is not a run directory "
+                               f"(a run writes its config.yaml first)")
+        return self.config_path.read_text()
+
+    def rounds(self) -> list[int]:
+        """Round numbers that have a directory, ascending."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.root.iterdir() if p.is_dir() and (m := _ROUND_RE.match(p.name)))
+
+    # ---- completion markers
+
+    def mark_done(self, round: int, phase: str, info: dict | None = None) -> None:
+        """Record that ``phase`` of ``round`` is complete; ``info`` (JSON-able) is kept for ``info``/reports."""
+        atomic_write_json(self.marker_path(round, phase), {"phase": phase, "round": round,
+                                                            "done_at": utc_now(), "info": info or {}})
+
+    def is_done(self, round: int, phase: str) -> bool:
+        return self.marker_path(round, phase).is_file()
+
+    def marker(self, round: int, phase: str) -> dict | None:
+        path = self.marker_path(round, phase)
+        return read_json(path) if path.is_file() else None
+
+    def phases_done(self, round: int) -> list[str]:
+        """Completed phases of ``round`` in pipeline order."""
+        return [p for p in PHASES if self.is_done(round, p)]
+
+    def clear_done(self, round: int, phase: str) -> None:
+        """Forget a phase's completion (to force it to run again); absent markers are fine."""
+        self.marker_path(round, phase).unlink(missing_ok=True)
+
+    def mark_round_success(self, round: int, info: dict | None = None) -> None:
+        atomic_write_json(self.success_path(round), {"round": round, "done_at": utc_now(), "info": info or {}})
+
+    def round_succeeded(self, round: int) -> bool:
+        return self.success_path(round).is_file()
+
+    def write_eval(self, round: int, results: dict) -> Path:
+        return atomic_write_json(self.eval_path(round), results)
+
+    def read_eval(self, round: int) -> dict | None:
+        path = self.eval_path(round)
+        return read_json(path) if path.is_file() else None
+
+
+__all__ = ["PHASES", "EXPORT_TABLES", "StorageError", "RunDir", "TreeStore", "TreeWriter", "ShardInfo",
+           "atomic_path", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json",
+           "utc_now"]
