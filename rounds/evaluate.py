@@ -1,0 +1,322 @@
+"""Held-out evaluation of one round: greedy pass@1, maj@k, PPM best-of-N and PPM-guided MCTS.
+
+    result = evaluate(problems, round_index=2, greedy=greedy_policy, sampler=sampling_policy,
+                      executor=sandbox, grade=data.grade, equivalent=data.is_equivalent, scorer=ppm,
+                      params=EvalParams(maj_k=8, best_of_n=8, mcts_rollouts=8, mcts_children=4),
+                      train_solved=TrainSolved(solved=37, problems=50), out_dir=run_dir / "round_2")
+
+Every solution is produced by the MCTS engine itself (``mcts.search.TreeSearch`` driven by
+``mcts.wave.run_search``), so evaluation sees exactly what the search sees: steps executed in the sandbox
+in their parent's state, printed output rendered into the history, the same parsing and depth limit.
+
+- **A chain** (greedy pass@1, and each maj@k / best-of-N sample) is a search with k = 1 child and one
+  rollout in terminal mode: one step per expansion down to an answer, a dead end, or the first expansion
+  whose step fails (then the chain has no answer; a retry would need a second rollout, and greedy decoding
+  would only write the same step again). Its terminal is graded by ``grade`` in the tree.
+- **maj@k**: k sampled chains per problem; the extracted answers vote (``rounds.voting.majority_vote``,
+  grouped by a normal form and ``equivalent``); a chain without an answer does not vote.
+- **PPM best-of-N**: the PPM scores each complete sampled solution (question + all its steps, the same
+  prefix format as in the search); the answered solution with the highest score is picked. The N samples
+  are the first N of the same sampled chains that maj@k uses (both measure i.i.d. samples from the same
+  policy, so sharing them halves the generation cost; ``counts.samples`` records how many were drawn).
+- **PPM-guided MCTS**: a test-time search per problem (``mcts_rollouts`` rollouts, ``mcts_children``
+  children, PPM-initialised Q, each terminal's PPM score backed up) and ``mcts.answers.best_answer``.
+
+Batching: each phase puts every tree of every problem into one ``run_search``, so the policy sees one
+batch per wave across the whole eval set (and the PPM one batch per wave in MCTS). Without a scorer the
+two PPM metrics are skipped with a recorded reason, never filled in.
+
+Seeds derive from (run seed, round, phase, problem id, sample index): a rerun evaluates identically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from mcts.answers import terminal_answers
+from mcts.config import SearchConfig
+from mcts.protocols import Executor, Grader, Policy, Scorer, SearchState
+from mcts.qvalues import check_unit
+from mcts.search import TreeSearch
+from mcts.seeds import derive_seed
+from mcts.wave import run_search
+from rounds.report import EVAL_FILE, write_json_atomic
+from rounds.voting import Equivalent, best_scored, majority_vote
+
+METRIC_KEYS = ("greedy_pass1", "maj_at_k", "ppm_best_of_n", "ppm_mcts", "train_solved")
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """Sample and search budgets of one evaluation (the lead maps ``pipeline.config.EvalConfig`` onto it)."""
+
+    maj_k: int = 8  # sampled chains per problem that vote for maj@k
+    best_of_n: int = 8  # sampled chains per problem that the PPM ranks (the first N of the same samples)
+    mcts_rollouts: int = 8  # rollouts of the PPM-guided test-time search per problem
+    mcts_children: int = 4  # candidates per expansion in that search
+
+    def __post_init__(self) -> None:
+        for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"eval.{name}={value!r}: must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class TrainSolved:
+    """The round's own search coverage: training problems with at least one correct rollout."""
+
+    solved: int
+    problems: int
+
+    def __post_init__(self) -> None:
+        if self.problems < 1:
+            raise ValueError(f"train_solved.problems={self.problems}: must be >= 1 (problems searched this round)")
+        if not 0 <= self.solved <= self.problems:
+            raise ValueError(f"train_solved.solved={self.solved}: must be in [0, problems={self.problems}]")
+
+
+@dataclass(frozen=True)
+class _View:
+    """One tree's view of a problem. Each chain gets its own tree id so executor states never collide;
+    ``problem`` is the original, which is what ``grade`` sees."""
+
+    id: str
+    question: str
+    answer: object
+    problem: object
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    answer: str | None  # the \boxed{} answer of the chain's terminal; None: no terminal or no answer
+    correct: bool
+    solution: str  # the rendered steps root -> terminal; '' when the chain did not finish
+
+
+def _grade_view(view: object, answer: str | None, grade: Grader) -> bool:
+    return grade(view.problem, answer)  # type: ignore[attr-defined]
+
+
+def _view(problem: object, suffix: str, with_reference: bool = True) -> _View:
+    reference = getattr(problem, "answer", None) if with_reference else None
+    return _View(f"{problem.id}#{suffix}", str(problem.question), reference, problem)  # type: ignore[attr-defined]
+
+
+def run_chains(
+    problems: Sequence[object],
+    samples: int,
+    policy: Policy,
+    executor: Executor,
+    grade: Grader,
+    search: SearchConfig,
+    seed: int,
+    round_index: int,
+    phase: str,
+) -> list[list[ChainResult]]:
+    """``samples`` linear chains per problem, all advanced together; result[i][j] = problem i, chain j."""
+    chain_cfg = replace(search, mode="terminal", rollouts=1, children=1)
+    searches = [
+        TreeSearch(
+            _view(p, f"{phase}{j}"),
+            chain_cfg,
+            derive_seed("eval", seed, round_index, phase, str(p.id), j),  # type: ignore[attr-defined]
+            grader=lambda view, answer: _grade_view(view, answer, grade),
+            round_index=round_index,
+        )
+        for p in problems
+        for j in range(samples)
+    ]
+    run_search(searches, policy, executor)
+    out: list[list[ChainResult]] = []
+    for i in range(len(problems)):
+        row = []
+        for s in searches[i * samples : (i + 1) * samples]:
+            terms = terminal_answers(s.tree)  # a chain has at most one terminal
+            if terms:
+                t = terms[0]
+                row.append(ChainResult(t.answer, t.verdict == "correct", s.tree.render_path(t.node_id)))
+            else:
+                row.append(ChainResult(None, False, ""))
+        out.append(row)
+    return out
+
+
+def evaluate(
+    problems: Sequence[object],
+    *,
+    round_index: int,
+    greedy: Policy,
+    sampler: Policy,
+    executor: Executor,
+    grade: Grader,
+    equivalent: Equivalent | None,
+    scorer: Scorer | None = None,
+    params: EvalParams = EvalParams(),
+    search: SearchConfig = SearchConfig(),
+    seed: int = 0,
+    train_solved: TrainSolved | None = None,
+    no_ppm_reason: str | None = None,
+    no_train_reason: str | None = None,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate one round on held-out ``problems`` (objects with ``.id``, ``.question``, ``.answer``).
+
+    ``greedy`` decodes greedily; ``sampler`` samples (it is also the MCTS policy). ``search`` supplies the
+    search settings the chains and the test-time MCTS share (c_puct, max_depth, unvisited, ...); mode,
+    rollouts and children are set here. ``no_ppm_reason`` / ``no_train_reason`` say why ``scorer`` /
+    ``train_solved`` are absent (defaults name the round). Returns the ``eval.json`` content as a dict and
+    writes it to ``out_dir/eval.json`` (temp file + rename) when ``out_dir`` is given.
+    """
+    problems = list(problems)
+    if not problems:
+        raise ValueError(f"evaluate(round {round_index}): no held-out problems; give at least one "
+                         f"(problems.eval_source / the held-out split)")
+    ids = [str(p.id) for p in problems]  # type: ignore[attr-defined]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"evaluate(round {round_index}): duplicate problem ids {dup}; ids must be unique")
+    say = log or (lambda _msg: None)
+    n = len(problems)
+    t_start = time.perf_counter()
+    wall: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    metrics: dict[str, float | None] = dict.fromkeys(METRIC_KEYS)
+    counts: dict[str, dict[str, Any]] = {}
+    per_problem: list[dict[str, Any]] = [{"id": i, "reference": str(getattr(p, "answer", ""))}
+                                         for i, p in zip(ids, problems, strict=True)]
+
+    # --- greedy pass@1 ---
+    t = time.perf_counter()
+    greedy_runs = run_chains(problems, 1, greedy, executor, grade, search, seed, round_index, "greedy")
+    wall["greedy"] = time.perf_counter() - t
+    correct = 0
+    for row, (chain,) in zip(per_problem, greedy_runs, strict=True):
+        row.update(greedy_answer=chain.answer, greedy_correct=chain.correct)
+        correct += chain.correct
+    metrics["greedy_pass1"] = correct / n
+    counts["greedy"] = {"correct": correct, "problems": n,
+                        "answered": sum(c[0].answer is not None for c in greedy_runs)}
+    say(f"eval round {round_index}: greedy pass@1 {correct}/{n} ({wall['greedy']:.1f}s)")
+
+    # --- sampled chains: maj@k, and best-of-N when there is a PPM ---
+    n_samples = max(params.maj_k, params.best_of_n if scorer is not None else 0)
+    t = time.perf_counter()
+    sampled = run_chains(problems, n_samples, sampler, executor, grade, search, seed, round_index, "sample")
+    wall["samples"] = time.perf_counter() - t
+    correct = any_correct = 0
+    k = params.maj_k
+    for row, chains in zip(per_problem, sampled, strict=True):
+        first_k = chains[:k]
+        v = majority_vote([c.answer for c in first_k], equivalent)
+        # The winner's spelling is its first-seen sample's answer, graded in that sample's tree.
+        ok = v.answer is not None and next(c.correct for c in first_k if c.answer == v.answer)
+        row.update(maj_answer=v.answer, maj_votes=v.votes, maj_correct=ok)
+        correct += ok
+        any_correct += any(c.correct for c in first_k)
+    metrics["maj_at_k"] = correct / n
+    counts["maj"] = {"k": k, "correct": correct, "problems": n,
+                     "answered_samples": sum(c.answer is not None for cs in sampled for c in cs[:k]),
+                     "pass_at_k": any_correct}
+    counts["samples"] = {"per_problem": n_samples, "shared_by": "maj@k and best-of-N"}
+    say(f"eval round {round_index}: maj@{k} {correct}/{n} ({wall['samples']:.1f}s for {n * n_samples} chains)")
+
+    if scorer is None:
+        reason = no_ppm_reason or ("no PPM (round 0 is the base model)" if round_index == 0
+                                   else "no PPM scorer was given for this round")
+        skipped["ppm_best_of_n"] = skipped["ppm_mcts"] = reason
+    else:
+        t = time.perf_counter()
+        counts["best_of_n"] = _best_of_n(problems, per_problem, sampled, params.best_of_n, scorer)
+        wall["best_of_n"] = time.perf_counter() - t
+        metrics["ppm_best_of_n"] = counts["best_of_n"]["correct"] / n
+        say(f"eval round {round_index}: PPM best-of-{params.best_of_n} {counts['best_of_n']['correct']}/{n}")
+
+        t = time.perf_counter()
+        counts["mcts"] = _mcts(problems, per_problem, params, sampler, executor, scorer, grade, search, seed,
+                               round_index)
+        wall["mcts"] = time.perf_counter() - t
+        metrics["ppm_mcts"] = counts["mcts"]["correct"] / n
+        say(f"eval round {round_index}: PPM MCTS {counts['mcts']['correct']}/{n} ({wall['mcts']:.1f}s)")
+
+    if train_solved is None:
+        skipped["train_solved"] = no_train_reason or (
+            "no training search (round 0 is the base model)" if round_index == 0
+            else "the round's rollout stats were not given")
+    else:
+        metrics["train_solved"] = train_solved.solved / train_solved.problems
+        counts["train"] = {"solved": train_solved.solved, "problems": train_solved.problems}
+
+    wall["total"] = time.perf_counter() - t_start
+    result: dict[str, Any] = {
+        "round": round_index,
+        "n_problems": n,
+        "metrics": metrics,
+        "counts": counts,
+        "skipped": skipped,
+        "wall_s": {k_: round(v_, 3) for k_, v_ in wall.items()},
+        "params": asdict(params),
+        "search": {"c_puct": search.c_puct, "max_depth": search.max_depth, "unvisited": search.unvisited,
+                   "max_consecutive_errors": search.max_consecutive_errors, "prior_weight": search.prior_weight},
+        "seed": seed,
+        "problems": per_problem,
+    }
+    if out_dir is not None:
+        write_json_atomic(Path(out_dir) / EVAL_FILE, result)
+    return result
+
+
+def _best_of_n(problems: Sequence[object], per_problem: list[dict[str, Any]], sampled: list[list[ChainResult]],
+               n_best: int, scorer: Scorer) -> dict[str, Any]:
+    """Score every complete answered solution among the first N samples in ONE scorer batch, pick the best."""
+    states: list[SearchState] = []
+    where: list[tuple[int, int]] = []  # (problem index, sample index) of each state
+    for i, (p, chains) in enumerate(zip(problems, sampled, strict=True)):
+        for j, c in enumerate(chains[:n_best]):
+            if c.answer is not None:
+                states.append(SearchState(f"{p.id}#sample{j}", str(p.question), c.solution, 0))  # type: ignore[attr-defined]
+                where.append((i, j))
+    raw = scorer.score(states) if states else []
+    if len(raw) != len(states):
+        raise ValueError(f"scorer.score returned {len(raw)} scores for {len(states)} solutions")
+    scores: list[list[float | None]] = [[None] * min(n_best, len(chains)) for chains in sampled]
+    for (i, j), s in zip(where, raw, strict=True):
+        scores[i][j] = check_unit(s, f"PPM score of problem {per_problem[i]['id']} sample {j}")
+    correct = 0
+    for row, chains, sc in zip(per_problem, sampled, scores, strict=True):
+        pick = best_scored([c.answer for c in chains[:n_best]], sc)
+        ok = pick.index is not None and chains[pick.index].correct
+        row.update(bon_answer=pick.answer, bon_score=pick.score, bon_correct=ok)
+        correct += ok
+    return {"n": n_best, "correct": correct, "problems": len(problems), "scored": len(states)}
+
+
+def _mcts(problems: Sequence[object], per_problem: list[dict[str, Any]], params: EvalParams, sampler: Policy,
+          executor: Executor, scorer: Scorer, grade: Grader, search: SearchConfig, seed: int,
+          round_index: int) -> dict[str, Any]:
+    """PPM-guided test-time MCTS per problem (no reference in the search), then grade the best answer."""
+    cfg = replace(search, mode="test_time", rollouts=params.mcts_rollouts, children=params.mcts_children)
+    searches = [
+        # The test-time tree never holds the reference: only the final best answer is graded, outside it.
+        TreeSearch(_view(p, "mcts", with_reference=False), cfg, derive_seed("eval", seed, round_index, "mcts", str(p.id)),  # type: ignore[attr-defined]
+                   grader=None, round_index=round_index)
+        for p in problems
+    ]
+    run_search(searches, sampler, executor, scorer)
+    correct = answered = terminals = 0
+    for row, p, s in zip(per_problem, problems, searches, strict=True):
+        terms = terminal_answers(s.tree)
+        terminals += len(terms)
+        best = next((t for t in terms if t.answer is not None), None)
+        ok = best is not None and grade(p, best.answer)
+        row.update(mcts_answer=None if best is None else best.answer, mcts_q=None if best is None else best.q,
+                   mcts_correct=ok)
+        correct += ok
+        answered += best is not None
+    return {"rollouts": params.mcts_rollouts, "children": params.mcts_children, "correct": correct,
+            "problems": len(problems), "answered": answered, "terminals": terminals}

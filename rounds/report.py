@@ -1,0 +1,244 @@
+"""The cross-round report: one table and one plot from each round's ``eval.json`` and ``metrics.json``.
+
+    text = write_report(run_dir, rounds=[0, 1, 2, 3, 4])   # writes report.md and rounds.png, returns the table
+
+Inputs per round (round 0 = the base model, evaluation only):
+
+- ``round_N/eval.json``, written by ``rounds.evaluate.evaluate`` (schema there: ``metrics`` holds the
+  fractions, ``counts`` the numerators and denominators, ``skipped`` the reason for each metric left out).
+- ``round_N/metrics.json``, written by the driver after training (``update_metrics`` below merges keys into
+  it atomically). Keys read here, all optional:
+
+  ==================  ==========================================================
+  ``ppm_pairwise_acc``  PPM accuracy on held-out pairs, r(chosen) > r(rejected)
+  ``ppm_heldout_pairs`` number of held-out pairs behind that accuracy
+  ``sft_final_loss``    policy SFT training loss at the last logged step
+  ``sft_rows``          SFT rows trained on (the round's ``sft`` export)
+  ``ppm_pairs``         PPM pairs trained on (the round's ``ppm_pairs`` export)
+  ==================  ==========================================================
+
+Honesty rule: a number that is not there is shown as ``-`` with a footnote that says why (file missing,
+metric skipped and the evaluator's reason, no training in round 0). Nothing is interpolated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EVAL_FILE = "eval.json"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+PLOT_FILE = "rounds.png"
+
+# (key in eval.json "metrics", key of its counts in eval.json "counts", column title, plot label)
+_EVAL_COLUMNS = (
+    ("greedy_pass1", "greedy", "greedy pass@1", "greedy pass@1"),
+    ("maj_at_k", "maj", "maj@{k}", "maj@k"),
+    ("ppm_best_of_n", "best_of_n", "PPM best-of-{n}", "PPM best-of-N"),
+    ("ppm_mcts", "mcts", "PPM MCTS", "PPM-guided MCTS"),
+    ("train_solved", "train", "train solved by search", "train problems solved by search"),
+)
+
+
+def round_dir(run_dir: str | Path, round_idx: int) -> Path:
+    return Path(run_dir) / f"round_{round_idx}"
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to a temp file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def update_metrics(round_path: str | Path, **values: Any) -> dict[str, Any]:
+    """Merge ``values`` into ``round_path/metrics.json`` (created if absent), atomically; returns the result."""
+    path = Path(round_path) / METRICS_FILE
+    current = _read_json(path)[0] or {}
+    current.update(values)
+    write_json_atomic(path, current)
+    return current
+
+
+def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(content, None) or (None, reason it could not be read)."""
+    if not path.is_file():
+        return None, f"no {path.name}"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"{path.name} unreadable ({type(e).__name__}: {e})"
+    if not isinstance(data, dict):
+        return None, f"{path.name} is not a JSON object"
+    return data, None
+
+
+@dataclass
+class _Cell:
+    value: float | None  # what the plot uses
+    text: str  # what the table shows
+    note: str | None = None  # footnote reason when value is missing
+
+
+def _fraction_cell(metrics: dict, counts: dict, skipped: dict, key: str, counts_key: str) -> _Cell:
+    value = metrics.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        c = counts.get(counts_key) or {}
+        num, den = c.get("correct", c.get("solved")), c.get("problems")
+        frac = f" ({num}/{den})" if isinstance(num, int) and isinstance(den, int) else ""
+        return _Cell(float(value), f"{100 * value:.1f}%{frac}")
+    return _Cell(None, "-", skipped.get(key) or "not in eval.json")
+
+
+def _number_cell(metrics: dict | None, reason: str | None, key: str, fmt: str) -> _Cell:
+    if metrics is None:
+        return _Cell(None, "-", reason)
+    value = metrics.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return _Cell(float(value), format(value, fmt))
+    return _Cell(None, "-", f"{key} not recorded in {METRICS_FILE}")
+
+
+def _round_cells(run_dir: Path, r: int) -> tuple[dict[str, _Cell], dict[str, Any]]:
+    rd = round_dir(run_dir, r)
+    ev, ev_reason = _read_json(rd / EVAL_FILE)
+    cells: dict[str, _Cell] = {}
+    for key, counts_key, _, _ in _EVAL_COLUMNS:
+        if ev is None:
+            cells[key] = _Cell(None, "-", f"{ev_reason} in {rd.name}/")
+        else:
+            cells[key] = _fraction_cell(ev.get("metrics") or {}, ev.get("counts") or {}, ev.get("skipped") or {},
+                                        key, counts_key)
+    tm, tm_reason = _read_json(rd / METRICS_FILE)
+    if tm is None:
+        tm_reason = "round 0 is the base model: nothing is trained" if r == 0 else f"{tm_reason} in {rd.name}/"
+    cells["ppm_pairwise_acc"] = _number_cell(tm, tm_reason, "ppm_pairwise_acc", ".3f")
+    if cells["ppm_pairwise_acc"].value is not None and isinstance(tm.get("ppm_heldout_pairs"), int):
+        cells["ppm_pairwise_acc"].text += f" (n={tm['ppm_heldout_pairs']})"
+    cells["sft_final_loss"] = _number_cell(tm, tm_reason, "sft_final_loss", ".4f")
+    cells["sft_rows"] = _number_cell(tm, tm_reason, "sft_rows", "d")
+    cells["ppm_pairs"] = _number_cell(tm, tm_reason, "ppm_pairs", "d")
+    return cells, ev or {}
+
+
+def _budget_title(evals: list[dict], counts_key: str, field: str, template: str, generic: str) -> str:
+    """``template`` with ``{field}`` filled from ``counts[counts_key][field]`` when every round that has it
+    agrees, else the ``generic`` title (the per-round values are in each eval.json)."""
+    values = {(e.get("counts") or {}).get(counts_key, {}).get(field) for e in evals if e}
+    values.discard(None)
+    return template.format(**{field: values.pop()}) if len(values) == 1 else generic
+
+
+def build_table(run_dir: str | Path, rounds: list[int]) -> tuple[str, dict[int, dict[str, _Cell]]]:
+    """The markdown table (with footnotes) and the parsed cells per round."""
+    run_dir = Path(run_dir)
+    per_round: dict[int, dict[str, _Cell]] = {}
+    evals: list[dict] = []
+    for r in rounds:
+        per_round[r], ev = _round_cells(run_dir, r)
+        evals.append(ev)
+    titles = ["round"]
+    for _, counts_key, title, label in _EVAL_COLUMNS:
+        if "{" in title:  # maj@{k}, best-of-{n}: the budget goes into the title when all rounds share it
+            title = _budget_title(evals, counts_key, title[title.index("{") + 1 : title.index("}")], title, label)
+        titles.append(title)
+    titles += ["PPM pairwise acc", "SFT final loss", "SFT rows", "PPM pairs"]
+    keys = [c[0] for c in _EVAL_COLUMNS] + ["ppm_pairwise_acc", "sft_final_loss", "sft_rows", "ppm_pairs"]
+
+    notes: list[str] = []  # one footnote per distinct (round, reason)
+    rows = []
+    for r in rounds:
+        row = [f"{r} (base)" if r == 0 else str(r)]
+        for key in keys:
+            cell = per_round[r][key]
+            if cell.value is None:
+                note = f"round {r}: {cell.note}"
+                if note not in notes:
+                    notes.append(note)
+                row.append(f"- [{notes.index(note) + 1}]")
+            else:
+                row.append(cell.text)
+        rows.append(row)
+    widths = [max(len(titles[i]), *(len(row[i]) for row in rows)) if rows else len(titles[i])
+              for i in range(len(titles))]
+
+    def line(cols: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |"
+
+    out = [line(titles), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in rows]
+    if notes:
+        out.append("")
+        out += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+    return "\n".join(out), per_round
+
+
+def plot_rounds(per_round: dict[int, dict[str, _Cell]], path: str | Path) -> None:
+    """Lines across rounds for every accuracy-like metric; a missing value is a gap, never interpolated."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    rounds = sorted(per_round)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    series = [(key, label, "-") for key, _, _, label in _EVAL_COLUMNS]
+    series.append(("ppm_pairwise_acc", "PPM pairwise acc (held-out)", "--"))
+    for key, label, style in series:
+        ys = [per_round[r][key].value for r in rounds]
+        if all(y is None for y in ys):
+            continue
+        ax.plot(rounds, [math.nan if y is None else y for y in ys], style, marker="o", label=label)
+    ax.set_xticks(rounds)
+    ax.set_xticklabels([f"{r}\n(base)" if r == 0 else str(r) for r in rounds])
+    ax.set_xlabel("round")
+    ax.set_ylabel("fraction correct")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no metrics recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("open-rstar: evaluation across rounds")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(run_dir: str | Path, rounds: list[int]) -> str:
+    """Write ``report.md`` and ``rounds.png`` into ``run_dir`` and return the table for the console."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"write_report: run directory {run_dir} does not exist")
+    if not rounds:
+        raise ValueError("write_report: rounds=[]: give at least one round number (0 = the base model)")
+    rounds = sorted(set(rounds))
+    table, per_round = build_table(run_dir, rounds)
+    md = (f"# open-rstar report: {run_dir.name}\n\n"
+          "Held-out evaluation per round (round 0 = the base model before any training) and the training\n"
+          "numbers of each round. Percentages are fractions of the held-out problems (counts in brackets);\n"
+          "'train solved by search' is the fraction of that round's training problems with at least one\n"
+          "correct rollout. '-' marks a number that was not measured; the footnote says why.\n\n"
+          f"{table}\n\n![metrics across rounds]({PLOT_FILE})\n")
+    tmp = run_dir / f".{REPORT_FILE}.tmp"
+    tmp.write_text(md)
+    os.replace(tmp, run_dir / REPORT_FILE)
+    plot_rounds(per_round, run_dir / PLOT_FILE)
+    return table
