@@ -1,0 +1,369 @@
+"""One tree's MCTS as a resumable state machine: ask ``next_request()``, answer it, ``feed()`` the answer.
+
+A rollout (rStar-Math's, kept simple):
+
+1. **Select** from the root: while the node is expanded, step to its open child with the best UCT
+   (``mcts.uct``); stop at the first open node not yet expanded.
+2. **Expand** it: the policy proposes k candidates (``ProposeRequest``); each is parsed into a chain of
+   steps (``mcts.expand``); the chains execute level by level, each step in its parent's interpreter state,
+   all of this tree's steps of one level in one ``ExecBatch``. A step identical to a sibling (same text
+   and finality) is merged into it; a step whose code fails is recorded as a ``Failure`` and cuts its chain.
+   Each kept final step is a terminal: graded at once (+1 / -1) and its reward backed up to the root.
+   A kept non-final step at ``max_depth`` is a dead end: -1 backed up. In PPM modes every new node is then
+   scored (``ScoreBatch``) and gets its prior; in test-time mode a terminal's score is its reward.
+   An expansion that keeps nothing counts against the node: ``max_consecutive_errors`` in a row make it
+   a dead end (-1 backed up); until then the rollout ends and later rollouts may retry it.
+3. **Continue** down from the expanded node: through its open children by UCT (and along a multi-step
+   chain) to an open node with no open child, and expand that one; the rollout ends when nothing open is
+   left below (every new branch ended in a terminal or dead end, whose outcome is already backed up).
+
+Each outcome is backed up once, when it happens; selection never re-enters a closed subtree, and the tree
+is done when its rollout budget is spent or the root is closed. All randomness (UCT ties) comes from a
+``random.Random`` seeded with the tree's seed, and each proposal carries a seed derived from (tree seed,
+node, attempt), so a search is reproduced exactly however the trees of a worker are interleaved.
+
+``mcts.wave`` drives many of these in lockstep (one policy batch per wave); a worker can also advance
+each tree on its own (async) with the same two calls.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mcts.config import SearchConfig
+from mcts.expand import Chain, parse_proposal
+from mcts.node import ROOT_ID, Node, NodeStatus, Verdict
+from mcts.protocols import ExecOutcome, ExecRequest, Grader, Proposal, SearchState
+from mcts.qvalues import CORRECT_REWARD, DEAD_END_REWARD, WRONG_REWARD, backup, check_unit
+from mcts.seeds import proposal_seed
+from mcts.steps import Step
+from mcts.tree import Tree, TreeInfo, step_key
+from mcts.uct import select_child
+
+
+@dataclass(frozen=True)
+class ProposeRequest:
+    """Ask the policy for ``k`` continuations of ``state``; feed back ``list[Proposal]``."""
+
+    state: SearchState
+    k: int
+
+
+@dataclass(frozen=True)
+class ExecBatch:
+    """Run these steps; feed back the executor's outcomes, in order."""
+
+    requests: tuple[ExecRequest, ...]
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Score these prefixes with the PPM; feed back ``list[float]`` in [-1, 1], in order."""
+
+    states: tuple[SearchState, ...]
+    node_ids: tuple[int, ...]
+
+
+Request = ProposeRequest | ExecBatch | ScoreBatch
+
+
+@dataclass
+class SearchStats:
+    expansions: int = 0
+    failed_expansions: int = 0  # expansions that kept no candidate
+    proposals: int = 0
+    executed: int = 0  # steps sent to the executor
+    merged: int = 0  # candidate steps merged into an identical sibling
+    terminals: int = 0
+    dead_ends: int = 0
+
+
+@dataclass
+class _LiveChain:
+    """A chain being attached: ``steps[pos]`` goes under node ``parent`` next."""
+
+    chain: Chain
+    parent: int
+    pos: int = 0
+    cut: bool = False  # a step failed to execute: the chain ends there (its own rejection no longer applies)
+
+
+@dataclass
+class _Pending:
+    """One step sent to the executor; the chains that continue through it if it is kept."""
+
+    node_id: int
+    parent: int
+    step: Step
+    final: bool
+    chains: list[_LiveChain] = field(default_factory=list)
+
+
+class TreeSearch:
+    """MCTS over one problem. ``problem`` is any object with ``.id``, ``.question`` and ``.answer``."""
+
+    def __init__(
+        self,
+        problem: object,
+        config: SearchConfig,
+        seed: int,
+        grader: Grader | None = None,
+        round_index: int = 0,
+    ):
+        if config.mode != "test_time" and grader is None:
+            raise ValueError(f"search.mode={config.mode!r} grades terminals: pass a grader (e.g. data.grade)")
+        reference = getattr(problem, "answer", None)
+        self.problem = problem
+        self.config = config
+        self.grader = grader
+        self.tree = Tree(
+            TreeInfo(
+                problem_id=str(problem.id),  # type: ignore[attr-defined]
+                question=str(problem.question),  # type: ignore[attr-defined]
+                reference="" if reference is None else str(reference),
+                round=round_index,
+                mode=config.mode,
+                prior_weight=config.prior_weight,
+                seed=seed,
+            )
+        )
+        self.stats = SearchStats()
+        self._rng = random.Random(seed)
+        self._budget = config.rollouts
+        self._leaf = ROOT_ID
+        self._request: Request | None = None
+        self._live: list[_LiveChain] = []
+        self._pending: list[_Pending] = []
+        self._new: list[int] = []  # nodes created by the current expansion (scored in PPM modes)
+        self._start_rollout()
+
+    # ---- the protocol --------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self._request is None
+
+    @property
+    def tree_id(self) -> str:
+        return self.tree.info.problem_id
+
+    def next_request(self) -> Request | None:
+        """What this tree needs next (the same object until it is fed); None once the search is done."""
+        return self._request
+
+    def feed(self, result: Sequence[object]) -> None:
+        """Answer the current request: proposals, executor outcomes or PPM scores, in request order."""
+        req = self._request
+        if req is None:
+            raise RuntimeError(f"tree {self.tree_id}: search is done; nothing to feed")
+        if isinstance(req, ProposeRequest):
+            self._on_proposals(result)  # type: ignore[arg-type]
+        elif isinstance(req, ExecBatch):
+            if len(result) != len(req.requests):
+                raise ValueError(f"tree {self.tree_id}: {len(result)} outcomes for {len(req.requests)} exec requests")
+            self._on_outcomes(result)  # type: ignore[arg-type]
+        else:
+            if len(result) != len(req.states):
+                raise ValueError(f"tree {self.tree_id}: {len(result)} scores for {len(req.states)} states")
+            self._on_scores(req, result)  # type: ignore[arg-type]
+
+    def extend(self, rollouts: int) -> None:
+        """Grant more rollouts (e.g. round 4's extra rollouts for unsolved problems); resumes a done search."""
+        if rollouts < 0:
+            raise ValueError(f"extend(rollouts={rollouts}): must be >= 0")
+        self._budget += rollouts
+        if self._request is None:
+            self._start_rollout()
+
+    # ---- rollouts ------------------------------------------------------------------------------------
+
+    def _start_rollout(self) -> None:
+        tree = self.tree
+        if tree.rollouts >= self._budget or tree.root.closed:
+            self._request = None
+            return
+        tree.rollouts += 1
+        node = tree.root
+        while node.expanded:  # an expanded open node always has an open child
+            node = tree.nodes[self._select(node)]
+        self._propose(node.id)
+
+    def _select(self, node: Node) -> int:
+        cid = select_child(
+            self.tree.nodes, node, self.config.c_puct, self.config.unvisited, self.config.prior_weight, self._rng
+        )
+        if cid is None:
+            raise AssertionError(f"tree {self.tree_id}: open node {node.id} has no open child")
+        return cid
+
+    def _propose(self, node_id: int) -> None:
+        node = self.tree.nodes[node_id]
+        self._leaf = node_id
+        state = SearchState(
+            tree_id=self.tree_id,
+            question=self.tree.info.question,
+            history=self.tree.render_path(node_id),
+            seed=proposal_seed(self.tree.info.seed, node_id, node.errors),
+        )
+        self._request = ProposeRequest(state, self.config.children)
+
+    def _continue_rollout(self) -> None:
+        """After a kept expansion: go down through open children to the next node to expand, if any."""
+        node = self.tree.nodes[self._leaf]
+        if node.closed:
+            self._start_rollout()
+            return
+        while node.open_children > 0:
+            node = self.tree.nodes[self._select(node)]
+        self._propose(node.id)
+
+    # ---- expansion -------------------------------------------------------------------------------------
+
+    def _on_proposals(self, proposals: Sequence[Proposal]) -> None:
+        bad = next((p for p in proposals if not isinstance(p, Proposal)), None)
+        if bad is not None:
+            raise TypeError(f"tree {self.tree_id}: the policy returned {bad!r}; expected mcts.protocols.Proposal")
+        self.stats.expansions += 1
+        self.stats.proposals += len(proposals)
+        leaf = self.tree.nodes[self._leaf]
+        room = self.config.max_depth - leaf.depth
+        self._new = []
+        self._live = [_LiveChain(parse_proposal(p, room), self._leaf) for p in proposals]
+        self._next_level()
+
+    def _next_level(self) -> None:
+        """Attach every live chain's next step: merge into existing siblings, batch the rest for execution."""
+        tree = self.tree
+        pending: dict[tuple[int, str], _Pending] = {}
+        still: list[_LiveChain] = []
+        for live in self._live:
+            while not live.cut:
+                steps = live.chain.steps
+                if live.pos == len(steps):
+                    self._finish_chain(live)
+                    break
+                if tree.nodes[live.parent].status != "open":
+                    break  # unreachable: chains end at a final step and at max_depth, as terminals / dead ends do
+                final = live.chain.final and live.pos == len(steps) - 1
+                key = step_key(steps[live.pos].text, final)
+                existing = tree.find_child(live.parent, key)
+                if existing is not None:
+                    self.stats.merged += 1
+                    live.parent, live.pos = existing, live.pos + 1
+                    continue
+                slot = (live.parent, key)
+                if slot in pending:
+                    self.stats.merged += 1
+                else:
+                    pending[slot] = _Pending(tree.new_id(), live.parent, steps[live.pos], final)
+                pending[slot].chains.append(live)
+                still.append(live)
+                break
+        self._live = still
+        self._pending = list(pending.values())
+        if not self._pending:
+            self._end_expansion()
+            return
+        requests = tuple(
+            ExecRequest(
+                tree_id=self.tree_id,
+                node_key=str(p.node_id),
+                parent_key=None if p.parent == ROOT_ID else str(p.parent),
+                history=tree.code_history(p.parent),
+                code=p.step.code,
+            )
+            for p in self._pending
+        )
+        self.stats.executed += len(requests)
+        self._request = ExecBatch(requests)
+
+    def _finish_chain(self, live: _LiveChain) -> None:
+        rejected = live.chain.rejected
+        if rejected is not None:
+            self.tree.add_failure(live.parent, rejected.text, rejected.stage, rejected.error)
+
+    def _on_outcomes(self, outcomes: Sequence[ExecOutcome]) -> None:
+        tree = self.tree
+        for p, out in zip(self._pending, outcomes, strict=True):
+            if not out.ok:
+                dropped = sum(len(c.chain.steps) - c.pos - 1 for c in p.chains)
+                error = out.error or "execution failed (no error message)"
+                if dropped:
+                    error += f" (chain cut: {dropped} later step(s) dropped)"
+                tree.add_failure(p.parent, p.step.text, "exec", error, failure_id=p.node_id)
+                for live in p.chains:
+                    live.cut = True
+                continue
+            self._keep(p, out.stdout)
+            for live in p.chains:
+                live.parent, live.pos = p.node_id, live.pos + 1
+        self._pending = []
+        self._next_level()
+
+    def _keep(self, p: _Pending, stdout: str) -> None:
+        tree = self.tree
+        depth = tree.nodes[p.parent].depth + 1
+        status: NodeStatus = "open"
+        verdict: Verdict = ""
+        if p.final:
+            status, verdict = "terminal", self._grade(p.step.answer)
+        elif depth >= self.config.max_depth:
+            status = "dead"
+        node = tree.add_child(p.node_id, p.parent, p.step, stdout, status, verdict)
+        self._new.append(node.id)
+        if status == "terminal":
+            self.stats.terminals += 1
+            if verdict != "ungraded":  # test-time terminals are backed up once the PPM scored them
+                node.reward = CORRECT_REWARD if verdict == "correct" else WRONG_REWARD
+                backup(tree.nodes, node.id, node.reward)
+        elif status == "dead":
+            self.stats.dead_ends += 1
+            node.reward = DEAD_END_REWARD
+            backup(tree.nodes, node.id, node.reward)
+
+    def _grade(self, answer: str | None) -> Verdict:
+        if self.config.mode == "test_time":
+            return "ungraded"
+        if answer is None:
+            return "wrong"  # stopped at <end_of_answer> without a \boxed{} answer
+        assert self.grader is not None
+        try:
+            ok = self.grader(self.problem, answer)
+        except Exception as e:
+            raise RuntimeError(f"tree {self.tree_id}: grader failed on answer {answer!r}: {type(e).__name__}: {e}") from e
+        return "correct" if ok else "wrong"
+
+    def _end_expansion(self) -> None:
+        tree = self.tree
+        leaf = tree.nodes[self._leaf]
+        if not leaf.children:
+            self.stats.failed_expansions += 1
+            leaf.errors += 1
+            if leaf.errors >= self.config.max_consecutive_errors:
+                self.stats.dead_ends += 1
+                tree.make_dead(leaf.id, DEAD_END_REWARD)
+                backup(tree.nodes, leaf.id, DEAD_END_REWARD)
+            self._start_rollout()
+            return
+        leaf.errors = 0
+        tree.mark_expanded(leaf.id)
+        if self.config.uses_scorer and self._new:
+            states = tuple(
+                SearchState(self.tree_id, tree.info.question, tree.render_path(i), tree.info.seed) for i in self._new
+            )
+            self._request = ScoreBatch(states, tuple(self._new))
+            return
+        self._continue_rollout()
+
+    def _on_scores(self, req: ScoreBatch, scores: Sequence[float]) -> None:
+        tree = self.tree
+        for node_id, score in zip(req.node_ids, scores, strict=True):
+            node = tree.nodes[node_id]
+            node.prior = check_unit(score, f"tree {self.tree_id} node {node_id} PPM score")
+            if node.verdict == "ungraded":
+                node.reward = node.prior
+                backup(tree.nodes, node_id, node.reward)
+        self._new = []
+        self._continue_rollout()

@@ -1,0 +1,109 @@
+"""Many trees in lockstep: one wave = one expansion of every tree that waits for the policy.
+
+A wave sends ONE ``policy.propose`` batch (one per distinct k, normally one), then one executor batch per
+chain level (every tree's steps of that level together), then ONE scorer batch (PPM modes). It is built
+on the per-tree protocol of ``mcts.search.TreeSearch`` and adds no search logic: a tree advanced by
+waves ends exactly as the same tree advanced alone, because each tree's randomness is its own.
+
+A worker that wants generation never to wait for the slowest tree skips this module and drives each
+``TreeSearch`` itself (``next_request`` / ``feed``), e.g. with ``answer_request`` from its own loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from mcts.protocols import Executor, Policy, Scorer
+from mcts.search import ExecBatch, ProposeRequest, Request, ScoreBatch, TreeSearch
+
+
+def _split(flat: Sequence[object], sizes: list[int], what: str) -> list[list[object]]:
+    if len(flat) != sum(sizes):
+        raise ValueError(f"{what} returned {len(flat)} results for {sum(sizes)} inputs")
+    out, i = [], 0
+    for n in sizes:
+        out.append(list(flat[i : i + n]))
+        i += n
+    return out
+
+
+def run_wave(searches: Sequence[TreeSearch], policy: Policy, executor: Executor, scorer: Scorer | None = None) -> int:
+    """Advance every search waiting for proposals by one expansion (and any mid-expansion search to its end).
+
+    Returns the number of searches that were given proposals (0: nothing left to propose).
+    """
+    proposing = [s for s in searches if isinstance(s.next_request(), ProposeRequest)]
+    by_k: dict[int, list[TreeSearch]] = {}
+    for s in proposing:
+        by_k.setdefault(s.next_request().k, []).append(s)  # type: ignore[union-attr]
+    for k, group in by_k.items():
+        states = [s.next_request().state for s in group]  # type: ignore[union-attr]
+        outs = policy.propose(states, k)
+        if len(outs) != len(states):
+            raise ValueError(f"policy.propose returned {len(outs)} lists for {len(states)} states")
+        for s, proposals in zip(group, outs, strict=True):
+            s.feed(proposals)
+    while True:
+        execs = [s for s in searches if isinstance(s.next_request(), ExecBatch)]
+        if execs:
+            batches = [s.next_request().requests for s in execs]  # type: ignore[union-attr]
+            flat = executor.run([r for b in batches for r in b])
+            for s, part in zip(execs, _split(flat, [len(b) for b in batches], "executor.run"), strict=True):
+                s.feed(part)
+            continue
+        scoring = [s for s in searches if isinstance(s.next_request(), ScoreBatch)]
+        if scoring:
+            if scorer is None:
+                raise ValueError(f"search.mode={scoring[0].config.mode!r} needs a PPM scorer; none was given")
+            batches = [s.next_request().states for s in scoring]  # type: ignore[union-attr]
+            flat = scorer.score([st for b in batches for st in b])
+            for s, part in zip(scoring, _split(flat, [len(b) for b in batches], "scorer.score"), strict=True):
+                s.feed(part)
+            continue
+        return len(proposing)
+
+
+def run_search(
+    searches: Sequence[TreeSearch],
+    policy: Policy,
+    executor: Executor,
+    scorer: Scorer | None = None,
+    on_done: Callable[[TreeSearch], None] | None = None,
+) -> None:
+    """Run waves until every search is done. Each finished tree's executor states are released and
+    ``on_done`` is called once for it, as soon as it finishes (so it can be stored while others go on)."""
+    finished: set[int] = set()
+
+    def collect() -> None:
+        for i, s in enumerate(searches):
+            if s.done and i not in finished:
+                finished.add(i)
+                executor.release(s.tree_id)
+                if on_done is not None:
+                    on_done(s)
+
+    collect()
+    while run_wave(searches, policy, executor, scorer):
+        collect()
+    collect()
+
+
+def answer_request(
+    request: Request, policy: Policy, executor: Executor, scorer: Scorer | None = None
+) -> list[object]:
+    """Serve one tree's request directly (the async / single-tree path)."""
+    if isinstance(request, ProposeRequest):
+        return list(policy.propose([request.state], request.k)[0])
+    if isinstance(request, ExecBatch):
+        return list(executor.run(list(request.requests)))
+    if scorer is None:
+        raise ValueError("a ScoreBatch needs a PPM scorer; none was given")
+    return list(scorer.score(list(request.states)))
+
+
+def run_one(search: TreeSearch, policy: Policy, executor: Executor, scorer: Scorer | None = None) -> TreeSearch:
+    """Run a single search to the end on its own (no batching across trees); releases its executor states."""
+    while (req := search.next_request()) is not None:
+        search.feed(answer_request(req, policy, executor, scorer))
+    executor.release(search.tree_id)
+    return search

@@ -1,0 +1,46 @@
+from mcts.expand import parse_proposal
+from mcts.protocols import Proposal
+from mcts.steps import ANSWER_END, STEP_END
+
+SOLUTION = "# Tom has 3 apples.\na = 3\n# He buys 5 more.\nb = a + 5\nprint(b)\n# The answer is \\boxed{8}"
+
+
+def test_one_step_proposal():
+    chain = parse_proposal(Proposal("# a is 3\na = 3", STEP_END), room=4)
+    assert [s.code for s in chain.steps] == ["a = 3"] and not chain.final and chain.rejected is None
+
+
+def test_whole_solution_is_cut_into_a_final_chain():
+    chain = parse_proposal(Proposal(SOLUTION, ANSWER_END), room=16)
+    assert [s.code for s in chain.steps] == ["a = 3", "b = a + 5\nprint(b)", ""]
+    assert chain.final and chain.steps[-1].answer == "8" and chain.rejected is None
+
+
+def test_chain_cut_at_a_bad_step_keeps_the_rest_as_rejected():
+    text = "# one\nx = 1\n<end_of_step>\nx = 2\n<end_of_step>\n# three\ny = 3"
+    chain = parse_proposal(Proposal(text, None), room=16)
+    assert [s.code for s in chain.steps] == ["x = 1"] and not chain.final
+    assert chain.rejected.stage == "parse"
+    assert chain.rejected.error == "no reasoning comment: a step starts with a '# ...' line (1 later step(s) dropped)"
+    assert chain.rejected.text == "x = 2\n# three\ny = 3"
+
+
+def test_steps_after_the_answer_and_past_max_depth_are_dropped_and_recorded():
+    text = "# a\nx = 1\n<end_of_step>\n# so \\boxed{1}\n<end_of_step>\n# more\nz = 3"
+    chain = parse_proposal(Proposal(text, None), room=16)
+    assert len(chain.steps) == 2 and chain.final  # a closed \boxed{} ends the solution even without a stop
+    assert (chain.rejected.stage, chain.rejected.error) == ("after_answer", "1 step(s) after the final answer dropped")
+    chain = parse_proposal(Proposal(SOLUTION, ANSWER_END), room=2)
+    assert len(chain.steps) == 2 and not chain.final  # the answer step would be past max_depth
+    assert (chain.rejected.stage, chain.rejected.error) == ("depth", "1 step(s) past max_depth dropped")
+
+
+def test_finality_of_the_last_step():
+    # Stopped at <end_of_answer> without \boxed{}: the model declared itself done -> final, answer None.
+    chain = parse_proposal(Proposal("# I give up", ANSWER_END), room=3)
+    assert chain.final and chain.steps[0].answer is None
+    # Ran out of tokens without an answer: the steps are kept, none terminal.
+    chain = parse_proposal(Proposal("# start\nx = 1\n# next\ny = x +", None), room=3)
+    assert len(chain.steps) == 2 and not chain.final
+    chain = parse_proposal(Proposal("", STEP_END), room=3)
+    assert chain.steps == () and (chain.rejected.stage, chain.rejected.error) == ("parse", "empty proposal")
