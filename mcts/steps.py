@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data.answers import last_boxed
+
 STEP_END = "<end_of_step>"
 ANSWER_END = "<end_of_answer>"
 STOP_STRINGS: tuple[str, ...] = (STEP_END, ANSWER_END)
@@ -55,24 +57,6 @@ class StepFormatError(ValueError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in ``text``, braces balanced; None when absent or unclosed."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i = start + len("\\boxed{")
-    depth = 1
-    for j in range(i, len(text)):
-        ch = text[j]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j].strip()
-    return None
 
 
 def _strip_model_outputs(lines: list[str]) -> list[str]:

@@ -28,14 +28,6 @@ def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
 
 
-def test_last_boxed_matches_the_step_parser_contract():
-    # mcts.steps.last_boxed is to be replaced by this one: same answers on the step format.
-    from mcts.steps import last_boxed as steps_last_boxed
-
-    for text in ["# so \\boxed{8}", "\\boxed{\\frac{a}{b}}", "\\boxed{1} \\boxed{2}", "\\boxed{3", "none", "\\boxed{}"]:
-        assert last_boxed(text) == steps_last_boxed(text), text
-
-
 def test_extract_answer_falls_back_to_last_number_only_when_asked():
     text = "She has 3 apples, then 5, so 8 in total."
     assert extract_answer(text) is None
