@@ -1,0 +1,95 @@
+"""Engines: policy generation and PPM scoring behind ``mcts.protocols.Policy`` / ``Scorer``.
+
+    policy = make_policy(cfg.engines, mode=spec.gen_mode, few_shot=spec.few_shot, model=policy_dir)
+    scorer = make_scorer(cfg.engines, ppm_dir)
+
+Backends are registry entries (``POLICY_BACKENDS``); each imports its heavy library (torch, vLLM,
+requests) only when built, so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from mcts.protocols import Policy, Scorer
+from pipeline.engines.common import EngineError
+from pipeline.engines.config import EngineConfig, GenerationConfig, HttpConfig, VllmConfig
+from pipeline.engines.prompts import PromptBuilder
+
+
+def prompt_builder(model: str | Path, few_shot: bool = False, n_examples: int = 1,
+                   cache_dir: Path | None = None) -> PromptBuilder:
+    """The prompt builder of a model spec or checkpoint directory (its tokenizer's chat template)."""
+    from rounds.models import load_tokenizer
+
+    return PromptBuilder(load_tokenizer(model, cache_dir), few_shot=few_shot, n_examples=n_examples)
+
+
+def _transformers(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: str, seed: int) -> Policy:
+    from pipeline.engines.hf_policy import TransformersPolicy
+
+    return TransformersPolicy(path, builder, cfg.generation, mode, device=cfg.device, dtype=cfg.dtype,
+                              max_batch_rows=cfg.max_batch_rows)
+
+
+def _vllm(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: str, seed: int) -> Policy:
+    from pipeline.engines.vllm_policy import VllmPolicy
+
+    return VllmPolicy(path, builder, cfg.generation, mode, cfg=cfg.vllm, dtype=cfg.dtype, seed=seed)
+
+
+def _vllm_async(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: str, seed: int) -> Policy:
+    from pipeline.engines.vllm_policy import AsyncVllmPolicy
+
+    return AsyncVllmPolicy(path, builder, cfg.generation, mode, cfg=cfg.vllm, dtype=cfg.dtype, seed=seed)
+
+
+def _http(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: str, seed: int) -> Policy:
+    from pipeline.engines.http_policy import HttpPolicy
+
+    return HttpPolicy(cfg.http, str(path), builder, cfg.generation, mode)
+
+
+POLICY_BACKENDS: dict[str, Callable[..., Policy]] = {
+    "transformers": _transformers,
+    "vllm": _vllm,
+    "vllm_async": _vllm_async,
+    "http": _http,
+}
+
+
+def make_policy(cfg: EngineConfig, *, model: str | Path | None = None, mode: str = "step", few_shot: bool = False,
+                seed: int = 0, cache_dir: Path | None = None) -> Policy:
+    """The configured policy backend on ``model`` (a spec or checkpoint dir; default ``cfg.policy_model``).
+
+    ``mode`` and ``few_shot`` come from the round (``RoundSpec.gen_mode`` / ``few_shot``); ``seed`` seeds
+    the engine itself (vLLM); per-sample seeds come from each ``SearchState.seed``.
+    """
+    from rounds.models import resolve_model
+
+    if cfg.backend not in POLICY_BACKENDS:
+        raise ValueError(f"engines.backend={cfg.backend!r}: must be one of {', '.join(POLICY_BACKENDS)}")
+    path = resolve_model(str(model if model is not None else cfg.policy_model), cache_dir)
+    builder = prompt_builder(path, few_shot=few_shot, n_examples=cfg.few_shot_examples, cache_dir=cache_dir)
+    return POLICY_BACKENDS[cfg.backend](cfg, path, builder, mode, seed)
+
+
+def make_scorer(cfg: EngineConfig, ppm_path: str | Path, *, few_shot: bool = False) -> Scorer:
+    """The PPM scorer on a trained PPM checkpoint directory (``cfg.ppm_backend``; transformers on ``cfg.device``).
+
+    ``few_shot`` must match the prompts the PPM pairs were exported with (normally off).
+    """
+    if cfg.ppm_backend == "vllm":
+        from pipeline.engines.vllm_scorer import VllmScorer
+
+        return VllmScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, cfg=cfg.vllm,
+                          dtype=cfg.dtype, max_length=cfg.ppm_max_length)
+    from pipeline.engines.scorer import TransformersScorer
+
+    return TransformersScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, device=cfg.device,
+                              dtype=cfg.dtype, batch_size=cfg.ppm_batch_size, max_length=cfg.ppm_max_length)
+
+
+__all__ = ["EngineConfig", "GenerationConfig", "HttpConfig", "VllmConfig", "EngineError", "PromptBuilder",
+           "POLICY_BACKENDS", "make_policy", "make_scorer", "prompt_builder"]

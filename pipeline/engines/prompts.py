@@ -1,0 +1,96 @@
+"""The prompt: the model's own chat template around the question, then the steps so far.
+
+    <template: system instruction> [<user: example question> <assistant: example solution>]*
+    <user: question> <assistant turn opens> + history
+
+``history`` (``mcts.steps.render_steps``) is appended after the generation prompt, so the model
+continues its own assistant turn with the next step. The export builds SFT prompts with this same
+class (``build(question, "")`` + the rendered steps as completion), so training and inference see
+byte-identical text. Prompts are kept short on purpose: on the embedded CPU run, prompt tokens are
+the main cost (~200 tokens/s prefill), and the instruction + examples prefix is computed once per
+engine and shared by every prompt (``shared_prefix``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mcts.steps import ANSWER_END, STEP_END, render_steps
+
+SYSTEM_PROMPT = (
+    "Solve the math problem in steps. A step is one or more '# ' comment lines of reasoning, then Python "
+    f"code that computes it and prints the result, then {STEP_END}. In the last step write the answer "
+    f"as a comment '# The answer is \\boxed{{...}}', then {ANSWER_END}."
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    steps: tuple[tuple[str, str, bool], ...]  # (step text, printed output, final) as mcts.steps.render_steps takes
+
+    @property
+    def solution(self) -> str:
+        return render_steps(list(self.steps))
+
+
+# Worked examples of the step format. Built with render_steps so they can never drift from the parser.
+EXAMPLES: tuple[Example, ...] = (
+    Example(
+        question="Tom buys 4 pens at 3 dollars each and pays with a 20 dollar bill. How much change does he get?",
+        steps=(
+            ("# The pens cost 4 * 3 dollars.\ncost = 4 * 3\nprint(cost)", "12", False),
+            ("# The change is 20 minus the cost.\nchange = 20 - cost\nprint(change)", "8", False),
+            ("# The answer is \\boxed{8}", "", True),
+        ),
+    ),
+    Example(
+        question="A box holds 6 rows of 5 eggs. 7 eggs break. How many eggs are left?",
+        steps=(
+            ("# Eggs in the box: 6 rows of 5, minus the 7 broken ones.\nleft = 6 * 5 - 7\nprint(left)", "23", False),
+            ("# The answer is \\boxed{23}", "", True),
+        ),
+    ),
+)
+
+_QUESTION_MARK = "\x00open-rstar-question\x00"  # placeholder to find where the question starts
+
+
+class PromptBuilder:
+    """Chat-template-aware prompts for one tokenizer. ``few_shot`` shows ``n_examples`` worked examples."""
+
+    def __init__(self, tokenizer, few_shot: bool = False, n_examples: int = 1, system: str = SYSTEM_PROMPT):
+        if n_examples < 0 or n_examples > len(EXAMPLES):
+            raise ValueError(f"n_examples={n_examples}: must be in 0..{len(EXAMPLES)}")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
+                             f"use an instruct/chat checkpoint or set tokenizer.chat_template")
+        self.tokenizer = tokenizer
+        self.few_shot = few_shot
+        self.examples = EXAMPLES[:n_examples] if few_shot else ()
+        self.system = system
+        self._prefix = self._find_prefix()
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}]
+        for ex in self.examples:
+            msgs.append({"role": "user", "content": ex.question})
+            msgs.append({"role": "assistant", "content": ex.solution})
+        msgs.append({"role": "user", "content": question})
+        return msgs
+
+    def build(self, question: str, history: str = "") -> str:
+        """The full prompt text: template with generation prompt, then the rendered steps so far."""
+        text = self.tokenizer.apply_chat_template(self.messages(question), tokenize=False, add_generation_prompt=True)
+        return text + history
+
+    @property
+    def shared_prefix(self) -> str:
+        """Text that starts every prompt of this builder (instruction and examples), '' if the template
+        puts question-dependent text first. Engines compute its KV once and reuse it."""
+        return self._prefix
+
+    def _find_prefix(self) -> str:
+        text = self.build(_QUESTION_MARK)
+        cut = text.find(_QUESTION_MARK)
+        return text[:cut] if cut > 0 else ""

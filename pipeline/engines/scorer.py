@@ -1,0 +1,42 @@
+"""PPM scoring of search states: the trained PPM checkpoint, prompts from the same ``PromptBuilder``.
+
+A state's text is ``builder.build(question, history)``: exactly the prompt + steps-so-far text the PPM
+pairs were built from, so the scorer reads the model at the same place training did. The score itself
+(tanh of the head at the last attended token, batched, right padded) is ``rounds.ppm_model.ppm_scores``,
+the one function training and evaluation use too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from mcts.protocols import SearchState
+from pipeline.engines.hf_policy import pick_device, pick_dtype
+from pipeline.engines.prompts import PromptBuilder
+
+
+class TransformersScorer:
+    """``mcts.protocols.Scorer`` on a PPM checkpoint (``rounds.ppm_model``), CPU or GPU, deterministic."""
+
+    def __init__(self, ppm_path: str | Path, *, few_shot: bool = False, n_examples: int = 1, device: str = "auto",
+                 dtype: str = "auto", batch_size: int = 16, max_length: int | None = 2048):
+        from rounds.ppm_model import load_ppm
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        self.device = pick_device(device)
+        self.model, self.tokenizer = load_ppm(ppm_path, device=self.device, dtype=pick_dtype(dtype, self.device))
+        self.builder = PromptBuilder(self.tokenizer, few_shot=few_shot, n_examples=n_examples)
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def texts(self, states: Sequence[SearchState]) -> list[str]:
+        return [self.builder.build(s.question, s.history) for s in states]
+
+    def score(self, states: Sequence[SearchState]) -> list[float]:
+        from rounds.ppm_model import ppm_scores
+
+        if not states:
+            return []
+        return ppm_scores(self.model, self.tokenizer, self.texts(states), self.batch_size, self.max_length)
