@@ -19,6 +19,7 @@ from data import ProblemsConfig
 from mcts.config import SearchConfig
 from pipeline.confload import ConfigError, apply_override, build, diff, to_plain
 from pipeline.engines.config import EngineConfig
+from pipeline.rollouts import RolloutConfig
 from pipeline.sandbox import SandboxConfig
 from rounds.schedule import RoundsConfig
 from rounds.train_config import TrainingConfig
@@ -50,6 +51,9 @@ class RayConfig:
     gpus_per_engine: float = 0.0
     cpus_per_engine: float = 1.0
     cpus_per_worker: float = 1.0
+    # The PPM scorer actor of a PPM-guided round (one per round).
+    cpus_per_scorer: float = 1.0
+    gpus_per_scorer: float = 0.0
     max_restarts: int = 2  # actor restarts before a failure is final
     include_dashboard: bool = False
 
@@ -60,7 +64,7 @@ class RayConfig:
         for name in ("num_cpus", "max_restarts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        for name in ("gpus_per_engine", "cpus_per_engine", "cpus_per_worker"):
+        for name in ("gpus_per_engine", "cpus_per_engine", "cpus_per_worker", "cpus_per_scorer", "gpus_per_scorer"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
 
@@ -73,10 +77,9 @@ class EvalConfig:
     best_of_n: int = 8  # samples scored by the PPM for best-of-N
     mcts_rollouts: int = 8  # PPM-guided test-time MCTS rollouts per problem
     mcts_children: int = 4
-    max_new_tokens: int = 384
 
     def __post_init__(self) -> None:
-        for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children", "max_new_tokens"):
+        for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
 
@@ -94,6 +97,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    rollouts: RolloutConfig = field(default_factory=RolloutConfig)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

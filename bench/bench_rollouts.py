@@ -1,0 +1,142 @@
+"""Engine utilisation and pipeline overhead of the rollout phase, with a simulated GPU engine.
+
+The engine stands for a saturated GPU: a fixed latency per generated token, so a call costs ``ms_per_token``
+x the tokens it generates (rows x ``tokens_per_step``). It writes real step code, so the real MCTS, the
+real sandbox pool and the real Ray actors do everything else. Two runs side by side in one
+process, same problems and seeds:
+
+* ``groups=1``: each worker alternates strictly between generating a wave and executing it;
+* ``groups=2``: two halves of the worker's trees alternate, so one half's code runs while the other half's
+  batch is with the engine (the default).
+
+Printed: engine utilisation (engine busy time / wall time) during rollouts, the ratio of the two, and the
+pipeline's own overhead per expansion (worker time outside engine waits and sandbox calls: MCTS
+bookkeeping, parsing, serialisation, Ray glue).
+
+    .venv/bin/python bench/bench_rollouts.py [--problems 16] [--ms-per-token 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mcts.protocols import Proposal  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    answer: str
+
+
+class _Counter:
+    new_tokens = 0
+
+
+class SimulatedEngine:
+    """Writes plausible steps with real code; sleeps a fixed time per generated token, like a busy GPU."""
+
+    def __init__(self, answers: dict[str, str], ms_per_token: float, tokens_per_step: int):
+        self.answers = answers
+        self.s_per_token = ms_per_token / 1000.0
+        self.tokens_per_step = tokens_per_step
+        self.stats = _Counter()
+
+    def propose(self, states, k):
+        out = []
+        for st in states:
+            depth = st.history.count("<end_of_step>")
+            props = []
+            for j in range(k):
+                v = (st.seed >> (4 * j)) % 9 + 1
+                if depth >= 2 and j == 0:
+                    props.append(Proposal(f"# So the answer is \\boxed{{{self.answers[st.tree_id]}}}", "<end_of_answer>"))
+                elif depth >= 2 and j == 1:
+                    props.append(Proposal(f"# So the answer is \\boxed{{{v}}}", "<end_of_answer>"))
+                else:
+                    code = f"x{depth} = {v} * {j + 1} + {depth}\nprint(x{depth})"
+                    props.append(Proposal(f"# Work out part {depth} of the question.\n{code}", "<end_of_step>"))
+            out.append(props)
+        tokens = len(states) * k * self.tokens_per_step
+        self.stats.new_tokens += tokens
+        time.sleep(self.s_per_token * tokens)
+        return out
+
+
+def exact_grade(problem, answer):
+    return answer == problem.answer
+
+
+def run_once(groups: int, args: argparse.Namespace, problems: list[Problem]):
+    from pipeline.config import RayConfig, RunConfig, StorageConfig
+    from pipeline.rollouts import Backends, RolloutConfig, run_rollouts
+    from pipeline.runlog import RunLog, RunLogConfig
+    from pipeline.sandbox import SandboxConfig, SandboxPool
+    from pipeline.storage import TreeStore
+    from rounds.schedule import RoundSpec
+
+    cfg = RunConfig(seed=3, storage=StorageConfig(shard_problems=8),
+                    sandbox=SandboxConfig(workers=args.sandbox_workers),
+                    ray=RayConfig(num_cpus=2, rollout_workers=args.workers, policy_engines=1, cpus_per_engine=0.5,
+                                  cpus_per_worker=0.5))
+    spec = RoundSpec(policy="bootstrap", q_mode="terminal", rollouts=args.rollouts, children=args.children)
+    answers = {p.id: p.answer for p in problems}
+    backends = Backends(policy=functools.partial(SimulatedEngine, answers, args.ms_per_token, args.tokens_per_step),
+                        executor=functools.partial(SandboxPool, cfg.sandbox), grader=exact_grade)
+    with tempfile.TemporaryDirectory() as d:
+        store = TreeStore(Path(d) / "trees")
+        log = RunLog(Path(d) / "log.jsonl", RunLogConfig(console=False))
+        return run_rollouts(cfg, 1, spec, problems, "simulated", None, store, log,
+                            settings=RolloutConfig(groups=groups), backends=backends)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", type=int, default=8)
+    parser.add_argument("--rollouts", type=int, default=4)
+    parser.add_argument("--children", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1, help="rollout worker actors")
+    parser.add_argument("--sandbox-workers", type=int, default=2)
+    parser.add_argument("--ms-per-token", type=float, default=0.5, help="simulated engine time per generated token")
+    parser.add_argument("--tokens-per-step", type=int, default=40)
+    parser.add_argument("--groups", default="1,2", help="comma-separated tree-group counts to compare (1 first)")
+    args = parser.parse_args()
+
+    import ray
+
+    from pipeline.cluster import connect, disconnect
+    from pipeline.config import RayConfig
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    problems = [Problem(f"b{i}", f"Compute {i} + {i}.", str(2 * i)) for i in range(args.problems)]
+    cluster = connect(RayConfig(num_cpus=2))
+    try:
+        results = {g: run_once(g, args, problems) for g in sorted({int(x) for x in args.groups.split(",")})}
+    finally:
+        disconnect(cluster)
+
+    print(f"\nrollouts: {args.problems} problems x {args.rollouts} rollouts, k={args.children}, "
+          f"{args.workers} worker(s), engine {args.ms_per_token} ms per token, {args.tokens_per_step} tokens per step")
+    print(f"{'groups':>6} {'wall s':>8} {'expansions':>10} {'engine util':>11} {'exec s':>7} "
+          f"{'overhead/exp ms':>15} {'tokens/s':>9}")
+    for g, st in results.items():
+        print(f"{g:>6} {st.wall_s:>8.2f} {st.expansions:>10} {st.engine_utilisation:>11.1%} {st.exec_s:>7.2f} "
+              f"{st.overhead_per_expansion_s * 1000:>15.2f} {st.tokens / st.wall_s:>9.0f}")
+    base_g = min(results)
+    base = results[base_g]
+    for g, st in results.items():
+        if g != base_g:
+            print(f"groups={g} vs groups={base_g}: engine utilisation x{st.engine_utilisation / base.engine_utilisation:.2f}, "
+                  f"wall time x{base.wall_s / st.wall_s:.2f} faster")
+
+if __name__ == "__main__":
+    main()

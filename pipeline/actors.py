@@ -1,0 +1,397 @@
+"""The Ray actors of the rollout phase, thin wrappers around library objects.
+
+* ``PolicyEngine``: holds one policy backend (``mcts.protocols.Policy``, built in the actor by a factory so
+  the model loads where the GPU is) and serves ``propose`` batches one at a time, the way a GPU would. It
+  measures its own busy time, the numerator of engine utilisation.
+* ``ScorerEngine``: the same for the PPM (``mcts.protocols.Scorer``).
+* ``RolloutWorker``: owns a shard of problems and its own sandbox executor, runs MCTS over all of them
+  (``mcts.search.TreeSearch`` driven by ``mcts.wave.run_wave``) and streams each finished tree back as
+  soon as it is done (a Ray streaming generator), then one ``WorkerReport``.
+
+Overlap of generation and code execution: a worker splits its trees into ``groups`` (2 by default) and
+runs each group's waves in its own thread. While one group's batch is with the engine (its thread waits in
+``ray.get``), another group's code runs in the sandbox, and then sends its own batch, which queues at the
+engine behind the first. With execution no slower than generation the engine never idles.
+
+Failures: the worker talks to engines through ``RemotePolicy`` / ``RemoteScorer``, which retry a request
+that died with its engine actor (Ray restarts the actor, up to ``max_restarts``) on the least loaded engine,
+and count the retries. A dying worker is the driver's business (``pipeline.rollouts`` reassigns its
+unfinished problems). The classes here are plain Python; ``actor_class`` turns one into a Ray actor class,
+so this module imports without Ray and the classes can be tested in-process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mcts.config import SearchConfig
+from mcts.protocols import ExecRequest, Executor, Grader, Policy, Proposal, Scorer, SearchState
+
+
+class EngineUnavailable(RuntimeError):
+    """Every attempt at an engine request failed because engine actors died; the message says how often."""
+
+
+@functools.cache
+def actor_class(cls: type) -> Any:
+    """The Ray actor class of ``cls`` (``PolicyEngine``, ``ScorerEngine`` or ``RolloutWorker``)."""
+    import ray
+
+    return ray.remote(cls)
+
+
+# --------------------------------------------------------------------------------------------- engines
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What one engine actor did since it (last) started. Times in seconds; ``started_at`` is epoch time."""
+
+    busy_s: float  # wall time spent inside backend calls
+    calls: int
+    items: int  # states proposed for / scored
+    outputs: int  # proposals returned (or scores)
+    tokens: int  # new tokens generated, when the backend counts them (``stats.new_tokens``); else 0
+    started_at: float
+    pid: int
+
+
+class _Metered:
+    """Busy-time and token accounting shared by the two engine actors."""
+
+    def __init__(self, backend: object):
+        self.backend = backend
+        self._busy = 0.0
+        self._calls = self._items = self._outputs = 0
+        self._started = time.time()
+
+    def _tokens(self) -> int:
+        # The transformers backend keeps cumulative counters in ``stats`` (pipeline.engines.hf_policy.GenStats).
+        return int(getattr(getattr(self.backend, "stats", None), "new_tokens", 0) or 0)
+
+    def _timed(self, fn: Callable[[], list], n_items: int) -> list:
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        finally:
+            self._busy += time.perf_counter() - t0
+            self._calls += 1
+            self._items += n_items
+        self._outputs += sum(len(o) for o in out) if out and isinstance(out[0], list) else len(out)
+        return out
+
+    def ready(self) -> int:
+        """Returns the actor's pid once the backend is built (raises the factory's error otherwise)."""
+        return os.getpid()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(busy_s=self._busy, calls=self._calls, items=self._items, outputs=self._outputs,
+                           tokens=self._tokens(), started_at=self._started, pid=os.getpid())
+
+
+class PolicyEngine(_Metered):
+    """A policy backend behind an actor. ``factory()`` builds it inside the actor (model loads there)."""
+
+    def __init__(self, factory: Callable[[], Policy]):
+        super().__init__(factory())
+
+    def propose(self, states: Sequence[SearchState], k: int) -> list[list[Proposal]]:
+        return self._timed(lambda: self.backend.propose(states, k), len(states))
+
+
+class ScorerEngine(_Metered):
+    """A PPM scorer behind an actor. ``factory()`` builds it inside the actor."""
+
+    def __init__(self, factory: Callable[[], Scorer]):
+        super().__init__(factory())
+
+    def score(self, states: Sequence[SearchState]) -> list[float]:
+        return self._timed(lambda: list(self.backend.score(states)), len(states))
+
+
+class _RemoteEngines:
+    """Sends each request to the least busy live engine actor; retries requests whose engine died."""
+
+    def __init__(self, engines: Sequence[Any], retries: int, backoff_s: float, prefer: int = 0):
+        if not engines:
+            raise ValueError("no engine actors were given")
+        self._engines = list(engines)
+        self._retries = retries
+        self._backoff = backoff_s
+        self._inflight = [0] * len(engines)
+        # Workers start at different engines so that n workers on n engines spread out from the first call.
+        self._order = [(prefer + i) % len(engines) for i in range(len(engines))]
+        self._lock = threading.Lock()
+        self.retried = 0  # requests re-sent after their engine actor died
+        self.failures: list[str] = []  # one line per failed attempt, for the report
+
+    def _call(self, method: str, *args: Any) -> list:
+        import ray
+        from ray.exceptions import RayActorError
+
+        last: BaseException | None = None
+        for attempt in range(self._retries + 1):
+            with self._lock:
+                i = min(self._order, key=lambda j: self._inflight[j])
+                self._inflight[i] += 1
+            try:
+                return ray.get(getattr(self._engines[i], method).remote(*args))
+            except RayActorError as e:
+                # The engine process died (or is restarting): Ray restarts it up to max_restarts times, and the
+                # request is re-sent, to whichever engine is least busy then.
+                last = e
+                with self._lock:
+                    self.failures.append(f"engine {i} {method} attempt {attempt + 1}: {type(e).__name__}")
+                    if attempt < self._retries:
+                        self.retried += 1
+                if attempt < self._retries:
+                    time.sleep(self._backoff * (2**attempt))
+            finally:
+                with self._lock:
+                    self._inflight[i] -= 1
+        raise EngineUnavailable(
+            f"{method}: engine actors failed {self._retries + 1} times in a row (last: {type(last).__name__}: "
+            f"{last}); raise ray.max_restarts or check the engine logs (ray logs / the Ray dashboard)")
+
+
+class RemotePolicy(_RemoteEngines):
+    """``mcts.protocols.Policy`` over policy engine actors."""
+
+    def propose(self, states: Sequence[SearchState], k: int) -> list[list[Proposal]]:
+        return self._call("propose", list(states), k)
+
+
+class RemoteScorer(_RemoteEngines):
+    """``mcts.protocols.Scorer`` over PPM scorer actors."""
+
+    def score(self, states: Sequence[SearchState]) -> list[float]:
+        return self._call("score", list(states))
+
+
+# --------------------------------------------------------------------------------------------- rollout worker
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every rollout worker of one round needs besides its problems."""
+
+    search: SearchConfig  # the round's search (mode, rollouts, children from the round spec)
+    run_seed: int
+    round_no: int
+    extra_rollouts_unsolved: int = 0  # more rollouts for a tree with no correct terminal after its budget
+    groups: int = 2  # tree groups advanced by separate threads, so generation and execution overlap
+    engine_retries: int = 3
+    retry_backoff_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class TreeDone:
+    """One finished problem: its node-table rows and the counters the driver reports."""
+
+    problem_id: str
+    rows: Any  # pyarrow.Table in the ``trees`` schema (mcts.serialize)
+    solved: bool  # some terminal was graded correct
+    rollouts: int
+    expansions: int
+    proposals: int
+    nodes: int
+    worker: str
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """The last item of a worker's stream: where its time went. Seconds, summed over its group threads."""
+
+    worker: str
+    problems: int
+    expansions: int
+    engine_retries: int
+    engine_failures: tuple[str, ...]
+    propose_s: float  # waiting for policy engines (generation + queueing + transfer)
+    exec_s: float  # in the sandbox executor
+    score_s: float  # waiting for the PPM scorer
+    search_s: float  # everything else in the group threads: MCTS bookkeeping, serialisation, Ray glue
+    wall_s: float
+
+
+@dataclass
+class _Clock:
+    propose: float = 0.0
+    execute: float = 0.0
+    score: float = 0.0
+    total: float = 0.0
+    expansions: int = 0
+
+
+class _TimedPolicy:
+    def __init__(self, inner: Policy, clock: _Clock):
+        self.inner, self.clock = inner, clock
+
+    def propose(self, states: Sequence[SearchState], k: int) -> list[list[Proposal]]:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.propose(states, k)
+        finally:
+            self.clock.propose += time.perf_counter() - t0
+
+
+class _TimedScorer:
+    def __init__(self, inner: Scorer, clock: _Clock):
+        self.inner, self.clock = inner, clock
+
+    def score(self, states: Sequence[SearchState]) -> list[float]:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.score(states)
+        finally:
+            self.clock.score += time.perf_counter() - t0
+
+
+class _TimedExecutor:
+    """Times one group's executor calls. The executor is shared by the worker's group threads, so it must be
+    safe to call from several threads at once (``pipeline.sandbox.SandboxPool`` is: one reactor thread owns
+    its processes and callers only wait on futures)."""
+
+    def __init__(self, inner: Executor, clock: _Clock):
+        self.inner, self.clock = inner, clock
+
+    def run(self, requests: Sequence[ExecRequest]) -> list:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.run(requests)
+        finally:
+            self.clock.execute += time.perf_counter() - t0
+
+    def release(self, tree_id: str) -> None:
+        self.inner.release(tree_id)
+
+
+_GROUP_DONE = object()
+
+
+def _solved(search: Any) -> bool:
+    return any(n.verdict == "correct" for n in search.tree.terminals())
+
+
+class RolloutWorker:
+    """Runs MCTS over a shard of problems; see the module doc. One ``run`` at a time per actor."""
+
+    def __init__(self, spec: WorkerSpec, name: str, index: int, engines: Sequence[Any], scorers: Sequence[Any],
+                 executor_factory: Callable[[], Executor], grader: Grader):
+        self.spec = spec
+        self.name = name
+        prefer = index  # worker i starts at engine i (mod engines)
+        self.policy = RemotePolicy(engines, spec.engine_retries, spec.retry_backoff_s, prefer)
+        self.scorer = RemoteScorer(scorers, spec.engine_retries, spec.retry_backoff_s, prefer) if scorers else None
+        self.executor_factory = executor_factory
+        self.grader = grader
+        self._stop = threading.Event()
+        # Warm up the search and the Arrow serialisation while the driver waits for actors to start, not inside
+        # the timed run: importing pyarrow and its first Table.from_pylist take ~0.5 s together.
+        import mcts.search  # noqa: F401
+        import mcts.wave  # noqa: F401
+        from mcts.serialize import trees_to_table
+        from mcts.tree import Tree, TreeInfo
+
+        trees_to_table([Tree(TreeInfo("warm-up", "", "", spec.round_no, spec.search.mode, 1.0, 0))])
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, problems: Sequence[Any]) -> Iterator[TreeDone | WorkerReport]:
+        """Search every problem; yield a ``TreeDone`` per problem as it finishes, then one ``WorkerReport``."""
+        from mcts.search import TreeSearch
+        from mcts.seeds import tree_seed
+
+        t0 = time.perf_counter()
+        spec = self.spec
+        searches = [TreeSearch(p, spec.search, tree_seed(spec.run_seed, spec.round_no, str(p.id)), self.grader,
+                               round_index=spec.round_no) for p in problems]
+        n_groups = max(1, min(spec.groups, len(searches)))
+        groups = [searches[g::n_groups] for g in range(n_groups)]
+        clocks = [_Clock() for _ in groups]
+        out: queue.Queue = queue.Queue()
+        executor = self.executor_factory()
+        threads = [threading.Thread(target=self._run_group, name=f"{self.name}-g{g}", daemon=True,
+                                    args=(group, _TimedExecutor(executor, clock), clock, out))
+                   for g, (group, clock) in enumerate(zip(groups, clocks, strict=True))]
+        self._stop.clear()
+        try:
+            for t in threads:
+                t.start()
+            running = len(threads)
+            while running:
+                item = out.get()
+                if item is _GROUP_DONE:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise RuntimeError(f"rollout worker {self.name}: {type(item).__name__}: {item}") from item
+                else:
+                    yield item
+            yield WorkerReport(
+                worker=self.name, problems=len(searches), expansions=sum(c.expansions for c in clocks),
+                engine_retries=self.policy.retried + (self.scorer.retried if self.scorer else 0),
+                engine_failures=tuple(self.policy.failures + (self.scorer.failures if self.scorer else [])),
+                propose_s=sum(c.propose for c in clocks), exec_s=sum(c.execute for c in clocks),
+                score_s=sum(c.score for c in clocks),
+                search_s=sum(c.total - c.propose - c.execute - c.score for c in clocks),
+                wall_s=time.perf_counter() - t0)
+        finally:
+            self._stop.set()
+            for t in threads:
+                t.join()
+            close = getattr(executor, "close", None)
+            if close is not None:
+                close()
+
+    def _run_group(self, searches: list[Any], executor: _TimedExecutor, clock: _Clock, out: queue.Queue) -> None:
+        from mcts.wave import run_wave
+
+        t0 = time.perf_counter()
+        try:
+            policy = _TimedPolicy(self.policy, clock)
+            scorer = _TimedScorer(self.scorer, clock) if self.scorer is not None else None
+            finished: set[str] = set()
+            extended: set[str] = set()
+            extra = self.spec.extra_rollouts_unsolved
+
+            def collect() -> None:
+                for s in searches:
+                    if not s.done or s.tree_id in finished:
+                        continue
+                    if extra and s.tree_id not in extended and not _solved(s):
+                        extended.add(s.tree_id)
+                        s.extend(extra)
+                        if not s.done:
+                            continue
+                    finished.add(s.tree_id)
+                    executor.release(s.tree_id)
+                    out.put(self._tree_done(s))
+
+            collect()
+            while len(finished) < len(searches):
+                if self._stop.is_set():
+                    return
+                if run_wave(searches, policy, executor, scorer) == 0:
+                    raise AssertionError(f"{len(searches) - len(finished)} searches neither done nor proposing")
+                clock.expansions = sum(s.stats.expansions for s in searches)
+                collect()
+            clock.total = time.perf_counter() - t0  # before the report is built from it
+            out.put(_GROUP_DONE)
+        except BaseException as e:  # handed to the generator, which raises it in the actor
+            out.put(e)
+
+    def _tree_done(self, search: Any) -> TreeDone:
+        from mcts.serialize import trees_to_table
+
+        st = search.stats
+        return TreeDone(problem_id=search.tree_id, rows=trees_to_table([search.tree]), solved=_solved(search),
+                        rollouts=search.tree.rollouts, expansions=st.expansions, proposals=st.proposals,
+                        nodes=len(search.tree), worker=self.name)

@@ -1,0 +1,405 @@
+"""The single controller: for each round, rollouts -> export -> train PPM -> train policy -> evaluate.
+
+Each phase is a named step function over a ``RoundContext``; the loop runs the phases of a round in order and
+skips a phase whose completion marker exists (``RunDir.mark_done``), which is all that resume needs. Ray actors
+do the heavy lifting inside phases (``pipeline.rollouts``); the loop itself holds no policy logic.
+
+Model lineage (every choice is config):
+- the policy that searches round n is the bootstrap model in a 'bootstrap' round, else the newest policy trained
+  before round n (round n-1's, or earlier if a round trained none); the PPM guiding a 'ppm' round likewise;
+- training starts from the base weights each round (``training.from_base``, rStar-Math) or the newest policy;
+- round 0 is the untrained bootstrap policy, evaluated for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig, config_diff, dump_config
+from pipeline.runlog import RunLog
+from pipeline.storage import RunDir
+from rounds.schedule import RoundSpec
+
+
+@dataclass
+class RoundContext:
+    cfg: RunConfig
+    run: RunDir
+    round_no: int  # 1-based
+    log: RunLog
+    problems: list  # the round's training problems (data.Problem)
+    eval_problems: list  # held-out, never trained on
+
+    @property
+    def spec(self) -> RoundSpec:
+        return self.cfg.rounds.schedule[self.round_no - 1]
+
+    @property
+    def dir(self) -> Path:
+        return self.run.round_dir(self.round_no)
+
+    def bootstrap_model(self) -> str:
+        return self.cfg.engines.bootstrap_model or self.cfg.engines.policy_model
+
+    def newest_policy(self, upto: int) -> str | None:
+        """The newest trained policy checkpoint of rounds 1..upto, None when none was trained."""
+        for r in range(upto, 0, -1):
+            if (self.run.policy_dir(r) / "config.json").is_file():
+                return str(self.run.policy_dir(r))
+        return None
+
+    def newest_ppm(self, upto: int) -> str | None:
+        for r in range(upto, 0, -1):
+            if (self.run.ppm_dir(r) / "config.json").is_file():
+                return str(self.run.ppm_dir(r))
+        return None
+
+    def search_policy(self) -> str:
+        if self.spec.policy == "bootstrap":
+            return self.bootstrap_model()
+        return self.newest_policy(self.round_no - 1) or self.bootstrap_model()
+
+    def search_ppm(self) -> str | None:
+        return self.newest_ppm(self.round_no - 1) if self.spec.q_mode == "ppm" else None
+
+
+# ----------------------------------------------------------------------------------------------- phases
+
+
+def phase_rollouts(ctx: RoundContext) -> dict:
+    from pipeline.rollouts import run_rollouts
+
+    spec = ctx.spec
+    ppm = ctx.search_ppm()
+    if spec.q_mode == "ppm" and ppm is None:
+        # No earlier round produced a PPM (e.g. it had no preference pairs): search terminal-guided and say so.
+        ctx.log.warning("no_ppm_for_search", round=ctx.round_no,
+                        reason="no earlier round trained a PPM; this round's search is terminal-guided")
+        spec = dataclasses.replace(spec, q_mode="terminal")
+    policy = ctx.search_policy()
+    ctx.log.info("rollouts_start", round=ctx.round_no, policy=policy, ppm=ppm, problems=len(ctx.problems),
+                 rollouts=spec.rollouts, children=spec.children, mode=spec.gen_mode,
+                 extra_rollouts_unsolved=spec.extra_rollouts_unsolved)
+    trees = ctx.run.trees(ctx.round_no)
+    trees.collect_garbage()  # temp files of a killed run; their problems are simply redone
+    trees.write_plan([p.id for p in ctx.problems])
+    # Unsolved trees get spec.extra_rollouts_unsolved more rollouts in place (round 4), inside the same call.
+    stats = run_rollouts(ctx.cfg, ctx.round_no, spec, ctx.problems, policy, ppm, trees, ctx.log,
+                         settings=ctx.cfg.rollouts)
+    stored = trees.completed_problem_ids()
+    solved = trees.solved_problem_ids()
+    ctx.log.info("rollouts_done", round=ctx.round_no, stored=len(stored), solved=len(solved),
+                 engine_utilisation=round(stats.engine_utilisation, 3), retries=stats.engine_retries,
+                 worker_restarts=stats.worker_restarts)
+    return {"stats": stats.to_dict(), "policy": policy, "ppm": ppm, "stored": len(stored), "solved": len(solved)}
+
+
+def phase_export(ctx: RoundContext) -> dict:
+    from pipeline.export import export_round
+
+    # Prompts are rendered without few-shot examples: SFT teaches the format, so later rounds drop them.
+    result = export_round(ctx.run, ctx.round_no, _prompt_fn(ctx.cfg.engines.policy_model, few_shot=False),
+                          extract_config=ctx.cfg.search.extract)
+    ctx.log.info("export_done", round=ctx.round_no, **result.rows)
+    return {"rows": result.rows, "summary": result.summary}
+
+
+def phase_train_ppm(ctx: RoundContext) -> dict:
+    from rounds.train_config import init_checkpoint
+    from rounds.train_ppm import train_ppm
+
+    if not ctx.spec.train_ppm:
+        return {"skipped": "train_ppm is false for this round"}
+    pairs = ctx.run.export_path(ctx.round_no, "ppm_pairs")
+    n = _rows(pairs)
+    if n < 2:
+        ctx.log.warning("ppm_not_trained", round=ctx.round_no, pairs=n,
+                        reason="fewer than 2 preference pairs: the search found no node with both a correct "
+                               "and a wrong continuation")
+        return {"skipped": f"{n} preference pairs"}
+    backbone = ctx.cfg.engines.ppm_model or ctx.cfg.engines.policy_model
+    init = init_checkpoint(ctx.cfg.training, backbone, ctx.newest_ppm(ctx.round_no - 1))
+    result = _on_cluster(ctx, train_ppm, init, pairs, ctx.run.ppm_dir(ctx.round_no), ctx.cfg.training)
+    ctx.log.info("ppm_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps,
+                 heldout_accuracy=result.pairwise_accuracy, heldout_pairs=result.heldout_pairs)
+    return dataclasses.asdict(result) | {"out_dir": str(result.out_dir)}
+
+
+def phase_train_policy(ctx: RoundContext) -> dict:
+    from rounds.train_config import init_checkpoint
+    from rounds.train_policy import train_policy
+
+    if not ctx.spec.train_policy:
+        return {"skipped": "train_policy is false for this round"}
+    sft = ctx.run.export_path(ctx.round_no, "sft")
+    n = _rows(sft)
+    if n == 0:
+        ctx.log.warning("policy_not_trained", round=ctx.round_no,
+                        reason="no correct trajectory was found, so there is no SFT data; the next round "
+                               "keeps the current policy")
+        return {"skipped": "0 SFT rows"}
+    init = init_checkpoint(ctx.cfg.training, ctx.cfg.engines.policy_model, ctx.newest_policy(ctx.round_no - 1))
+    result = _on_cluster(ctx, train_policy, init, sft, ctx.run.policy_dir(ctx.round_no), ctx.cfg.training)
+    ctx.log.info("policy_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps, rows=n)
+    return dataclasses.asdict(result) | {"out_dir": str(result.out_dir)}
+
+
+def phase_eval(ctx: RoundContext) -> dict:
+    if not ctx.cfg.eval.enabled:
+        return {"skipped": "eval.enabled is false"}
+    _write_metrics(ctx)
+    solved = len(ctx.run.trees(ctx.round_no).solved_problem_ids())
+    trained = ctx.newest_policy(ctx.round_no)
+    policy = trained or ctx.bootstrap_model()
+    return evaluate_model(ctx.cfg, ctx.run, ctx.round_no, policy, ctx.newest_ppm(ctx.round_no), ctx.eval_problems,
+                          ctx.log, trained=trained is not None, train_solved=(solved, len(ctx.problems)))
+
+
+PHASES: list[tuple[str, Callable[[RoundContext], dict]]] = [
+    ("rollouts", phase_rollouts),
+    ("export", phase_export),
+    ("train_ppm", phase_train_ppm),
+    ("train_policy", phase_train_policy),
+    ("eval", phase_eval),
+]
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def start(cfg: RunConfig, run_dir: str | None, rounds: list[int], force: bool = False) -> int:
+    """Create or continue a run and execute ``rounds``. Returns the process exit status."""
+    run = _open_run(cfg, run_dir, force)
+    if run is None:
+        return 2
+    log = RunLog(run.log_path)
+    log.info("run_start", run_dir=str(run.root), rounds=rounds, pid=os.getpid())
+    if all(run.round_succeeded(r) for r in rounds) and run.report_path.is_file():
+        print(f"{run.root}: rounds {rounds[0]}-{rounds[-1]} are already complete; nothing to do.")
+        print(run.report_path.read_text())
+        return 0
+    from pipeline.cluster import connect
+
+    problems, eval_problems = _load_problems(cfg, run, log)
+    with connect(cfg.ray, log=log):
+        if cfg.eval.enabled and cfg.eval.base_model and not _round0_done(run):
+            evaluate_model(cfg, run, 0, _bootstrap(cfg), None, eval_problems, log)
+        for r in rounds:
+            ctx = RoundContext(cfg, run, r, log, _round_problems(cfg, r, problems), eval_problems)
+            run_round(ctx)
+    table = _report(run, log)
+    print(table)
+    print(f"\nrun directory: {run.root}")
+    return 0
+
+
+def run_round(ctx: RoundContext) -> None:
+    if ctx.run.round_succeeded(ctx.round_no):
+        ctx.log.info("round_skip", round=ctx.round_no, reason="already complete")
+        return
+    t0 = time.perf_counter()
+    for name, fn in PHASES:
+        if ctx.run.is_done(ctx.round_no, name):
+            ctx.log.info("phase_skip", round=ctx.round_no, phase=name, reason="marker present")
+            continue
+        ctx.log.info("phase_start", round=ctx.round_no, phase=name)
+        t = time.perf_counter()
+        info = fn(ctx)
+        info["wall_s"] = round(time.perf_counter() - t, 2)
+        ctx.run.mark_done(ctx.round_no, name, info)
+        ctx.log.info("phase_done", round=ctx.round_no, phase=name, wall_s=info["wall_s"])
+    ctx.run.mark_round_success(ctx.round_no, {"wall_s": round(time.perf_counter() - t0, 2)})
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _bootstrap(cfg: RunConfig) -> str:
+    return cfg.engines.bootstrap_model or cfg.engines.policy_model
+
+
+def _open_run(cfg: RunConfig, run_dir: str | None, force: bool) -> RunDir | None:
+    text = dump_config(cfg)
+    if run_dir is None:
+        run = RunDir.fresh(cfg.storage.runs_dir, cfg.name)
+        run.write_config(text)
+        return run
+    run = RunDir(run_dir)
+    if run.config_path.is_file():
+        changes = config_diff(run.read_config(), cfg)
+        if changes and not force:
+            print(f"error: {run.config_path} holds a different config; refusing to continue the run with:\n  "
+                  + "\n  ".join(changes) + "\nrerun with --force to continue anyway, or use a new --run-dir",
+                  file=sys.stderr)
+            return None
+        if changes:
+            run.write_config(text)
+        return run
+    run.write_config(text)
+    return run
+
+
+def _load_problems(cfg: RunConfig, run: RunDir, log: RunLog) -> tuple[list, list]:
+    from data import load_problems_config
+
+    train, held_out = load_problems_config(cfg.problems, rejected_dir=run.root)
+    log.info("problems_loaded", train=len(train), held_out=len(held_out), source=cfg.problems.source)
+    return train, held_out
+
+
+def _round_problems(cfg: RunConfig, round_no: int, problems: list) -> list:
+    n = cfg.rounds.schedule[round_no - 1].problems
+    return problems[:n] if n else problems
+
+
+def _rows(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _prompt_fn(model: str, few_shot: bool) -> Callable[[str, str], str]:
+    from pipeline.engines import prompt_builder
+
+    return prompt_builder(model, few_shot=few_shot).build
+
+
+def _on_cluster(ctx: RoundContext, fn: Callable, *args: Any) -> Any:
+    """Run a training function where the accelerators are: in-process on a CPU-only run, as a Ray task with
+    a GPU otherwise (the driver of a cluster job usually sits on a CPU-only head node)."""
+    gpus = ctx.cfg.ray.gpus_per_engine
+    if not gpus:
+        return fn(*args)
+    import ray
+
+    return ray.get(ray.remote(num_gpus=max(1.0, gpus), num_cpus=1)(fn).remote(*args))
+
+
+def _round0_done(run: RunDir) -> bool:
+    return (run.root / "round_0" / "eval.json").is_file()
+
+
+def _policy_settings(cfg: RunConfig, trained: bool) -> tuple[str, bool]:
+    """(generation mode, few-shot) a policy is used with: the bootstrap round's settings for an untrained
+    model, the later rounds' for an SFT policy (it learned the step format, so no few-shot examples)."""
+    spec = cfg.rounds.schedule[min(1, cfg.rounds.count - 1)] if trained else cfg.rounds.schedule[0]
+    return spec.gen_mode, spec.few_shot
+
+
+def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm: str | None, problems: list,
+                   log: RunLog, trained: bool = False, train_solved: tuple[int, int] | None = None) -> dict:
+    """Evaluate one policy (+ PPM) on the held-out problems; writes round_N/eval.json (round 0 = base model)."""
+    out_dir = run.root / f"round_{round_no}"
+    args = (cfg, out_dir, round_no, policy, ppm, problems, trained, train_solved)
+    log.info("eval_start", round=round_no, policy=policy, ppm=ppm, problems=len(problems))
+    if cfg.ray.gpus_per_engine:
+        import ray
+
+        result = ray.get(ray.remote(num_gpus=max(1.0, cfg.ray.gpus_per_engine), num_cpus=1)(_evaluate).remote(*args))
+    else:
+        result = _evaluate(*args, say=lambda msg: log.info("eval_progress", message=msg))
+    log.info("eval_done", round=round_no, **{k: v for k, v in result["metrics"].items() if v is not None})
+    return {"metrics": result["metrics"], "skipped": result.get("skipped", {})}
+
+
+def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: str | None, problems: list,
+              trained: bool, train_solved: tuple[int, int] | None, say: Callable[[str], None] | None = None) -> dict:
+    import data
+    from pipeline.engines import make_policy, make_scorer
+    from pipeline.sandbox import SandboxPool
+    from rounds.evaluate import EvalParams, TrainSolved, evaluate
+
+    mode, few_shot = _policy_settings(cfg, trained)
+    cache = _cache_dir(cfg)
+    greedy_cfg = dataclasses.replace(
+        cfg.engines, generation=dataclasses.replace(cfg.engines.generation, temperature=0.0))
+    greedy = make_policy(greedy_cfg, model=policy, mode=mode, few_shot=few_shot, seed=cfg.seed, cache_dir=cache)
+    sampler = make_policy(cfg.engines, model=policy, mode=mode, few_shot=few_shot, seed=cfg.seed, cache_dir=cache)
+    scorer = make_scorer(cfg.engines, ppm) if ppm else None
+    e = cfg.eval
+    params = EvalParams(maj_k=e.maj_k, best_of_n=e.best_of_n, mcts_rollouts=e.mcts_rollouts,
+                        mcts_children=e.mcts_children)
+    solved = TrainSolved(*train_solved) if train_solved and train_solved[1] else None
+    with SandboxPool(cfg.sandbox) as pool:
+        return evaluate(problems, round_index=round_no, greedy=greedy, sampler=sampler, executor=pool,
+                        grade=data.grade, equivalent=data.is_equivalent, scorer=scorer, params=params,
+                        search=cfg.search, seed=cfg.seed, train_solved=solved,
+                        no_ppm_reason=None if ppm else "no PPM trained yet at this round",
+                        no_train_reason="round 0 is the base model: no search of its own" if round_no == 0 else None,
+                        out_dir=out_dir, log=say)
+
+
+def _cache_dir(cfg: RunConfig) -> Path | None:
+    return Path(cfg.storage.cache_dir).expanduser() if cfg.storage.cache_dir else None
+
+
+def _write_metrics(ctx: RoundContext) -> None:
+    """round_N/metrics.json: the training figures the report shows beside the eval numbers."""
+    from rounds.report import update_metrics
+
+    ppm = (ctx.run.marker(ctx.round_no, "train_ppm") or {}).get("info", {})
+    pol = (ctx.run.marker(ctx.round_no, "train_policy") or {}).get("info", {})
+    export = (ctx.run.marker(ctx.round_no, "export") or {}).get("info", {}).get("rows", {})
+    update_metrics(ctx.dir, ppm_pairwise_acc=ppm.get("pairwise_accuracy"), ppm_heldout_pairs=ppm.get("heldout_pairs"),
+                   sft_final_loss=pol.get("final_loss"), sft_rows=export.get("sft"), ppm_pairs=export.get("ppm_pairs"))
+
+
+def _report(run: RunDir, log: RunLog) -> str:
+    from rounds.report import write_report
+
+    rounds = sorted({0, *run.rounds()}) if _round0_done(run) else run.rounds()
+    table = write_report(run.root, rounds)
+    log.info("report_written", path=str(run.report_path))
+    return table
+
+
+def _stored_run(run_dir: Path) -> tuple[RunConfig, RunDir]:
+    from pipeline.config import load_config
+
+    run = RunDir(run_dir)
+    return load_config(run.config_path if run.config_path.is_file() else run_dir / "config.yaml"), run
+
+
+def export_round_cli(run_dir: Path, round_no: int, out: Path | None) -> int:
+    """``python -m pipeline export``: (re)write a round's four parquet files from its stored trees."""
+    from pipeline.export import export_round
+
+    cfg, run = _stored_run(run_dir)
+    if not run.trees(round_no).completed_problem_ids():
+        print(f"error: {run.trees_dir(round_no)}: no completed trees for round {round_no}", file=sys.stderr)
+        return 2
+    result = export_round(run, round_no, _prompt_fn(cfg.engines.policy_model, few_shot=False), out_dir=out,
+                          extract_config=cfg.search.extract)
+    for table, path in result.paths.items():
+        print(f"{table:10s} {result.rows[table]:7d} rows  {path}")
+    return 0
+
+
+def eval_round_cli(run_dir: Path, round_no: int) -> int:
+    """``python -m pipeline eval``: evaluate a round's policy and PPM (round 0 = the bootstrap model)."""
+    from pipeline.cluster import connect
+
+    cfg, run = _stored_run(run_dir)
+    log = RunLog(run.log_path)
+    _, eval_problems = _load_problems(cfg, run, log)
+    ctx = RoundContext(cfg, run, max(round_no, 1), log, [], eval_problems)
+    trained = ctx.newest_policy(round_no) if round_no else None
+    with connect(cfg.ray, log=log):
+        result = evaluate_model(cfg, run, round_no, trained or ctx.bootstrap_model(),
+                                ctx.newest_ppm(round_no) if round_no else None, eval_problems, log,
+                                trained=trained is not None)
+    for key, value in result["metrics"].items():
+        print(f"{key:15s} {'-' if value is None else f'{value:.3f}'}")
+    return 0
+
+
+__all__ = ["start", "run_round", "RoundContext", "PHASES", "evaluate_model"]
