@@ -167,7 +167,7 @@ def diff(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [line for i, (a, b) in enumerate(zip(old, new)) for line in diff(a, b, f"{prefix}.{i}")]
+        return [line for i, (a, b) in enumerate(zip(old, new, strict=True)) for line in diff(a, b, f"{prefix}.{i}")]
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
