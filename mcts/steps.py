@@ -16,8 +16,14 @@ is closed by the answer delimiter instead:
 
 When a step's code printed something, the rendered history shows it to the model as comment lines
 ``# output: ...`` right after the code, so the next step (and the final answer) can use the value.
-Generation stops at either delimiter; engines return the text *without* the delimiter and report
-which one was hit (``None`` when the token budget ran out).
+Generation stops at either delimiter, and also where the model starts writing an ``# output:`` line
+itself: that is the moment it needs the real value, so the step ends there, the code runs, and the next
+proposal continues from the true output instead of a guessed one. Engines return the text *without*
+the stop string and report which one was hit (``None`` when the token budget ran out or at EOS).
+
+A weak model often states its answer as ``# The answer is 12`` without the box. A final comment of that
+shape whose value is a plain number is accepted as the answer and rewritten to the canonical
+``# The answer is \\boxed{12}``, so stored trees and SFT data always carry the boxed form.
 
 A weak bootstrap policy may write a whole solution in one go (``mode="solution"``): ``split_steps``
 cuts such text into steps at delimiters when the model wrote them, else at each comment line that
@@ -26,14 +32,18 @@ follows a code line.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from data.answers import last_boxed
 
 STEP_END = "<end_of_step>"
 ANSWER_END = "<end_of_answer>"
-STOP_STRINGS: tuple[str, ...] = (STEP_END, ANSWER_END)
 OUTPUT_PREFIX = "# output: "
+OUTPUT_STOP = OUTPUT_PREFIX.rstrip()  # the model starting to write an output line itself
+STOP_STRINGS: tuple[str, ...] = (STEP_END, ANSWER_END, OUTPUT_STOP)
+# A whole solution runs on past step delimiters, but still stops where the model wants to see an output.
+SOLUTION_STOP_STRINGS: tuple[str, ...] = (ANSWER_END, OUTPUT_STOP)
 MAX_OUTPUT_LINES = 4  # rendered output lines per step; longer output is cut with a marker
 
 
@@ -59,6 +69,23 @@ class StepFormatError(ValueError):
         self.reason = reason
 
 
+_ANSWER_PHRASE = re.compile(r"^(\s*#\s*)(?:so,?\s+)?the (?:final )?answer is\s*:?\s*(.+?)\s*$", re.IGNORECASE)
+_PLAIN_NUMBER = re.compile(r"^-?\d[\d,]*(?:\.\d+)?(?:/\d+)?$")
+
+
+def _answer_phrase(lines: list[str]) -> tuple[int, str] | None:
+    """(line index, value) of the last '# The answer is N' comment whose N is a plain number."""
+    for i in range(len(lines) - 1, -1, -1):
+        m = _ANSWER_PHRASE.match(lines[i])
+        if not m:
+            continue
+        value = m.group(2).split("=")[-1].strip().rstrip(".").strip().lstrip("$").strip()
+        if _PLAIN_NUMBER.match(value):
+            return i, value.replace(",", "")
+        return None
+    return None
+
+
 def _strip_model_outputs(lines: list[str]) -> list[str]:
     # The model may imitate the rendered '# output:' lines; they are ours to write, never its.
     return [ln for ln in lines if not ln.lstrip().startswith(OUTPUT_PREFIX.strip())]
@@ -79,6 +106,10 @@ def parse_step(raw: str) -> Step:
     if not comments:
         raise StepFormatError("no reasoning comment: a step starts with a '# ...' line")
     body = "\n".join(lines)
+    if "\\boxed{" not in body and (found := _answer_phrase(lines)) is not None:
+        i, value = found
+        lines[i] = f"{_ANSWER_PHRASE.match(lines[i]).group(1)}The answer is \\boxed{{{value}}}"
+        body = "\n".join(lines)
     answer = last_boxed(body)
     if "\\boxed{" in body and answer is None:
         raise StepFormatError("unclosed \\boxed{")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from mcts.protocols import Proposal
-from mcts.steps import ANSWER_END, STOP_STRINGS
+from mcts.steps import SOLUTION_STOP_STRINGS, STOP_STRINGS
 
 MODES = ("step", "solution")
 
@@ -26,11 +26,12 @@ def import_vllm():
 
 
 def stop_strings(mode: str) -> tuple[str, ...]:
-    """'step' stops at either delimiter; 'solution' lets the model write many steps and stops at the answer."""
+    """'step' stops at either delimiter; 'solution' lets the model write many steps and stops at the answer.
+    Both stop where the model starts writing an '# output:' line itself (mcts.steps explains why)."""
     if mode == "step":
         return STOP_STRINGS
     if mode == "solution":
-        return (ANSWER_END,)
+        return SOLUTION_STOP_STRINGS
     raise ValueError(f"mode={mode!r}: must be one of {', '.join(MODES)}")
 
 

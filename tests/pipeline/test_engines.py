@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mcts.protocols import Proposal, SearchState
-from mcts.steps import ANSWER_END, STEP_END, parse_step, split_steps
+from mcts.steps import ANSWER_END, OUTPUT_STOP, STEP_END, parse_step, split_steps
 from pipeline.confload import ConfigError, build
 from pipeline.engines import EngineConfig, GenerationConfig, PromptBuilder, make_policy
 from pipeline.engines.common import cut_at_stop, sample_seed, stop_strings
@@ -57,8 +57,8 @@ def test_config_defaults_are_valid_and_bad_values_name_the_field():
 
 
 def test_stop_strings_per_mode_and_cutting():
-    assert stop_strings("step") == (STEP_END, ANSWER_END)
-    assert stop_strings("solution") == (ANSWER_END,)
+    assert stop_strings("step") == (STEP_END, ANSWER_END, OUTPUT_STOP)
+    assert stop_strings("solution") == (ANSWER_END, OUTPUT_STOP)
     with pytest.raises(ValueError, match="mode='steps'"):
         stop_strings("steps")
     # The earliest stop wins, text before it is kept as is.
