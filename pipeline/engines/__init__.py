@@ -26,8 +26,19 @@ def prompt_builder(model: str | Path, few_shot: bool = False, n_examples: int = 
     return PromptBuilder(load_tokenizer(model, cache_dir), few_shot=few_shot, n_examples=n_examples)
 
 
+def _cpu_threads(cfg: EngineConfig) -> None:
+    """Give a CPU engine all its cores (Ray sets OMP_NUM_THREADS=1 in actors with fractional CPUs)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(cfg.cpu_threads or len(os.sched_getaffinity(0)))
+
+
 def _transformers(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: str, seed: int) -> Policy:
     from pipeline.engines.hf_policy import TransformersPolicy
+
+    _cpu_threads(cfg)
 
     return TransformersPolicy(path, builder, cfg.generation, mode, device=cfg.device, dtype=cfg.dtype,
                               max_batch_rows=cfg.max_batch_rows)
@@ -86,6 +97,8 @@ def make_scorer(cfg: EngineConfig, ppm_path: str | Path, *, few_shot: bool = Fal
         return VllmScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, cfg=cfg.vllm,
                           dtype=cfg.dtype, max_length=cfg.ppm_max_length)
     from pipeline.engines.scorer import TransformersScorer
+
+    _cpu_threads(cfg)
 
     return TransformersScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, device=cfg.device,
                               dtype=cfg.dtype, batch_size=cfg.ppm_batch_size, max_length=cfg.ppm_max_length)

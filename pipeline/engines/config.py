@@ -100,6 +100,9 @@ class EngineConfig:
     ppm_backend: Literal["transformers", "vllm"] = "transformers"
     ppm_batch_size: int = 16  # texts per PPM forward (transformers backend)
     ppm_max_length: int = 2048  # PPM input tokens; longer prefixes keep their last tokens
+    # torch threads of a CPU engine (0 = every core this process may use). Ray caps an actor with a fractional
+    # CPU reservation at OMP_NUM_THREADS=1, which would halve a 2-core machine's generation speed.
+    cpu_threads: int = 0
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     vllm: VllmConfig = field(default_factory=VllmConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -109,6 +112,8 @@ class EngineConfig:
             raise ValueError("policy_model='': must name a model (e.g. 'embedded:smollm2-135m' or a hub id)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device={self.device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads={self.cpu_threads}: must be >= 0 (0 = all cores)")
         for name in ("max_batch_rows", "ppm_batch_size", "ppm_max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
