@@ -349,7 +349,9 @@ def _write_metrics(ctx: RoundContext) -> None:
     ppm = (ctx.run.marker(ctx.round_no, "train_ppm") or {}).get("info", {})
     pol = (ctx.run.marker(ctx.round_no, "train_policy") or {}).get("info", {})
     export = (ctx.run.marker(ctx.round_no, "export") or {}).get("info", {}).get("rows", {})
-    update_metrics(ctx.dir, ppm_pairwise_acc=ppm.get("pairwise_accuracy"), ppm_heldout_pairs=ppm.get("heldout_pairs"),
+    # pairwise_accuracy is -1.0 when no pair was held out: that is "not measured", never a figure to show.
+    acc = ppm.get("pairwise_accuracy") if ppm.get("heldout_pairs") else None
+    update_metrics(ctx.dir, ppm_pairwise_acc=acc, ppm_heldout_pairs=ppm.get("heldout_pairs"),
                    sft_final_loss=pol.get("final_loss"), sft_rows=export.get("sft"), ppm_pairs=export.get("ppm_pairs"))
 
 
