@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mcts.protocols import Proposal, SearchState
-from mcts.steps import ANSWER_END, STEP_END
+from mcts.steps import ANSWER_END, OUTPUT_STOP, STEP_END
 from pipeline.engines import EngineError, GenerationConfig, HttpConfig, PromptBuilder
 from pipeline.engines.http_policy import HttpPolicy, completions_url
 from rounds.models import load_tokenizer, resolve_model
@@ -96,13 +96,13 @@ def test_request_carries_prompt_n_stop_seed(builder):
     body = srv.bodies[0]
     assert body["prompt"] == builder.build(State.question, State.history)
     assert (body["n"], body["seed"], body["max_tokens"], body["model"]) == (3, 42, 16, "tiny")
-    assert body["stop"] == [STEP_END, ANSWER_END]
+    assert body["stop"] == [STEP_END, ANSWER_END, OUTPUT_STOP]
 
 
-def test_solution_mode_asks_only_for_the_answer_stop(builder):
+def test_solution_mode_runs_past_step_ends(builder):
     with Server(_scripted(stop=ANSWER_END)) as srv:
         _policy(builder, [srv.url], mode="solution").propose([State], 1)
-    assert srv.bodies[0]["stop"] == [ANSWER_END]
+    assert srv.bodies[0]["stop"] == [ANSWER_END, OUTPUT_STOP]
 
 
 def test_round_robin_over_endpoints(builder):
