@@ -126,7 +126,7 @@ def phase_train_ppm(ctx: RoundContext) -> dict:
         return {"skipped": f"{n} preference pairs"}
     backbone = ctx.cfg.engines.ppm_model or ctx.cfg.engines.policy_model
     init = init_checkpoint(ctx.cfg.training, backbone, ctx.newest_ppm(ctx.round_no - 1))
-    result = _on_cluster(ctx, train_ppm, init, pairs, ctx.run.ppm_dir(ctx.round_no), ctx.cfg.training)
+    result = _on_accelerators(ctx.cfg, train_ppm, init, pairs, ctx.run.ppm_dir(ctx.round_no), ctx.cfg.training)
     ctx.log.info("ppm_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps,
                  heldout_accuracy=result.pairwise_accuracy, heldout_pairs=result.heldout_pairs)
     return dataclasses.asdict(result) | {"out_dir": str(result.out_dir)}
@@ -146,7 +146,7 @@ def phase_train_policy(ctx: RoundContext) -> dict:
                                "keeps the current policy")
         return {"skipped": "0 SFT rows"}
     init = init_checkpoint(ctx.cfg.training, ctx.cfg.engines.policy_model, ctx.newest_policy(ctx.round_no - 1))
-    result = _on_cluster(ctx, train_policy, init, sft, ctx.run.policy_dir(ctx.round_no), ctx.cfg.training)
+    result = _on_accelerators(ctx.cfg, train_policy, init, sft, ctx.run.policy_dir(ctx.round_no), ctx.cfg.training)
     ctx.log.info("policy_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps, rows=n)
     return dataclasses.asdict(result) | {"out_dir": str(result.out_dir)}
 
@@ -273,15 +273,15 @@ def _prompt_fn(model: str, few_shot: bool) -> Callable[[str, str], str]:
     return prompt_builder(model, few_shot=few_shot).build
 
 
-def _on_cluster(ctx: RoundContext, fn: Callable, *args: Any) -> Any:
-    """Run a training function where the accelerators are: in-process on a CPU-only run, as a Ray task with
-    a GPU otherwise (the driver of a cluster job usually sits on a CPU-only head node)."""
-    gpus = ctx.cfg.ray.gpus_per_engine
+def _on_accelerators(cfg: RunConfig, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Run a training or evaluation function where the accelerators are: in-process on a CPU-only run, as a Ray
+    task with a GPU otherwise (the driver of a cluster job usually sits on a CPU-only head node)."""
+    gpus = cfg.ray.gpus_per_engine
     if not gpus:
-        return fn(*args)
+        return fn(*args, **kwargs)
     import ray
 
-    return ray.get(ray.remote(num_gpus=max(1.0, gpus), num_cpus=1)(fn).remote(*args))
+    return ray.get(ray.remote(num_gpus=max(1.0, gpus), num_cpus=1)(fn).remote(*args, **kwargs))
 
 
 def _round0_done(run: RunDir) -> bool:
@@ -301,12 +301,9 @@ def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm:
     out_dir = run.root / f"round_{round_no}"
     args = (cfg, out_dir, round_no, policy, ppm, problems, trained, train_solved)
     log.info("eval_start", round=round_no, policy=policy, ppm=ppm, problems=len(problems))
-    if cfg.ray.gpus_per_engine:
-        import ray
-
-        result = ray.get(ray.remote(num_gpus=max(1.0, cfg.ray.gpus_per_engine), num_cpus=1)(_evaluate).remote(*args))
-    else:
-        result = _evaluate(*args, say=lambda msg: log.info("eval_progress", message=msg))
+    # Progress lines reach the run log only in-process; a Ray task's output goes to the job log instead.
+    say = None if cfg.ray.gpus_per_engine else (lambda msg: log.info("eval_progress", message=msg))
+    result = _on_accelerators(cfg, _evaluate, *args, say=say)
     log.info("eval_done", round=round_no, **{k: v for k, v in result["metrics"].items() if v is not None})
     return {"metrics": result["metrics"], "skipped": result.get("skipped", {})}
 
