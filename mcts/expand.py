@@ -2,7 +2,8 @@
 
 A proposal holds one step (step mode: generation stopped at <end_of_step>) or a whole solution (solution
 mode: several steps, stopped at <end_of_answer> or by the token limit). Both go through the same path:
-``split_steps`` then ``parse_step`` on each piece. The chain is cut
+``prose_to_comments`` (prose reasoning lines written without ``#`` become comments), ``split_steps``, then
+``parse_step`` on each piece. The chain is cut
 
 - at the first piece that does not parse (the rejected piece is kept with its reason),
 - after the first final step (a ``\\boxed{}`` answer): anything after it is dropped and recorded,
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from mcts.node import FailureStage
 from mcts.protocols import Proposal
-from mcts.steps import ANSWER_END, Step, StepFormatError, parse_step, split_steps
+from mcts.steps import ANSWER_END, Step, StepFormatError, parse_step, prose_to_comments, split_steps
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def parse_proposal(proposal: Proposal, room: int) -> Chain:
     """Cut ``proposal`` into a chain of at most ``room`` (>= 1) steps, as described in the module doc."""
     if room < 1:
         raise ValueError(f"room={room}: a node at max_depth cannot be expanded")
-    pieces = split_steps(proposal.text)
+    pieces = split_steps(prose_to_comments(proposal.text))
     if not pieces:
         return Chain((), False, Rejected(proposal.text, "parse", "empty proposal"))
     steps: list[Step] = []

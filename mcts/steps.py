@@ -25,6 +25,11 @@ A weak model often states its answer as ``# The answer is 12`` without the box. 
 shape whose value is a plain number is accepted as the answer and rewritten to the canonical
 ``# The answer is \\boxed{12}``, so stored trees and SFT data always carry the boxed form.
 
+A weak model also writes its reasoning as plain prose lines without the ``#``. ``prose_to_comments``
+turns a line into a comment only when it breaks compilation of the code around it *and* reads as prose
+(it opens with words, not code), so broken code still fails in the sandbox as it should; the stored step
+and the SFT data get the canonical ``# ...`` form.
+
 A weak bootstrap policy may write a whole solution in one go (``mode="solution"``): ``split_steps``
 cuts such text into steps at delimiters when the model wrote them, else at each comment line that
 follows a code line.
@@ -32,6 +37,7 @@ follows a code line.
 
 from __future__ import annotations
 
+import keyword
 import re
 from dataclasses import dataclass
 
@@ -116,6 +122,44 @@ def parse_step(raw: str) -> Step:
     if answer is not None and not answer:
         raise StepFormatError("empty \\boxed{}")
     return Step(text=body, reasoning="\n".join(comments), code="\n".join(code_lines), answer=answer)
+
+
+# A line that reads as prose: two words ("Maya has", "So, after", "If 4"), a numbered item or a bullet.
+_PROSE = re.compile(r"^(?:[A-Za-z][A-Za-z']*[,:]?\s+[A-Za-z0-9$]|\d+[.)]\s+[A-Za-z]|[-*]\s+[A-Za-z])")
+
+
+def _reads_as_prose(line: str) -> bool:
+    st = line.strip()
+    return bool(_PROSE.match(st)) and not keyword.iskeyword(st.split(None, 1)[0].rstrip(",:"))
+
+
+def prose_to_comments(text: str, max_lines: int = 64) -> str:
+    """``text`` with each prose line that breaks the code's compilation rewritten as a ``# `` comment.
+
+    The code (every line that is not a comment or a delimiter) is compiled as one program; where it fails
+    on a line that reads as prose, that line becomes a comment and compilation is tried again. It stops at
+    the first syntax error on a line that looks like code (the sandbox reports that one) or after
+    ``max_lines`` rewrites. Text that compiles is returned unchanged.
+    """
+    lines = text.split("\n")
+    for _ in range(max_lines):
+        code = "\n".join("" if _not_code(ln) else ln for ln in lines)  # same line numbers as ``lines``
+        try:
+            compile(code, "<step>", "exec", dont_inherit=True)
+            break
+        except SyntaxError as e:
+            i = (e.lineno or 0) - 1
+            if not (0 <= i < len(lines)) or not _reads_as_prose(lines[i]):
+                break
+            lines[i] = "# " + lines[i].strip()
+        except (ValueError, OverflowError, MemoryError, RecursionError):  # e.g. a NUL byte in the text
+            break
+    return "\n".join(lines)
+
+
+def _not_code(line: str) -> bool:
+    st = line.strip()
+    return not st or st.startswith("#") or st in (STEP_END, ANSWER_END)
 
 
 def split_steps(text: str) -> list[str]:

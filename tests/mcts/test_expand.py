@@ -25,6 +25,14 @@ def test_chain_cut_at_a_bad_step_keeps_the_rest_as_rejected():
     assert chain.rejected.text == "x = 2\n# three\ny = 3"
 
 
+def test_prose_reasoning_without_hashes_is_kept_as_comments():
+    text = "Tom has 3 apples.\na = 3\nprint(a)\nHe buys 5 more, so the answer is 8."
+    chain = parse_proposal(Proposal(text, ANSWER_END), room=16)
+    assert [s.text for s in chain.steps] == ["# Tom has 3 apples.\na = 3\nprint(a)",
+                                             "# He buys 5 more, so the answer is 8."]
+    assert chain.rejected is None and chain.final  # stopped at <end_of_answer>; no boxed answer -> graded None
+
+
 def test_steps_after_the_answer_and_past_max_depth_are_dropped_and_recorded():
     text = "# a\nx = 1\n<end_of_step>\n# so \\boxed{1}\n<end_of_step>\n# more\nz = 3"
     chain = parse_proposal(Proposal(text, None), room=16)

@@ -8,6 +8,7 @@ from mcts.steps import (
     STOP_STRINGS,
     StepFormatError,
     parse_step,
+    prose_to_comments,
     render_step,
     split_steps,
 )
@@ -72,3 +73,29 @@ def test_output_stop_ends_both_modes():
 def test_render_step_shows_output_and_delimiter():
     assert render_step("# a\nprint(8)", "8\n") == "# a\nprint(8)\n# output: 8\n<end_of_step>\n"
     assert render_step("# The answer is \\boxed{8}", "", final=True) == "# The answer is \\boxed{8}\n<end_of_answer>\n"
+
+
+# -- prose written without '#' ----------------------------------------------------------------------
+
+
+def test_prose_lines_that_break_the_code_become_comments():
+    text = ("Maya has 123 - 122 = 1 card left.\n1. Then she finds 2 more.\nx = 1 + 2\nprint(x)\n"
+            "So, she has 3 cards.\nThe answer is 3.")
+    assert prose_to_comments(text) == ("# Maya has 123 - 122 = 1 card left.\n# 1. Then she finds 2 more.\n"
+                                       "x = 1 + 2\nprint(x)\n# So, she has 3 cards.\n# The answer is 3.")
+    assert parse_step(prose_to_comments(text)).answer == "3"  # and the answer phrase is then boxed
+
+
+@pytest.mark.parametrize("text", [
+    "# fine\nx = 1\nprint(x)",  # compiles: unchanged
+    "# broken code stays code\nprint(number of stickers)\nThe rest is prose",  # stops at the code error
+    "# a block header alone\nfor i in range(3):",  # a keyword line is code, never prose
+    "# the first word is a name, the second code\nx = (1 +",
+])
+def test_code_and_broken_code_are_left_for_the_sandbox(text):
+    assert prose_to_comments(text) == text
+
+
+def test_prose_rewriting_keeps_delimiters_and_comments_in_place():
+    text = "Tom has 3.\na = 3\n<end_of_step>\n# He buys 5.\nb = a + 5\n<end_of_answer>"
+    assert prose_to_comments(text) == "# Tom has 3.\na = 3\n<end_of_step>\n# He buys 5.\nb = a + 5\n<end_of_answer>"
