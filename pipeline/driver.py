@@ -84,6 +84,11 @@ def phase_rollouts(ctx: RoundContext) -> dict:
                         reason="no earlier round trained a PPM; this round's search is terminal-guided")
         spec = dataclasses.replace(spec, q_mode="terminal")
     policy = ctx.search_policy()
+    searched = search_spec(ctx.cfg, spec, policy_trained=ctx.newest_policy(ctx.round_no - 1) is not None)
+    if searched != spec:
+        ctx.log.warning("untrained_policy", round=ctx.round_no, mode=searched.gen_mode, few_shot=searched.few_shot,
+                        reason="no earlier round fine-tuned the policy; it keeps the bootstrap round's prompt")
+        spec = searched
     ctx.log.info("rollouts_start", round=ctx.round_no, policy=policy, ppm=ppm, problems=len(ctx.problems),
                  rollouts=spec.rollouts, children=spec.children, mode=spec.gen_mode,
                  extra_rollouts_unsolved=spec.extra_rollouts_unsolved)
@@ -288,6 +293,16 @@ def _round0_done(run: RunDir) -> bool:
     return (run.root / "round_0" / "eval.json").is_file()
 
 
+def search_spec(cfg: RunConfig, spec: RoundSpec, policy_trained: bool) -> RoundSpec:
+    """``spec`` as the round searches with it. A round that continues the previous policy when no earlier round
+    fine-tuned one (none found a correct trajectory) searches with the bootstrap round's generation mode and
+    few-shot examples: the model has not learned the step format, and without them it rarely writes it."""
+    if spec.policy != "previous" or policy_trained:
+        return spec
+    mode, few_shot = _policy_settings(cfg, trained=False)
+    return dataclasses.replace(spec, gen_mode=mode, few_shot=few_shot)
+
+
 def _policy_settings(cfg: RunConfig, trained: bool) -> tuple[str, bool]:
     """(generation mode, few-shot) a policy is used with: the bootstrap round's settings for an untrained
     model, the later rounds' for an SFT policy (it learned the step format, so no few-shot examples)."""
@@ -311,16 +326,15 @@ def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm:
 def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: str | None, problems: list,
               trained: bool, train_solved: tuple[int, int] | None, say: Callable[[str], None] | None = None) -> dict:
     import data
-    from pipeline.engines import make_policy, make_scorer
+    from pipeline.engines import make_policy, make_scorer, with_generation
     from pipeline.sandbox import SandboxPool
     from rounds.evaluate import EvalParams, TrainSolved, evaluate
 
     mode, few_shot = _policy_settings(cfg, trained)
     cache = _cache_dir(cfg)
-    greedy_cfg = dataclasses.replace(
-        cfg.engines, generation=dataclasses.replace(cfg.engines.generation, temperature=0.0))
-    greedy = make_policy(greedy_cfg, model=policy, mode=mode, few_shot=few_shot, seed=cfg.seed, cache_dir=cache)
+    greedy_gen = dataclasses.replace(cfg.engines.generation, temperature=0.0)
     sampler = make_policy(cfg.engines, model=policy, mode=mode, few_shot=few_shot, seed=cfg.seed, cache_dir=cache)
+    greedy = with_generation(sampler, greedy_gen)  # the same loaded model, decoding greedily
     scorer = make_scorer(cfg.engines, ppm) if ppm else None
     e = cfg.eval
     params = EvalParams(maj_k=e.maj_k, best_of_n=e.best_of_n, mcts_rollouts=e.mcts_rollouts,
