@@ -9,6 +9,7 @@ requests) only when built, so importing this package stays cheap.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,6 +87,18 @@ def make_policy(cfg: EngineConfig, *, model: str | Path | None = None, mode: str
     return POLICY_BACKENDS[cfg.backend](cfg, path, builder, mode, seed)
 
 
+def with_generation(policy: Policy, gen: GenerationConfig) -> Policy:
+    """A view of ``policy`` that decodes with ``gen`` and shares everything else: the loaded model, the vLLM
+    engine or the HTTP session. Evaluation decodes greedily and by sampling from one model this way; two
+    ``make_policy`` calls would load it twice (two vLLM engines on one GPU do not fit).
+    """
+    if not hasattr(policy, "gen"):
+        raise TypeError(f"{type(policy).__name__} has no generation settings (.gen) to replace")
+    view = copy.copy(policy)
+    view.gen = gen  # type: ignore[attr-defined]
+    return view
+
+
 def make_scorer(cfg: EngineConfig, ppm_path: str | Path, *, few_shot: bool = False) -> Scorer:
     """The PPM scorer on a trained PPM checkpoint directory (``cfg.ppm_backend``; transformers on ``cfg.device``).
 
@@ -105,4 +118,4 @@ def make_scorer(cfg: EngineConfig, ppm_path: str | Path, *, few_shot: bool = Fal
 
 
 __all__ = ["EngineConfig", "GenerationConfig", "HttpConfig", "VllmConfig", "EngineError", "PromptBuilder",
-           "POLICY_BACKENDS", "make_policy", "make_scorer", "prompt_builder"]
+           "POLICY_BACKENDS", "make_policy", "make_scorer", "prompt_builder", "with_generation"]

@@ -18,7 +18,7 @@ import pytest
 from mcts.protocols import Proposal, SearchState
 from mcts.steps import ANSWER_END, OUTPUT_STOP, STEP_END, parse_step, split_steps
 from pipeline.confload import ConfigError, build
-from pipeline.engines import EngineConfig, GenerationConfig, PromptBuilder, make_policy
+from pipeline.engines import EngineConfig, GenerationConfig, PromptBuilder, make_policy, with_generation
 from pipeline.engines.common import cut_at_stop, sample_seed, stop_strings
 from pipeline.engines.prompts import EXAMPLES, SYSTEM_PROMPT
 from rounds.models import load_tokenizer, resolve_model
@@ -164,6 +164,21 @@ def test_make_policy_builds_the_transformers_backend(tiny):
     assert len(out) == 1 and len(out[0]) == 2 and out[0][0].stop is None  # 3 tokens: the budget ran out
     with pytest.raises(ValueError, match="k=0"):
         pol.propose([SearchState("a", Q1, "", 0)], 0)
+
+
+def test_with_generation_shares_the_model_and_changes_only_decoding(tiny):
+    cfg = EngineConfig(policy_model="tiny-random", device="cpu",
+                       generation=GenerationConfig(temperature=1.0, max_new_tokens_step=4))
+    sampler = make_policy(cfg, mode="step")
+    greedy = with_generation(sampler, GenerationConfig(temperature=0.0, max_new_tokens_step=4))
+    assert greedy.model is sampler.model and sampler.gen.temperature == 1.0  # no second load, original untouched
+    states = [SearchState("a", Q1, "", 0), SearchState("b", Q1, "", 1)]
+    g = greedy.propose(states, 1)
+    assert g[0] == g[1]  # greedy ignores the per-state seeds
+    s = sampler.propose(states, 1)
+    assert s[0] != s[1]  # sampling follows them
+    with pytest.raises(TypeError, match="generation settings"):
+        with_generation(object(), cfg.generation)  # type: ignore[arg-type]
 
 
 # -- transformers backend on a scripted model: stop strings, EOS, budget ---------------------------
