@@ -359,6 +359,11 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
                 else:
                     reports.append(item)
         writer.close()
+        # Workers do not see token counts; the engines do (when their backend counts). The total goes into the
+        # phase's closing event.
+        tokens = phase.engine_totals()[1]
+        if tokens:
+            progress.set_tokens(tokens)
     finally:
         # Trees that arrived are complete and correct whatever failed later: commit them before raising.
         if writer.buffered:

@@ -108,6 +108,20 @@ def test_progress_logs_periodically_without_a_terminal(tmp_path):
     log.close()
 
 
+def test_progress_shows_no_token_rate_until_something_counts_tokens(tmp_path):
+    clock = FakeClock(0.0)
+    log = RunLog(tmp_path / "log.jsonl", RunLogConfig(console=False, progress_interval_s=1))
+    p = Progress(log, "rollouts", total=2, context={}, clock=clock, use_tqdm=False)
+    clock.t = 2.0
+    p.update(problems=1, rollouts=4)
+    assert "tokens" not in read_log(log.path)[-1] and "tokens_per_s" not in p.snapshot()
+    clock.t = 4.0
+    p.set_tokens(1000)  # e.g. the engines' total at the end of the phase
+    final = p.close()
+    assert (final["tokens"], final["tokens_per_s"]) == (1000, 250.0)
+    log.close()
+
+
 def test_progress_draws_tqdm_on_a_terminal(tmp_path):
     out = io.StringIO()
     log = RunLog(tmp_path / "log.jsonl", RunLogConfig(progress_interval_s=0.001), stream=out)
