@@ -113,6 +113,18 @@ def _number_cell(metrics: dict | None, reason: str | None, key: str, fmt: str) -
     return _Cell(None, "-", f"{key} not recorded in {METRICS_FILE}")
 
 
+def _no_accuracy_reason(tm: dict) -> str | None:
+    """Why a round has no held-out PPM accuracy, when metrics.json tells."""
+    pairs = tm.get("ppm_pairs")
+    if isinstance(pairs, int) and pairs < 2:
+        return f"no PPM trained ({pairs} preference pairs)"
+    if tm.get("ppm_heldout_pairs") == 0:
+        return (f"no pair held out - pairs are held out by whole problem, and this round's "
+                f"{pairs if isinstance(pairs, int) else 'few'} pairs come from one problem "
+                f"(or training.ppm.heldout_fraction is 0)")
+    return None
+
+
 def _round_cells(run_dir: Path, r: int) -> tuple[dict[str, _Cell], dict[str, Any]]:
     rd = round_dir(run_dir, r)
     ev, ev_reason = _read_json(rd / EVAL_FILE)
@@ -129,6 +141,8 @@ def _round_cells(run_dir: Path, r: int) -> tuple[dict[str, _Cell], dict[str, Any
     cells["ppm_pairwise_acc"] = _number_cell(tm, tm_reason, "ppm_pairwise_acc", ".3f")
     if cells["ppm_pairwise_acc"].value is not None and isinstance(tm.get("ppm_heldout_pairs"), int):
         cells["ppm_pairwise_acc"].text += f" (n={tm['ppm_heldout_pairs']})"
+    elif tm is not None and cells["ppm_pairwise_acc"].value is None:
+        cells["ppm_pairwise_acc"].note = _no_accuracy_reason(tm) or cells["ppm_pairwise_acc"].note
     cells["sft_final_loss"] = _number_cell(tm, tm_reason, "sft_final_loss", ".4f")
     cells["sft_rows"] = _number_cell(tm, tm_reason, "sft_rows", "d")
     cells["ppm_pairs"] = _number_cell(tm, tm_reason, "ppm_pairs", "d")

@@ -73,6 +73,16 @@ def test_write_report_table_numbers_and_footnotes(run_dir):
     assert not list(run_dir.glob(".*tmp*")), "temp files must be renamed away"
 
 
+def test_missing_ppm_accuracy_says_why(tmp_path):
+    for r in (1, 2):
+        write_json_atomic(tmp_path / f"round_{r}" / "eval.json", _eval(0.0, 0.0, 0.0, 0.0, 0.1))
+    update_metrics(tmp_path / "round_1", ppm_pairwise_acc=None, ppm_heldout_pairs=0, ppm_pairs=3, sft_rows=1)
+    update_metrics(tmp_path / "round_2", ppm_pairwise_acc=None, ppm_heldout_pairs=None, ppm_pairs=0, sft_rows=0)
+    table = write_report(tmp_path, [1, 2])
+    assert "round 1: no pair held out - pairs are held out by whole problem, and this round's 3 pairs" in table
+    assert "round 2: no PPM trained (0 preference pairs)" in table
+
+
 def test_write_report_mixed_k_and_bad_files(tmp_path):
     write_json_atomic(tmp_path / "round_1" / "eval.json", _eval(0.0, 0.0, 0.0, 0.0, 0.0, k=2))
     write_json_atomic(tmp_path / "round_2" / "eval.json", _eval(1.0, 1.0, 1.0, 1.0, 1.0, k=8))
