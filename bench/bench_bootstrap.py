@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_bootstrap.py                       # embedded preset, 1 vs 2 examples, ~2.5 min
     .venv/bin/python bench/bench_bootstrap.py --config configs/tiny.yaml --samples 4 --examples 1
 
-For each ``--examples`` value it builds the embedded preset's policy in the bootstrap round's settings
+For each ``--examples`` value it builds the preset's round-1 policy in the bootstrap round's settings
 (solution mode, few-shot), samples ``--samples`` whole solutions at the root of every training problem of
 the preset (the same problems and seeds for every variant), parses each as the search does
 (``mcts.expand.parse_proposal``) and grades the final answer. It prints, per variant: problems with at least
@@ -28,7 +28,8 @@ def run_variant(cfg, problems, examples: int, samples: int, room: int) -> dict:
 
     spec = cfg.rounds.schedule[0]
     engines = dataclasses.replace(cfg.engines, few_shot_examples=examples)
-    policy = make_policy(engines, mode=spec.gen_mode, few_shot=spec.few_shot, seed=cfg.seed)
+    model = cfg.engines.bootstrap_model or cfg.engines.policy_model  # round 1's policy
+    policy = make_policy(engines, model=model, mode=spec.gen_mode, few_shot=spec.few_shot, seed=cfg.seed)
     states = [SearchState(str(p.id), p.question, "", i) for i, p in enumerate(problems)]
     t0 = time.perf_counter()
     out = policy.propose(states, samples)
@@ -58,12 +59,13 @@ def main() -> None:
     ap.add_argument("--config", default="configs/embedded.yaml")
     ap.add_argument("--examples", type=int, nargs="+", default=[1, 2], help="few-shot example counts to compare")
     ap.add_argument("--samples", type=int, default=8, help="whole solutions per problem")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     args = ap.parse_args()
 
     import data
     from pipeline.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     problems, _ = data.load_problems_config(cfg.problems)
     n = len(problems)
     print(f"{args.config}: {n} training problems x {args.samples} whole-solution samples, "
