@@ -105,6 +105,13 @@ def _countdown(row: dict[str, Any], index: int, source: str) -> Problem | Reject
     )
 
 
+def _no_field(row: dict[str, Any], index: int, row_id: str | None, name: str, key: str) -> Rejected | None:
+    """The rejection for a row that lacks the field the config ``key`` names, None when it has it."""
+    if name in row:
+        return None
+    return Rejected(index, row_id, f"no field {name!r} ({key}); the row has: {', '.join(map(str, row))}")
+
+
 def adapt_row(
     row: dict[str, Any], index: int, source: str, fields: FieldMap, fallback_last_number: bool
 ) -> Problem | Rejected:
@@ -115,9 +122,8 @@ def adapt_row(
         return _countdown(row, index, source)
 
     if fields.question is not None:
-        if fields.question not in row:
-            return Rejected(index, row_id, f"no field {fields.question!r} (problems.question_field); "
-                                           f"the row has: {', '.join(map(str, row))}")
+        if bad := _no_field(row, index, row_id, fields.question, "problems.question_field"):
+            return bad
         q_name, question = fields.question, row[fields.question]
     else:
         q_name, question = _first(row, QUESTION_FIELDS)
@@ -125,9 +131,8 @@ def adapt_row(
         return Rejected(index, row_id, f"no question (looked for {fields.question or '/'.join(QUESTION_FIELDS)})")
 
     if fields.answer is not None:
-        if fields.answer not in row:
-            return Rejected(index, row_id, f"no field {fields.answer!r} (problems.answer_field); "
-                                           f"the row has: {', '.join(map(str, row))}")
+        if bad := _no_field(row, index, row_id, fields.answer, "problems.answer_field"):
+            return bad
         a_name, raw = fields.answer, row[fields.answer]
     else:
         a_name, raw = _first(row, ANSWER_FIELDS)

@@ -45,6 +45,19 @@ def to_python_syntax(text: str) -> str:
     return s.replace("{", "(").replace("}", ")").replace("[", "(").replace("]", ")").strip()
 
 
+def apply_op(op: str, left: Fraction | int, right: Fraction | int) -> Fraction:
+    """``left op right`` for op in ``+ - * /``, exactly; division by zero is an ExpressionError."""
+    if op == "+":
+        return Fraction(left) + right
+    if op == "-":
+        return Fraction(left) - right
+    if op == "*":
+        return Fraction(left) * right
+    if right == 0:
+        raise ExpressionError("division by zero")
+    return Fraction(left) / right
+
+
 def _walk(node: ast.AST, literals: list[int]) -> Fraction:
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or not isinstance(node.value, int):
@@ -55,17 +68,7 @@ def _walk(node: ast.AST, literals: list[int]) -> Fraction:
         op = _OPS.get(type(node.op))
         if op is None:
             raise ExpressionError(f"operator {type(node.op).__name__} is not allowed (only + - * /)")
-        left = _walk(node.left, literals)
-        right = _walk(node.right, literals)
-        if op == "+":
-            return left + right
-        if op == "-":
-            return left - right
-        if op == "*":
-            return left * right
-        if right == 0:
-            raise ExpressionError("division by zero")
-        return left / right
+        return apply_op(op, _walk(node.left, literals), _walk(node.right, literals))
     if isinstance(node, ast.UnaryOp):
         raise ExpressionError("unary signs are not allowed: each number is used as given")
     raise ExpressionError(f"{type(node).__name__} is not allowed (only numbers, + - * / and parentheses)")

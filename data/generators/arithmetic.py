@@ -13,10 +13,11 @@ import random
 from dataclasses import dataclass
 from fractions import Fraction
 
+from data.expression import apply_op
+from data.generators.common import MAX_DIFFICULTY, check_args
 from data.problem import Problem, content_id
 
 SOURCE = "builtin:arithmetic"
-MAX_DIFFICULTY = 6
 
 _NAMES = (
     ("Maya", "she", "her"), ("Leo", "he", "his"), ("Ava", "she", "her"), ("Omar", "he", "his"),
@@ -98,16 +99,6 @@ def _choose_step(rng: random.Random, level: _Level, value: Fraction, measure: bo
     return op, rng.choice(divisors)
 
 
-def _apply(value: Fraction, op: str, n: int) -> Fraction:
-    if op == "+":
-        return value + n
-    if op == "-":
-        return value - n
-    if op == "*":
-        return value * n
-    return value / n
-
-
 def _one_problem(rng: random.Random, difficulty: int) -> tuple[str, Fraction, str]:
     """(question, answer, expression) with exactly ``difficulty`` operations."""
     level = _level(difficulty)
@@ -133,7 +124,7 @@ def _one_problem(rng: random.Random, difficulty: int) -> tuple[str, Fraction, st
         connector = rng.choice(_CONNECTORS) if len(sentences) > 1 else ""
         text = connector + text if connector else text[0].upper() + text[1:]
         sentences.append(text)
-        value = _apply(value, op, n)
+        value = apply_op(op, value, n)
         expression = f"({expression} {op} {n})"
     sentences.append(f"How many {item} does {name} have now?")
     return " ".join(sentences), value, expression[1:-1] if expression.startswith("(") else expression
@@ -144,10 +135,7 @@ def generate_arithmetic(n: int, seed: int = 0, difficulty: int | None = None) ->
 
     Problem ``i`` depends only on (seed, i, difficulty), so a larger ``n`` extends a smaller one.
     """
-    if n < 0:
-        raise ValueError(f"n={n}: must be >= 0")
-    if difficulty is not None and not 1 <= difficulty <= MAX_DIFFICULTY:
-        raise ValueError(f"difficulty={difficulty}: must be 1..{MAX_DIFFICULTY} or None (a mix)")
+    check_args(n, difficulty)
     problems: list[Problem] = []
     seen: set[str] = set()
     i = 0

@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 from fractions import Fraction
 
+from data.generators.common import MAX_DIFFICULTY, check_args
 from data.problem import KIND_COUNTDOWN, Problem, content_id
 
 SOURCE = "builtin:countdown"
-MAX_DIFFICULTY = 6
 _LARGE = (25, 50, 75, 100)
 # difficulty -> (how many numbers are given, how many of them the construction combines)
 _SHAPE = {1: (3, 2), 2: (3, 3), 3: (4, 3), 4: (4, 4), 5: (5, 4), 6: (6, 5)}
@@ -101,10 +101,7 @@ def generate_countdown(n: int, seed: int = 0, difficulty: int | None = None) -> 
 
     Problem ``i`` depends only on (seed, i, difficulty). ``meta["solution"]`` is the solver's expression.
     """
-    if n < 0:
-        raise ValueError(f"n={n}: must be >= 0")
-    if difficulty is not None and not 1 <= difficulty <= MAX_DIFFICULTY:
-        raise ValueError(f"difficulty={difficulty}: must be 1..{MAX_DIFFICULTY} or None (a mix)")
+    check_args(n, difficulty)
     problems: list[Problem] = []
     seen: set[str] = set()
     i = 0
