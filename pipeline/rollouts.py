@@ -361,16 +361,15 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
         writer.close()
         # Workers do not see token counts; the engines do (when their backend counts). The total goes into the
         # phase's closing event.
-        tokens = phase.engine_totals()[1]
-        if tokens:
-            progress.set_tokens(tokens)
+        totals = phase.engine_totals()
+        progress.set_tokens(totals[1])
     finally:
         # Trees that arrived are complete and correct whatever failed later: commit them before raising.
         if writer.buffered:
             writer.flush()
         progress.close()
     stats.wall_s = time.perf_counter() - t0
-    _summarise(phase, stats, reports)
+    _summarise(phase, stats, reports, totals)
     log.info("rollouts.summary", **{k: v for k, v in stats.to_dict().items() if k != "retry_log"})
     return stats
 
@@ -409,8 +408,9 @@ def _replace_worker(phase: _Phase, shard: _Shard, error: BaseException, stats: R
         streams[phase.run_shard(shard)] = shard
 
 
-def _summarise(phase: _Phase, stats: RolloutStats, reports: list[WorkerReport]) -> None:
-    busy, tokens, notes = phase.engine_totals()
+def _summarise(phase: _Phase, stats: RolloutStats, reports: list[WorkerReport],
+               totals: tuple[float, int, list[str]]) -> None:
+    busy, tokens, notes = totals  # phase.engine_totals(), read once when the last tree arrived
     stats.engines = len(phase.engines)
     stats.workers = len(phase.workers)
     stats.engine_busy_s = busy

@@ -177,8 +177,8 @@ def format_event(rec: dict) -> str:
 class Progress:
     """Counters of a long phase: problems done / total, rollouts/s, tokens/s, solve rate.
 
-    Token counts appear only once something reported tokens (``update(tokens=...)`` or ``set_tokens``): a phase
-    whose items do not carry them shows no token rate rather than a false zero.
+    Token counts appear only once some are counted (``update(tokens=...)`` or ``set_tokens``): a phase whose
+    items do not carry them shows no token rate rather than a false zero.
 
     ``update`` is cheap: it adds to counters and redraws the tqdm bar (terminal) or, at most every
     ``interval_s``, writes a progress event (no terminal). ``close`` always writes a final summary event.
@@ -197,7 +197,6 @@ class Progress:
         self.solved = 0
         self.rollouts = 0
         self.tokens = 0
-        self._counts_tokens = False
         self._closed = False
         if use_tqdm is None:
             use_tqdm = log.config.console and log.stream.isatty()
@@ -215,27 +214,25 @@ class Progress:
             snap["total"] = self.total
         snap.update(solved=self.solved, solve_rate=round(self.solved / self.problems, 4) if self.problems else 0.0,
                     rollouts=self.rollouts, elapsed_s=round(elapsed, 3), rollouts_per_s=round(self.rollouts / elapsed, 3))
-        if self._counts_tokens:
+        if self.tokens:
             snap.update(tokens=self.tokens, tokens_per_s=round(self.tokens / elapsed, 3))
         return snap
 
     def set_tokens(self, total: int) -> None:
         """Set the token total from a source that counts them in one place (e.g. the engines, at the end)."""
         self.tokens = total
-        self._counts_tokens = True
 
     def update(self, problems: int = 0, solved: int = 0, rollouts: int = 0, tokens: int = 0) -> None:
         self.problems += problems
         self.solved += solved
         self.rollouts += rollouts
         self.tokens += tokens
-        self._counts_tokens = self._counts_tokens or tokens > 0
         if self._bar is not None:
             snap = self.snapshot()
             if problems:
                 self._bar.update(problems)
             postfix = {"solve": f"{snap['solve_rate']:.2f}", "rps": f"{snap['rollouts_per_s']:.1f}"}
-            if self._counts_tokens:
+            if self.tokens:
                 postfix["tps"] = f"{snap['tokens_per_s']:.0f}"
             self._bar.set_postfix(postfix, refresh=False)
             return
