@@ -15,4 +15,4 @@ lint: setup
 
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q $(ARGS)
+	PYTHONFAULTHANDLER=1 .venv/bin/python -m pytest -q $(ARGS)

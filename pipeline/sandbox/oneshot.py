@@ -24,3 +24,12 @@ def run_code(code: str, timeout: float = 5.0) -> ExecResult:
             _pool = SandboxPool(SandboxConfig(workers=1, max_live_states=0))
         pool = _pool
     return pool.run_code(code, timeout=timeout)
+
+
+def close() -> None:
+    """Close the shared pool now (it is also closed at interpreter exit); the next ``run_code`` starts a new one."""
+    global _pool
+    with _lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.close()

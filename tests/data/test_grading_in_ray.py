@@ -7,15 +7,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.mark.slow  # a local Ray cluster takes ~15 s to start on 2 cores
-def test_grade_and_timeout_inside_an_actor(local_ray):
+@pytest.mark.slow  # the session's local Ray cluster (tests/conftest.py) takes ~15 s to start on 2 cores
+def test_grade_and_timeout_inside_an_actor(ray_session):
     @ray.remote(num_cpus=0)
     class GradingActor:
         def __init__(self):

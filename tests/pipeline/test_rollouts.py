@@ -116,16 +116,9 @@ ANSWERS = {p.id: p.answer for p in PROBLEMS}
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    from pipeline.cluster import connect, disconnect
-    from pipeline.config import RayConfig
-
-    if ray.is_initialized():
-        ray.shutdown()
-    c = connect(RayConfig(num_cpus=2))
-    assert c.started
-    yield c
-    disconnect(c)
+def cluster(ray_session):
+    """The session's one local Ray cluster (tests/conftest.py: Ray is started once per test process)."""
+    return ray_session
 
 
 def make_cfg(workers: int = 2, engines: int = 1, max_restarts: int = 2):

@@ -1,0 +1,84 @@
+"""Session-wide guard: the test process must end with nothing of ours still running.
+
+Whatever a test starts (a Ray session, a sandbox pool, a grading pool, a server thread) its fixture must stop.
+Leftovers are how an interpreter that passed every test still crashes at exit (issue 19: a segfault after
+"564 passed" made `make test` exit 2), so the last teardown of the session fails, naming each one, when it
+finds a non-daemon thread, a thread of one of our pools, a child process, or an initialised Ray session.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+# Threads the project starts are daemons, so "non-daemon" alone would miss a leaked pool: name them too.
+_OUR_THREAD_PREFIXES = ("sandbox-pool", "grading-pool", "vllm-async-loop")
+_SETTLE_S = 10.0  # shutdowns finish asynchronously (a killed child is reaped, a thread sees its stop flag)
+
+
+def leftovers() -> list[str]:
+    """What is still running in this process that a test started, one line each (empty: nothing)."""
+    found = []
+    for t in threading.enumerate():
+        if t is threading.main_thread() or not t.is_alive():
+            continue
+        if not t.daemon or t.name.startswith(_OUR_THREAD_PREFIXES):
+            found.append(f"thread {t.name!r} (daemon={t.daemon}, ident={t.ident})")
+    try:
+        import psutil
+    except ImportError:  # psutil is in the [dev] extra; without it, children are not checked
+        psutil = None
+    if psutil is not None:
+        for child in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue  # exited; nothing runs (its parent is gone or reaps it later)
+                found.append(f"child process {child.pid}: {' '.join(' '.join(child.cmdline()).split())[:200]}")
+            except psutil.NoSuchProcess:
+                pass
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        found.append("a Ray session (ray.is_initialized() is True: call ray.shutdown() in the fixture that started it)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for every in-process Ray test, started on first use and shut down at session end.
+
+    Ray is not meant to be initialised and shut down repeatedly in one process: ``ray.shutdown()`` leaves the
+    core worker's native threads (gcs_client_io_service, gRPC's event engine and timers) behind, and background
+    threads that touched the first session can reach freed core-worker state (ray-project/ray#31145). One
+    session per test process, stopped by this fixture before the interpreter exits, is the supported shape.
+    """
+    ray = pytest.importorskip("ray")
+    from pipeline.cluster import connect, disconnect
+    from pipeline.config import RayConfig
+
+    if ray.is_initialized():  # not ours: a test that leaked one (the guard below names it too)
+        ray.shutdown()
+    cluster = connect(RayConfig(num_cpus=2))
+    assert cluster.started, cluster
+    yield cluster
+    disconnect(cluster)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running():
+    """Set up first and torn down last in the session, after every other fixture has stopped what it started."""
+    yield
+    from pipeline.sandbox import oneshot
+
+    oneshot.close()  # the process-wide pool of ``run_code`` (closed at exit otherwise); tests may use it freely
+    deadline = time.monotonic() + _SETTLE_S
+    found = leftovers()
+    while found and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = leftovers()
+    if found:
+        pytest.fail("the test session left these running (stop them in the fixture that started them):\n  "
+                    + "\n  ".join(found), pytrace=False)
