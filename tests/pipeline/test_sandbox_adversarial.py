@@ -46,7 +46,7 @@ CASES = {
         "import threading\nthreading.Thread(target=lambda: [0 for _ in iter(int, 1)], daemon=True).start()",
         {"forbidden"},
     ),
-    "write_outside_scratch": (f"open({ESCAPE!r}, 'w').write('pwned')", {"forbidden"}),
+    "write_outside_scratch": ("open('/usr/lib/open-rstar-escape.txt', 'w').write('pwned')", {"forbidden"}),
     "write_via_parent_dir": ("open('../../escape.txt', 'w').write('pwned')", {"forbidden"}),
     "remove_outside_scratch": ("import os\nos.remove('/etc/hostname')", {"forbidden"}),
     "read_pool_environment": ("print(open('/proc/{pool_pid}/environ').read())", {"forbidden"}),
