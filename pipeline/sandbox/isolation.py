@@ -51,10 +51,22 @@ PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 
 # x86_64 and aarch64 share these numbers (the "generic" table) for the new syscalls used here.
 _SYS = {
-    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
-               "landlock_restrict_self": 446, "capset": 126},
-    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
-                "landlock_restrict_self": 446, "capset": 91},
+    "x86_64": {
+        "pivot_root": 155,
+        "mount_setattr": 442,
+        "landlock_create_ruleset": 444,
+        "landlock_add_rule": 445,
+        "landlock_restrict_self": 446,
+        "capset": 126,
+    },
+    "aarch64": {
+        "pivot_root": 41,
+        "mount_setattr": 442,
+        "landlock_create_ruleset": 444,
+        "landlock_add_rule": 445,
+        "landlock_restrict_self": 446,
+        "capset": 91,
+    },
 }
 
 INNER_UID = INNER_GID = 1000  # the sandbox's uid and gid inside its user namespace: not root
@@ -63,14 +75,65 @@ FEATURES = ("user_namespace", "mount_namespace", "pid_namespace", "network_names
 # What the kernel must refuse to a step. EPERM, so Python raises PermissionError with the syscall's name
 # in the traceback; the in-process guard usually refuses first with a clearer message.
 DENIED_SYSCALLS = (
-    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "pidfd_send_signal", "kill", "tkill",
-    "mount", "umount2", "pivot_root", "chroot", "mount_setattr", "open_tree", "move_mount", "fsopen",
-    "fsconfig", "fsmount", "fspick", "unshare", "setns", "bpf", "keyctl", "add_key", "request_key",
-    "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register", "kexec_load",
-    "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot", "swapon", "swapoff", "syslog",
-    "acct", "iopl", "ioperm", "open_by_handle_at", "name_to_handle_at", "execve", "execveat", "quotactl",
-    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname", "vhangup",
-    "uselib", "migrate_pages", "move_pages", "mbind", "lookup_dcookie", "personality",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "pidfd_getfd",
+    "pidfd_send_signal",
+    "kill",
+    "tkill",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "mount_setattr",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "unshare",
+    "setns",
+    "bpf",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "perf_event_open",
+    "userfaultfd",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "syslog",
+    "acct",
+    "iopl",
+    "ioperm",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "execve",
+    "execveat",
+    "quotactl",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "sethostname",
+    "setdomainname",
+    "vhangup",
+    "uselib",
+    "migrate_pages",
+    "move_pages",
+    "mbind",
+    "lookup_dcookie",
+    "personality",
 )
 
 
@@ -117,7 +180,9 @@ def _unshare(flags: int, feature: str) -> None:
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None, feature: str) -> None:
     enc = [None if s is None else s.encode() for s in (source, target, fstype, data)]
-    _check(feature, f"mount({source!r} on {target!r})", _libc.mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3]))
+    _check(
+        feature, f"mount({source!r} on {target!r})", _libc.mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3])
+    )
 
 
 def _write(path: str, text: str, feature: str) -> None:
@@ -150,6 +215,10 @@ def enter_zygote(base_dir: str, outer_uid: int, outer_gid: int, hidden: tuple[st
     ``base_dir``: a host directory of the pool's, for the new root's mount point. ``hidden``: paths never
     bound even when the interpreter's sys.path names them (the project checkout, which holds runs and configs).
     """
+    if _LIBSECCOMP is None:  # every cell needs both: find out now, at start, not per step
+        load_libseccomp()
+    if landlock_abi() < 1:
+        raise IsolationUnavailable("landlock", "landlock_create_ruleset(VERSION) failed: not in this kernel")
     euid, egid = os.geteuid(), os.getegid()
     if euid == 0:
         os.setgroups([])  # no supplementary groups (root's group 0) inside
@@ -211,8 +280,11 @@ def _enter_user_namespace_as_root(outer_uid: int, outer_gid: int) -> None:
             os.close(go_w)
             os.close(done_r)
             if os.read(go_r, 1) == b"u":
-                for name, text in (("setgroups", "deny"), ("uid_map", f"0 0 1\n{INNER_UID} {outer_uid} 1"),
-                                   ("gid_map", f"0 0 1\n{INNER_GID} {outer_gid} 1")):
+                for name, text in (
+                    ("setgroups", "deny"),
+                    ("uid_map", f"0 0 1\n{INNER_UID} {outer_uid} 1"),
+                    ("gid_map", f"0 0 1\n{INNER_GID} {outer_gid} 1"),
+                ):
                     with open(f"/proc/{me}/{name}", "w") as f:
                         f.write(text)
                 status = 0
@@ -222,13 +294,14 @@ def _enter_user_namespace_as_root(outer_uid: int, outer_gid: int) -> None:
             os._exit(status)
     os.close(go_r)
     os.close(done_w)
+    error = ""
     try:
         _unshare(CLONE_NEWUSER, "user_namespace")
         os.write(go_w, b"u")
-        os.close(go_w)
+    finally:
+        os.close(go_w)  # without the go byte, the helper exits without writing anything
         with os.fdopen(done_r, "rb") as f:
             error = f.read().decode(errors="replace")
-    finally:
         _, status = os.waitpid(helper, 0)
     if status != 0:
         raise IsolationUnavailable("user_namespace", f"writing the uid/gid maps failed: {error or status}")
@@ -314,9 +387,21 @@ def _drop_capabilities() -> None:
 
 # Landlock (include/uapi/linux/landlock.h). Access rights up to ABI 5; scopes from ABI 6.
 _LL_FS = {
-    "EXECUTE": 1 << 0, "WRITE_FILE": 1 << 1, "READ_FILE": 1 << 2, "READ_DIR": 1 << 3, "REMOVE_DIR": 1 << 4,
-    "REMOVE_FILE": 1 << 5, "MAKE_CHAR": 1 << 6, "MAKE_DIR": 1 << 7, "MAKE_REG": 1 << 8, "MAKE_SOCK": 1 << 9,
-    "MAKE_FIFO": 1 << 10, "MAKE_BLOCK": 1 << 11, "MAKE_SYM": 1 << 12, "REFER": 1 << 13, "TRUNCATE": 1 << 14,
+    "EXECUTE": 1 << 0,
+    "WRITE_FILE": 1 << 1,
+    "READ_FILE": 1 << 2,
+    "READ_DIR": 1 << 3,
+    "REMOVE_DIR": 1 << 4,
+    "REMOVE_FILE": 1 << 5,
+    "MAKE_CHAR": 1 << 6,
+    "MAKE_DIR": 1 << 7,
+    "MAKE_REG": 1 << 8,
+    "MAKE_SOCK": 1 << 9,
+    "MAKE_FIFO": 1 << 10,
+    "MAKE_BLOCK": 1 << 11,
+    "MAKE_SYM": 1 << 12,
+    "REFER": 1 << 13,
+    "TRUNCATE": 1 << 14,
     "IOCTL_DEV": 1 << 15,
 }
 _LL_FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}  # ABI >= 5: all 16
@@ -351,8 +436,11 @@ def _landlock() -> None:
             pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
                 rule = struct.pack("=Qi", access & fs_all, pfd)  # struct landlock_path_beneath_attr, packed
-                _check("landlock", f"landlock_add_rule({path})",
-                       0 if _syscall("landlock_add_rule", fd, _LL_RULE_PATH_BENEATH, rule, 0) == 0 else -1)
+                _check(
+                    "landlock",
+                    f"landlock_add_rule({path})",
+                    0 if _syscall("landlock_add_rule", fd, _LL_RULE_PATH_BENEATH, rule, 0) == 0 else -1,
+                )
             finally:
                 os.close(pfd)
         _check("landlock", "landlock_restrict_self", _syscall("landlock_restrict_self", fd, 0))
@@ -371,7 +459,12 @@ def _scmp_act_errno(err: int) -> int:
 
 
 class _ArgCmp(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
 
 
 def _libseccomp() -> ctypes.CDLL:
@@ -384,7 +477,13 @@ def _libseccomp() -> ctypes.CDLL:
         raise IsolationUnavailable("seccomp", f"libseccomp not found ({exc}); install the libseccomp2 package") from exc
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
-    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+    ]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
@@ -422,7 +521,9 @@ def _seccomp() -> None:
         rule(eperm, "socket", (0, _SCMP_CMP_NE, _AF_UNIX, 0))  # only AF_UNIX sockets
         for flag in _NS_FLAGS:  # fork yes (states fork their children), new namespaces no
             rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, flag, flag))
-        rule(_scmp_act_errno(errno.ENOSYS), "clone3")  # its flags sit in memory a filter cannot read: glibc falls back to clone
+        rule(
+            _scmp_act_errno(errno.ENOSYS), "clone3"
+        )  # its flags sit in memory a filter cannot read: glibc falls back to clone
         rc = lib.seccomp_load(ctx)
         if rc != 0:
             raise IsolationUnavailable("seccomp", f"seccomp_load failed: {os.strerror(-rc)}")

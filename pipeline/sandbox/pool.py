@@ -413,7 +413,9 @@ class SandboxPool:
             job.sock = procs.request_fork(forker.sock, job.seq, codes, cpu)
         except OSError as exc:  # BlockingIOError: it does not read its socket; else it is gone
             if isinstance(forker, _State):
-                log.warning("sandbox: state %s of tree %r cannot fork (%s); rebuilding", forker.key[1], forker.tree_id, exc)
+                log.warning(
+                    "sandbox: state %s of tree %r cannot fork (%s); rebuilding", forker.key[1], forker.tree_id, exc
+                )
                 self._drop_state(forker.key)
             return False
         job.forker = forker
@@ -437,7 +439,9 @@ class SandboxPool:
         if state.key in self._states and self._states[state.key] is state:
             if msg is not None:
                 self.counters["violations"] += 1
-                log.warning("sandbox: state %s of tree %r sent %.200s out of turn; killed", state.key[1], state.tree_id, msg)
+                log.warning(
+                    "sandbox: state %s of tree %r sent %.200s out of turn; killed", state.key[1], state.tree_id, msg
+                )
             self._drop_state(state.key)
 
     def _on_fork_reply(self, forker: _State | _Zygote, msg: dict) -> bool:
@@ -559,6 +563,7 @@ class SandboxPool:
             self.counters["timeouts"] += 1
             budget = job.timeout * job.codes
             what = f" (rebuild: {job.replayed} replayed steps and the step)" if job.replayed else ""
+            self._forks.pop(job.seq, None)  # finished here, not requeued by the state's drop below
             if not job.replied and isinstance(job.forker, _State) and job.forker.key in self._states:
                 self._drop_state(job.forker.key)  # it never answered: stuck or hostile, not asked again
             self._finish(job, failure(TIMEOUT, f"Timeout: {budget:g}s{what}", now - job.start, job.replayed))

@@ -268,7 +268,9 @@ def _serve(chan: socket.socket, ns: dict) -> None:
         if msg.get("op") != "run" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            wire.send(chan, {"seq": seq, "error": f"unknown request {json.dumps(msg)[:200]} with {len(fds)} descriptors"})
+            wire.send(
+                chan, {"seq": seq, "error": f"unknown request {json.dumps(msg)[:200]} with {len(fds)} descriptors"}
+            )
             continue
         if _Settings.kernel and ns.get("__sandbox_root__"):
             reply = _new_cell(fds[0], msg, ns, chan)
@@ -416,7 +418,9 @@ def zygote_main(spec_json: str) -> None:
         gc.collect()
         gc.freeze()  # keep the collector off the warm modules' pages so forks share them copy-on-write
     except BaseException as exc:  # noqa: BLE001 - reported to the pool, which raises it to the user
-        wire.send(chan, {"ready": False, "error": f"{type(exc).__name__}: {exc}", "missing": getattr(exc, "feature", None)})
+        wire.send(
+            chan, {"ready": False, "error": f"{type(exc).__name__}: {exc}", "missing": getattr(exc, "feature", None)}
+        )
         os._exit(1)
     wire.send(chan, {"ready": True, "pid": os.getpid(), "warm": warm, "user": user, "warning": kept_root})
     try:

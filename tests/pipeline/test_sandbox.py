@@ -197,7 +197,9 @@ def test_unencodable_output_is_stored_as_replacement_characters(pool):
     from mcts.steps import Step
     from mcts.tree import Tree, TreeInfo
 
-    r = pool.run_code("import sys\nprint(chr(0xD800), 'x')\nprint(chr(0xDFFF), file=sys.stderr)\nraise ValueError(chr(0xDC00))")
+    r = pool.run_code(
+        "import sys\nprint(chr(0xD800), 'x')\nprint(chr(0xDFFF), file=sys.stderr)\nraise ValueError(chr(0xDC00))"
+    )
     assert (r.stdout, r.stderr, r.error) == ("\ufffd x\n", "\ufffd\n", "ValueError: \ufffd")
     tree = Tree(TreeInfo("p", "q?", "1", 1, "terminal", 1.0, 0))
     tree.add_child(1, 0, Step(text="t", reasoning="", code="print(1)", answer=None), r.stdout, "open")

@@ -87,15 +87,22 @@ CASES = {
     "socket_listen": ("import socket\ns = socket.socket()\ns.bind(('0.0.0.0', 0))\ns.listen()", {"forbidden"}),
     # ----- issue 14: with the guard switched off, the kernel still refuses -----
     "unguarded_write_anywhere": (UNGUARD + "open('/usr/lib/open-rstar-escape.txt', 'w').write('x')", {"runtime"}),
-    "unguarded_tcp_to_pool": (UNGUARD + "import socket\nsocket.create_connection(('127.0.0.1', {port}), 1)", {"runtime"}),
-    "unguarded_fork_outlives_step": (UNGUARD + "import os, time\nif os.fork() == 0:\n    time.sleep(60)", {"forbidden"}),
+    "unguarded_tcp_to_pool": (
+        UNGUARD + "import socket\nsocket.create_connection(('127.0.0.1', {port}), 1)",
+        {"runtime"},
+    ),
+    "unguarded_fork_outlives_step": (
+        UNGUARD + "import os, time\nif os.fork() == 0:\n    time.sleep(60)",
+        {"forbidden"},
+    ),
     "unguarded_setsid_grandchild": (
         UNGUARD + "import os, time\npid = os.fork()\nif pid == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
         "        time.sleep(60)\n    os._exit(0)\nos.waitpid(pid, 0)",
         {"forbidden"},
     ),
     "unguarded_raise_cpu_limit": (
-        UNGUARD + "import resource as r\nr.setrlimit(r.RLIMIT_CPU, (r.RLIM_INFINITY, r.RLIM_INFINITY))", {"runtime"}
+        UNGUARD + "import resource as r\nr.setrlimit(r.RLIMIT_CPU, (r.RLIM_INFINITY, r.RLIM_INFINITY))",
+        {"runtime"},
     ),
     "unguarded_raise_nproc_soft": (
         UNGUARD + "import resource as r\ns, h = r.getrlimit(r.RLIMIT_NPROC)\nr.setrlimit(r.RLIMIT_NPROC, (h + 1, h))",
@@ -105,7 +112,10 @@ CASES = {
         "import os\nfd = os.open('/usr/lib', os.O_RDONLY)\nos.open('escape.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
         {"runtime"},
     ),
-    "sqlite_on_any_path": ("import sqlite3\nsqlite3.connect('/usr/lib/escape.db').execute('create table t (a)')", {"runtime"}),
+    "sqlite_on_any_path": (
+        "import sqlite3\nsqlite3.connect('/usr/lib/escape.db').execute('create table t (a)')",
+        {"runtime"},
+    ),
     "pool_environ_via_task": ("print(open('/proc/{pool_pid}/task/{pool_pid}/environ').read())", {"runtime"}),
     "forged_result": (
         UNGUARD + "import json, socket\ns = socket.socket(fileno=3)\n"
@@ -114,10 +124,24 @@ CASES = {
         {"timeout"},
     ),
     # ----- more of our own -----
-    "unguarded_mount": (UNGUARD + LIBC + "rc = libc.mount(b'none', b'/usr', b'tmpfs', 0, None)\nassert rc != 0\nraise OSError(ctypes.get_errno(), 'mount')", {"runtime"}),
-    "unguarded_unshare": (UNGUARD + LIBC + "assert libc.unshare(0x10000000) != 0\nraise OSError(ctypes.get_errno(), 'unshare')", {"runtime"}),
-    "unguarded_ptrace_init": (UNGUARD + LIBC + "assert libc.ptrace(16, 1, 0, 0) != 0\nraise OSError(ctypes.get_errno(), 'ptrace')", {"runtime"}),
-    "unguarded_kill_pool": (UNGUARD + LIBC + "assert libc.kill({pool_pid}, 9) != 0\nraise OSError(ctypes.get_errno(), 'kill')", {"runtime"}),
+    "unguarded_mount": (
+        UNGUARD
+        + LIBC
+        + "rc = libc.mount(b'none', b'/usr', b'tmpfs', 0, None)\nassert rc != 0\nraise OSError(ctypes.get_errno(), 'mount')",
+        {"runtime"},
+    ),
+    "unguarded_unshare": (
+        UNGUARD + LIBC + "assert libc.unshare(0x10000000) != 0\nraise OSError(ctypes.get_errno(), 'unshare')",
+        {"runtime"},
+    ),
+    "unguarded_ptrace_init": (
+        UNGUARD + LIBC + "assert libc.ptrace(16, 1, 0, 0) != 0\nraise OSError(ctypes.get_errno(), 'ptrace')",
+        {"runtime"},
+    ),
+    "unguarded_kill_pool": (
+        UNGUARD + LIBC + "assert libc.kill({pool_pid}, 9) != 0\nraise OSError(ctypes.get_errno(), 'kill')",
+        {"runtime"},
+    ),
     "unguarded_exec": (UNGUARD + "import os\nos.execv('/usr/bin/sleep', ['sleep', '60'])", {"runtime"}),
     "unguarded_thread_left_running": (
         UNGUARD + "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()",
@@ -127,7 +151,8 @@ CASES = {
     "read_project_checkout": (f"print(open({os.path.abspath(__file__)!r}).read())", {"runtime"}),
     "fill_scratch": ("for i in range(64):\n    open(f'f{i}', 'wb').write(b'x' * (1 << 20))", {"runtime"}),
     "unguarded_abstract_unix_to_other_cell": (
-        UNGUARD + "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0open-rstar-{pool_pid}')", {"runtime"}
+        UNGUARD + "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0open-rstar-{pool_pid}')",
+        {"runtime"},
     ),
 }
 UNPRIVILEGED_SKIP = {"fork_loop_swallowing_errors"}  # see test_suite_as_an_unprivileged_user
@@ -247,9 +272,11 @@ def test_kernel_refusals_name_the_cause(outcome):
     assert res["fill_scratch"].error.startswith("OSError: [Errno 28] No space left on device")  # 32 MB tmpfs
     # Landlock scopes abstract unix sockets to the cell: ECONNREFUSED / EPERM, never a connection.
     assert res["unguarded_abstract_unix_to_other_cell"].error.startswith(("ConnectionRefusedError", "PermissionError"))
-    assert res["sqlite_on_any_path"].error.startswith("sqlite3.OperationalError") or "sqlite3" in res[
-        "sqlite_on_any_path"
-    ].error or res["sqlite_on_any_path"].error.startswith("OperationalError"), res["sqlite_on_any_path"].error
+    assert (
+        res["sqlite_on_any_path"].error.startswith("sqlite3.OperationalError")
+        or "sqlite3" in res["sqlite_on_any_path"].error
+        or res["sqlite_on_any_path"].error.startswith("OperationalError")
+    ), res["sqlite_on_any_path"].error
 
 
 def test_what_a_step_sees(outcome):
@@ -298,8 +325,21 @@ def test_suite_as_an_unprivileged_user():
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and util-linux unshare to make the unprivileged user")
     env = {**os.environ, "OPENRSTAR_SANDBOX_AS": "uid 1000 in a user namespace"}
-    cmd = ["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-m", "pytest", "-q",
-           "-p", "no:cacheprovider", os.path.abspath(__file__), "-k", "not unprivileged"]
+    cmd = [
+        "unshare",
+        "--user",
+        "--map-user=1000",
+        "--map-group=1000",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        os.path.abspath(__file__),
+        "-k",
+        "not unprivileged",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]

@@ -61,7 +61,9 @@ def test_truncation_marker_counts_dropped_chars():
 
 def test_lone_surrogates_become_replacement_characters():
     # print(chr(0xD800)) in a step: a str Python holds but UTF-8 cannot encode. Each surrogate -> U+FFFD.
-    r = ExecResult(ok=False, error="ValueError: \ud800", error_kind="runtime", stdout="a\ud800b\udfff\n", stderr="\udc80")
+    r = ExecResult(
+        ok=False, error="ValueError: \ud800", error_kind="runtime", stdout="a\ud800b\udfff\n", stderr="\udc80"
+    )
     assert (r.stdout, r.stderr, r.error) == ("a\ufffdb\ufffd\n", "\ufffd", "ValueError: \ufffd")
     r.stdout.encode("utf-8")  # strict: raises if anything unencodable is left
     assert ExecResult(ok=True, stdout="é \U0001f600").stdout == "é \U0001f600"  # valid text is untouched
