@@ -83,7 +83,7 @@ def throughput(pool: SandboxPool, n: int) -> float:
     futures = [pool.submit(ExecRequest("tp", f"c{i}", "root", ("a = 1",), "b = a + 1")) for i in range(n)]
     results = [f.result() for f in futures]
     elapsed = time.perf_counter() - t
-    assert all(r.ok for r in results)
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
     pool.release("tp")
     return n / elapsed
 

@@ -573,9 +573,10 @@ class SandboxPool:
         now = time.monotonic()
         if not budget or not self._states or now < self._next_memory_check:
             return
-        self._next_memory_check = now + _MEMORY_CHECK_EVERY
         pss = {key: procs.pss_kb(s.pid) for key, s in self._states.items()}
         total = sum(pss.values()) + sum(procs.pss_kb(j.pid) for j in self._running if j.pid)
+        # Reading PSS walks each process's page tables (ms for a sympy-sized state): keep it under ~5%.
+        self._next_memory_check = time.monotonic() + max(_MEMORY_CHECK_EVERY, 20 * (time.monotonic() - now))
         while total > budget * 1024 and self._states:
             key = next(iter(self._states))  # least recently used
             total -= pss.get(key, 0)

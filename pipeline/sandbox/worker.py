@@ -45,7 +45,8 @@ _MAX_ERROR_CHARS = 500
 # CPU seconds a state may spend after its step, forking its children (hard limit = step budget + this).
 # The wall-clock deadline in the pool is what stops a step; the CPU limit is the kernel's backstop.
 STATE_CPU_HEADROOM = 60
-_REAP_TICK = 1.0  # seconds: an idle state reaps children that have been zombies for a whole tick
+_REAP_TICK = 1.0  # seconds between reaping rounds of an idle state (it also reaps at every request)
+_REAP_AGE = 0.5  # seconds a child stays a zombie before it is reaped (the pool reads its status meanwhile)
 
 
 class OutputLimitExceeded(BaseException):
@@ -218,14 +219,19 @@ def _child(sock_fd: int, msg: dict, ns: dict, parent_chan: socket.socket) -> Non
 
 
 class _Reaper:
-    """Collects exited children, but only those already zombies one tick ago: until then the pool may
-    still be reading the exit status from the zombie's /proc entry."""
+    """Collects exited children, but only those that have been zombies for ``_REAP_AGE`` seconds: until
+    then the pool may still be reading the exit status from the zombie's /proc entry."""
 
     def __init__(self) -> None:
-        self.seen: set[int] = set()
+        self.first_seen: dict[int, float] = {}
+        self.last = 0.0
 
     def tick(self) -> None:
-        zombies = set()
+        now = time.monotonic()
+        if now - self.last < _REAP_AGE / 2:
+            return  # a state with many children pays for reading their /proc entries at most this often
+        self.last = now
+        zombies = {}
         for pid in _children():
             try:
                 with open(f"/proc/{pid}/stat", "rb") as f:
@@ -233,13 +239,15 @@ class _Reaper:
             except OSError:
                 continue
             if stat[stat.rfind(b")") + 2 :].split()[0] == b"Z":
-                zombies.add(pid)
-        for pid in zombies & self.seen:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass  # reaped already
-        self.seen = zombies - self.seen
+                zombies[pid] = self.first_seen.get(pid, now)
+        for pid, seen in list(zombies.items()):
+            if now - seen >= _REAP_AGE:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass  # reaped already
+                del zombies[pid]
+        self.first_seen = zombies
 
 
 def _children() -> list[int]:
@@ -264,6 +272,7 @@ def _serve(chan: socket.socket, ns: dict) -> None:
         msg, fds = wire.recv_with_fds(chan)
         if msg is None:
             return
+        reaper.tick()  # killed children count against RLIMIT_NPROC until reaped
         seq = msg.get("seq")
         if msg.get("op") != "run" or len(fds) != 1:
             for fd in fds:
