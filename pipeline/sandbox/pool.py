@@ -148,6 +148,7 @@ class SandboxPool:
         self._cells: dict[int, set] = {}  # cell init pid -> its members (kept state keys and jobs)
         self._next_memory_check = 0.0
         self._missing = ""  # a kernel feature the warm worker reported missing (fatal at start)
+        self._killed: dict[int, float] = {}  # pid -> when the pool sent it SIGKILL
         self.counters: Counter[str] = Counter()  # hits, misses, fresh, evictions, timeouts, killed, restarts
         self._ready = threading.Event()
         self._closing = False
@@ -522,10 +523,23 @@ class SandboxPool:
         """The step reported and its fork was answered: look at its process from outside, then finish."""
         if result.ok and not job.violation:
             threads, kids = procs.tasks_and_children(job.pid)
-            strays = kids + self._strays_in_cell(job)
+            strays = [p for p in kids + self._strays_in_cell(job) if p not in self._killed]
             if threads > 1 or strays:
                 job.violation = f"it left {threads - 1} extra thread(s) and {len(strays)} process(es) running"
+                log.warning(
+                    "sandbox: step %s of tree %r (pid %d, cell %s) %s: %s",
+                    job.key[1] if job.key else "?",
+                    job.key[0] if job.key else "?",
+                    job.pid,
+                    job.cell,
+                    job.violation,
+                    [procs.describe(p) for p in strays],
+                )
                 self._kill_strays(job, strays)
+        elif job.cell is not None and (
+            [p for p in procs.tasks_and_children(job.pid)[1] if p not in self._killed] or self._strays_in_cell(job)
+        ):
+            self._kill_strays(job, [])  # a failed step that forked: its processes die with the cell now
         if job.violation and result.ok:
             result = failure(FORBIDDEN, f"PermissionError: {job.violation}", result.duration, result.replayed)
             self.counters["violations"] += 1
@@ -537,7 +551,7 @@ class SandboxPool:
             return []  # a fork in flight: its process is not known yet, so nothing can be called a stray
         known = {m.pid for m in self._cells.get(job.cell, ()) if isinstance(m, _Job)}
         known |= {s.pid for s in self._states.values() if s.cell == job.cell}
-        return [k for k in procs.tasks_and_children(job.cell)[1] if k not in known]
+        return [k for k in procs.tasks_and_children(job.cell)[1] if k not in known and k not in self._killed]
 
     def _kill_strays(self, job: _Job, strays: list[int]) -> None:
         if job.cell is not None:  # the cell's processes all die with its init; its states go with them
@@ -564,6 +578,8 @@ class SandboxPool:
             budget = job.timeout * job.codes
             what = f" (rebuild: {job.replayed} replayed steps and the step)" if job.replayed else ""
             self._forks.pop(job.seq, None)  # finished here, not requeued by the state's drop below
+            if job.cell is not None and job.pid and procs.tasks_and_children(job.pid)[1]:
+                self._kill_strays(job, [])  # what the step forked would outlive it in the cell
             if not job.replied and isinstance(job.forker, _State) and job.forker.key in self._states:
                 self._drop_state(job.forker.key)  # it never answered: stuck or hostile, not asked again
             self._finish(job, failure(TIMEOUT, f"Timeout: {budget:g}s{what}", now - job.start, job.replayed))
@@ -664,6 +680,12 @@ class SandboxPool:
     def _kill_proc(self, pid: int, sock: socket.socket) -> None:
         if pid:
             procs.kill(pid, sock, self._scratch)
+            # SIGKILL takes a moment: until then the process still looks alive in /proc, and must not look
+            # like a stray of the next step of its cell.
+            now = time.monotonic()
+            self._killed[pid] = now
+            if len(self._killed) > 4096:
+                self._killed = {p: t for p, t in self._killed.items() if now - t < 10.0}
         else:
             sock.close()  # never said hello: closing its socket ends it (its first send fails)
 

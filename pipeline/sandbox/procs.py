@@ -131,6 +131,17 @@ def tasks_and_children(pid: int) -> tuple[int, list[int]]:
     return len(tids), [k for k in kids if _alive(k)]
 
 
+def describe(pid: int) -> str:
+    """'pid state ppid' of a process, for log lines about strays."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return f"{pid} gone"
+    rest = stat[stat.rfind(b")") + 2 :].split()
+    return f"{pid} state {rest[0].decode()} ppid {int(rest[1])}"
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
