@@ -148,6 +148,7 @@ class SandboxPool:
         self._cells: dict[int, set] = {}  # cell init pid -> its members (kept state keys and jobs)
         self._next_memory_check = 0.0
         self._missing = ""  # a kernel feature the warm worker reported missing (fatal at start)
+        self._unsettled: dict[int, float] = {}  # cell -> until when an abandoned fork may still be running in it
         self._killed: dict[int, float] = {}  # pid -> when the pool sent it SIGKILL
         self.counters: Counter[str] = Counter()  # hits, misses, fresh, evictions, timeouts, killed, restarts
         self._ready = threading.Event()
@@ -475,7 +476,13 @@ class SandboxPool:
         return True
 
     def _abandon(self, job: _Job) -> None:
-        """Stop tracking a started job's process (its fork failed): it is not running any more."""
+        """Stop tracking a started job's process (its fork failed or its forker died): it is not running any more.
+
+        A process forked just before may live on for a moment (until its next write to the closed socket
+        fails); it must not be taken for another step's stray meanwhile.
+        """
+        if job.cell is not None:
+            self._unsettled[job.cell] = time.monotonic() + 2.0
         self._forks.pop(job.seq, None)
         self._running.discard(job)
         if job.sock is not None:
@@ -549,6 +556,8 @@ class SandboxPool:
         """Children of the cell's init that are neither states nor running steps (a setsid'd grandchild)."""
         if job.cell is None or any(isinstance(m, _Job) and not m.pid for m in self._cells.get(job.cell, ())):
             return []  # a fork in flight: its process is not known yet, so nothing can be called a stray
+        if self._unsettled.get(job.cell, 0.0) > time.monotonic():
+            return []
         known = {m.pid for m in self._cells.get(job.cell, ()) if isinstance(m, _Job)}
         known |= {s.pid for s in self._states.values() if s.cell == job.cell}
         return [k for k in procs.tasks_and_children(job.cell)[1] if k not in known and k not in self._killed]
@@ -640,6 +649,7 @@ class SandboxPool:
     def _kill_cell(self, cell: int) -> None:
         """SIGKILL a cell's init: the kernel then kills every process of its PID namespace."""
         self._cells.pop(cell, None)
+        self._unsettled.pop(cell, None)
         try:
             os.kill(cell, signal.SIGKILL)
         except ProcessLookupError:
@@ -679,7 +689,9 @@ class SandboxPool:
 
     def _kill_proc(self, pid: int, sock: socket.socket) -> None:
         if pid:
-            procs.kill(pid, sock, self._scratch)
+            # Kernel isolation: the pid alone. A child it forked a moment ago may not have left its process
+            # group yet, and strays are the cell's business. Process isolation: the group too.
+            procs.kill(pid, sock, self._scratch, group=self.config.isolation == "process")
             # SIGKILL takes a moment: until then the process still looks alive in /proc, and must not look
             # like a stray of the next step of its cell.
             now = time.monotonic()

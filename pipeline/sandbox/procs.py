@@ -55,8 +55,9 @@ def spawn_zygote(config: SandboxConfig, scratch: str) -> tuple[subprocess.Popen,
         "isolation": c.isolation,
         "scratch_mb": c.scratch_mb,
         # RLIMIT_NPROC of the sandbox uid (shared by all cells): every kept state, the running steps and a
-        # margin. A fork bomb reaches it and no further, and dies with its step.
-        "nproc": c.max_live_states + 2 * c.workers + 32,
+        # margin for killed states not yet reaped (zombies count). A fork bomb reaches it and no further,
+        # and dies with its step.
+        "nproc": c.max_live_states + 2 * c.workers + 256,
         "hidden": [_PROJECT_ROOT],  # the checkout (runs, configs) is never visible to steps
         "simulate_missing": list(SIMULATE_MISSING),
         **_outer_ids(c.user),
@@ -163,9 +164,9 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
-def kill(pid: int, sock: socket.socket, scratch: str) -> None:
-    """SIGKILL a sandbox process and its process group, close its socket, remove its scratch directory."""
-    for kill in (os.killpg, os.kill):  # the group: whatever the step started; the pid: if it left it
+def kill(pid: int, sock: socket.socket, scratch: str, group: bool = True) -> None:
+    """SIGKILL a sandbox process (and its process group), close its socket, remove its scratch directory."""
+    for kill in (os.killpg, os.kill) if group else (os.kill,):  # the group: what the step started
         try:
             kill(pid, signal.SIGKILL)
         except ProcessLookupError:
