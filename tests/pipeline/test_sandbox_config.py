@@ -29,6 +29,9 @@ def test_defaults_are_valid():
         ({"user": " "}, "user=' '"),
         ({"warm_modules": ("math", "")}, "warm_modules="),
         ({"startup_timeout": 0}, "startup_timeout=0"),
+        ({"isolation": "none"}, "isolation='none': must be 'kernel' or 'process'"),
+        ({"scratch_mb": 0}, "scratch_mb=0"),
+        ({"memory_budget_mb": -1}, "memory_budget_mb=-1"),
     ],
 )
 def test_bad_values_name_the_field_and_value(kwargs, message):
