@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 
-from pipeline.sandbox import isolation, limits, wire
+from pipeline.sandbox import confine, isolation, limits, wire
 from pipeline.sandbox.result import (
     EXIT,
     FORBIDDEN,
@@ -351,7 +351,7 @@ def _cell_init(sock_fd: int, msg: dict, ns: dict, chan: socket.socket, rng_state
                 _Settings.rng_set(_Settings.rng, rng_state)
             spec = _Settings.spec
             try:
-                isolation.confine(spec["memory_mb"], spec["file_size_mb"], spec["nproc"])
+                confine.confine(spec["memory_mb"], spec["file_size_mb"], spec["nproc"])
             except BaseException as exc:  # noqa: BLE001 - the step must not run unconfined
                 chan.detach()
                 os.dup2(sock_fd, CHANNEL_FD)
@@ -410,7 +410,7 @@ def zygote_main(spec_json: str) -> None:
         limits.become_subreaper()
         if spec["isolation"] == "kernel":
             isolation.simulate_missing(spec.get("simulate_missing", []))
-            isolation.load_libseccomp()
+            confine.require_all()  # loads libseccomp while the host's library paths are still visible
             isolation.enter_zygote(spec["scratch"], spec["outer_uid"], spec["outer_gid"], hidden=tuple(spec["hidden"]))
             _Settings.kernel, _Settings.scratch = True, "/tmp"
             os.environ.update({"HOME": "/tmp", "TMPDIR": "/tmp"})
