@@ -228,6 +228,7 @@ def _libseccomp() -> ctypes.CDLL:
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -240,7 +241,17 @@ def load_libseccomp() -> None:
     _LIBSECCOMP = _libseccomp()
 
 
-def _seccomp() -> None:
+_BPF: bytes = b""  # the compiled filter (struct sock_filter[]), made once in the warm worker
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def compile_filter() -> None:
+    """Build the seccomp filter with libseccomp and keep its BPF program, so each cell only loads it
+    (libseccomp takes milliseconds to generate it; loading takes microseconds)."""
+    global _BPF
     lib = _LIBSECCOMP or _libseccomp()
     ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
     if not ctx:
@@ -262,14 +273,36 @@ def _seccomp() -> None:
         rule(eperm, "socket", (0, _SCMP_CMP_NE, _AF_UNIX, 0))  # only AF_UNIX sockets
         for flag in _NS_FLAGS:  # fork yes (states fork their children), new namespaces no
             rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, flag, flag))
-        rule(
-            _scmp_act_errno(errno.ENOSYS), "clone3"
-        )  # its flags sit in memory a filter cannot read: glibc falls back to clone
-        rc = lib.seccomp_load(ctx)
-        if rc != 0:
-            raise IsolationUnavailable("seccomp", f"seccomp_load failed: {os.strerror(-rc)}")
+        # clone3 passes its flags in memory, which a filter cannot read: ENOSYS, and glibc falls back to clone.
+        rule(_scmp_act_errno(errno.ENOSYS), "clone3")
+        r, w = os.pipe()
+        try:
+            rc = lib.seccomp_export_bpf(ctx, w)
+            os.close(w)
+            w = -1
+            if rc != 0:
+                raise IsolationUnavailable("seccomp", f"seccomp_export_bpf failed: {os.strerror(-rc)}")
+            chunks = []
+            while chunk := os.read(r, 65536):
+                chunks.append(chunk)
+            _BPF = b"".join(chunks)
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
     finally:
         lib.seccomp_release(ctx)
+    if not _BPF or len(_BPF) % 8:
+        raise IsolationUnavailable("seccomp", f"seccomp_export_bpf gave {len(_BPF)} bytes, not a filter")
+
+
+def _seccomp() -> None:
+    if not _BPF:
+        compile_filter()
+    buf = ctypes.create_string_buffer(_BPF, len(_BPF))
+    prog = _SockFprog(len(_BPF) // 8, ctypes.addressof(buf))  # 8 bytes per struct sock_filter
+    # prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog); no_new_privs is already set.
+    _check("seccomp", "prctl(PR_SET_SECCOMP)", _libc.prctl(22, 2, ctypes.byref(prog), 0, 0))
 
 
 def require_all() -> None:
@@ -277,5 +310,6 @@ def require_all() -> None:
     needs both, and a pool that starts must not fail per step later."""
     if _LIBSECCOMP is None:
         load_libseccomp()
+    compile_filter()
     if landlock_abi() < 1:
         raise IsolationUnavailable("landlock", "landlock_create_ruleset(VERSION) failed: not in this kernel")

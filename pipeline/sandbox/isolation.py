@@ -7,13 +7,14 @@ through ctypes on libc and libseccomp (Python 3.11 has no ``os.unshare``). Three
   ``nobody`` outside when the pool is root, else to the pool's own uid), a network namespace with nothing
   but a loopback that is down, and a mount namespace whose root is a fresh tmpfs holding read-only binds of
   only what Python needs: /usr and the /lib links, the interpreter's prefixes and sys.path directories,
-  five /dev nodes, ld.so.cache. Nothing else of the host (no /root, /home, /etc, /work, /sys) is visible.
+  five /dev nodes, ld.so.cache. Nothing else of the host is visible: of /root and /work only those
+  directories exist; /home, /etc (but ld.so.cache, localtime), /sys and the project checkout do not.
 * ``enter_cell``: per sandbox cell, i.e. per process tree forked from the warm worker (a tree's first
   step, or a rebuild). A PID namespace whose init is a tiny reaper forked from the worker, a private mount
   namespace with its own tmpfs on /tmp (the only writable place) and its own /proc (only the cell's
   processes). When the init dies, the kernel kills every process of the cell.
-* ``confine.confine`` (its own module): in the cell's first step process, before any model code, inherited by every state and
-  step below it and impossible to undo: setuid to the inner uid, every capability dropped, no_new_privs,
+* ``confine.confine`` (its own module): in the cell's first step process, before any model code,
+  inherited by every state and step below it and impossible to undo: setuid to the inner uid, every capability dropped, no_new_privs,
   hard rlimits (soft = hard), Landlock (read-only everywhere but /tmp, no TCP, no abstract unix sockets or
   signals outside the cell), and a seccomp filter that denies what a math step never needs.
 
