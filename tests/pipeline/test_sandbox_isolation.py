@@ -154,3 +154,18 @@ def test_memory_budget_evicts_least_recently_used_states():
         p.run_code("pass")
         s = p.stats()
     assert s.get("memory_evictions", 0) >= 2 and s["live_states"] <= 6, s
+
+
+def test_a_step_cannot_open_its_parent_state_or_the_cell_init(pool):
+    # Guard off: only the kernel answers. Parent state (same uid): its memory; the cell's init (the
+    # namespace's root): its environment, descriptors and root.
+    probe = UNGUARD + (
+        "import os\ndef t(f):\n    try:\n        f()\n        return 'opened'\n    except OSError as e:\n"
+        "        return type(e).__name__\npp = os.getppid()\n"
+        "print(t(lambda: open(f'/proc/{pp}/mem', 'rb')), t(lambda: open(f'/proc/{pp}/mem', 'r+b')),"
+        " t(lambda: open('/proc/1/environ')), t(lambda: os.listdir('/proc/1/fd')), t(lambda: os.readlink('/proc/1/root')))"
+    )
+    assert pool.run([req("peek", "a", None, "x = 1")])[0].ok
+    [r] = pool.run([req("peek", "b", "a", probe, ["x = 1"])])
+    assert r.ok and r.replayed == 0, r
+    assert r.stdout.split() == ["PermissionError"] * 5, r.stdout
