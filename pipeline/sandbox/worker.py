@@ -285,6 +285,9 @@ def _serve(chan: socket.socket, ns: dict) -> None:
             reply = _new_cell(fds[0], msg, ns, chan)
             os.close(fds[0])
             wire.send(chan, {"seq": seq, **reply})
+            if _Spare.ctl is None:
+                _make_spare(ns, chan)  # after the reply, so the step already runs meanwhile
+            wire.send(chan, {"spare": _Spare.pid})  # for the pool's accounting of processes
             continue
         rng_state = _Settings.rng_get(_Settings.rng) if _Settings.rng is not None else None
         try:
@@ -301,30 +304,63 @@ def _serve(chan: socket.socket, ns: dict) -> None:
         wire.send(chan, {"seq": seq, "pid": pid})
 
 
+class _Spare:
+    """A cell made ahead of need: its init waits on ``ctl`` for the request its first step will run, so a
+    tree's first step costs one fork like any other step (making the next spare follows the reply)."""
+
+    pid = 0
+    ctl: socket.socket | None = None
+
+
 def _new_cell(sock_fd: int, msg: dict, ns: dict, chan: socket.socket) -> dict:
-    """In the warm worker: start a cell (see ``isolation``) whose first process runs ``msg``; returns the reply.
+    """In the warm worker: hand ``msg`` to a spare cell (see ``isolation``); returns the reply for the pool.
 
     warm worker -> X (new PID and mount namespaces, tmpfs on /tmp; exits at once) -> Y, the cell's init
-    (pid 1: mounts the cell's /proc, reaps, dies when the warm worker does) -> the step's process, confined.
+    (pid 1: mounts the cell's /proc, waits for its request, forks the step's process, which confines itself,
+    then only reaps, and dies when the warm worker does).
     """
+    for _attempt in range(2):  # a spare that died meanwhile is replaced once
+        if _Spare.ctl is None:
+            error = _make_spare(ns, chan)
+            if error:
+                return {"error": error}
+        assert _Spare.ctl is not None
+        pid, ctl = _Spare.pid, _Spare.ctl
+        _Spare.pid, _Spare.ctl = 0, None
+        try:
+            wire.send(ctl, msg, fds=(sock_fd,))
+        except OSError:
+            continue
+        finally:
+            ctl.close()
+        return {"pid": pid, "cell": pid}
+    return {"error": "two spare cells in a row died before their first step"}
+
+
+def _make_spare(ns: dict, chan: socket.socket) -> str:
+    """Start the next spare cell; returns an error message, or "" once its init's pid is known."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     r, w = os.pipe()
     rng_state = _Settings.rng_get(_Settings.rng) if _Settings.rng is not None else None
     try:
         x = os.fork()
     except OSError as exc:
-        os.close(r)
-        os.close(w)
-        return {"error": f"fork failed: {exc}"}
+        for fd in (r, w):
+            os.close(fd)
+        mine.close()
+        theirs.close()
+        return f"fork failed: {exc}"
     if x == 0:
         report = b"error: the cell did not start"
         try:
             os.close(r)
             os.close(_Settings.death_w)
+            mine.close()
             isolation.enter_cell(int(_Settings.spec["scratch_mb"]))
             y = os.fork()
             if y == 0:
                 os.close(w)
-                _cell_init(sock_fd, msg, ns, chan, rng_state)
+                _cell_init(theirs, ns, chan, rng_state)
             report = str(y).encode()
         except BaseException as exc:  # noqa: BLE001 - reported to the pool as this fork's error
             report = f"error: {type(exc).__name__}: {exc}".encode()[:1000]
@@ -332,36 +368,44 @@ def _new_cell(sock_fd: int, msg: dict, ns: dict, chan: socket.socket) -> dict:
             os.write(w, report)
             os._exit(0)
     os.close(w)
+    theirs.close()
     with os.fdopen(r, "rb") as f:
         report = f.read().decode(errors="replace")
     os.waitpid(x, 0)
     if not report.isdigit():
-        return {"error": report}
-    return {"pid": int(report), "cell": int(report)}
+        mine.close()
+        return report
+    _Spare.pid, _Spare.ctl = int(report), mine
+    return ""
 
 
-def _cell_init(sock_fd: int, msg: dict, ns: dict, chan: socket.socket, rng_state: object) -> None:
-    """Pid 1 of a cell: mount its /proc, fork the step's process, then only reap until killed (never returns)."""
+def _cell_init(ctl: socket.socket, ns: dict, chan: socket.socket, rng_state: object) -> None:
+    """Pid 1 of a cell: mount its /proc, wait for the first request, fork the step's process, then only
+    reap until the warm worker is gone (never returns)."""
     status = 70
     try:
+        chan.close()  # the warm worker's channel to the pool: the init has nothing to say to it
         isolation.mount_cell_proc()
+        ready, _, _ = select.select([ctl, _Settings.death_r], [], [])
+        msg, fds = wire.recv_with_fds(ctl) if ctl in ready else (None, [])
+        if msg is None or len(fds) != 1:
+            os._exit(0)  # the warm worker is gone, or never used this spare
         pid = os.fork()
         if pid == 0:
-            if rng_state is not None:
+            if rng_state is not None:  # random re-seeds itself from urandom in every fork; undo that
                 _Settings.rng_set(_Settings.rng, rng_state)
             spec = _Settings.spec
             try:
                 confine.confine(spec["memory_mb"], spec["file_size_mb"], spec["nproc"])
             except BaseException as exc:  # noqa: BLE001 - the step must not run unconfined
-                chan.detach()
-                os.dup2(sock_fd, CHANNEL_FD)
+                os.dup2(fds[0], CHANNEL_FD)
                 c = socket.socket(fileno=CHANNEL_FD)
                 wire.send(c, {"hello": True})
                 wire.send(c, {"ok": False, "kind": "internal", "error": f"SandboxError: confine failed: {exc}"})
                 os._exit(70)
-            _child(sock_fd, msg, ns, chan)
-        os.close(sock_fd)
-        chan.close()  # the warm worker's channel: the init has nothing to say to the pool
+            _child(fds[0], msg, ns, ctl)
+        os.close(fds[0])
+        ctl.close()
         reaper = _Reaper()
         while True:
             ready, _, _ = select.select([_Settings.death_r], [], [], _REAP_TICK)
@@ -431,7 +475,15 @@ def zygote_main(spec_json: str) -> None:
             chan, {"ready": False, "error": f"{type(exc).__name__}: {exc}", "missing": getattr(exc, "feature", None)}
         )
         os._exit(1)
-    wire.send(chan, {"ready": True, "pid": os.getpid(), "warm": warm, "user": user, "warning": kept_root})
+    if _Settings.kernel:
+        error = _make_spare({"__sandbox_root__": True}, chan)
+        if error:
+            wire.send(chan, {"ready": False, "error": f"the first cell did not start: {error}"})
+            os._exit(1)
+    wire.send(
+        chan,
+        {"ready": True, "pid": os.getpid(), "warm": warm, "user": user, "warning": kept_root, "spare": _Spare.pid},
+    )
     try:
         _serve(chan, {"__sandbox_root__": True})
     finally:
