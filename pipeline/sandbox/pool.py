@@ -229,7 +229,7 @@ class SandboxPool:
                 "zygote": z,
                 "states": [s.pid for s in self._states.values()],
                 "cells": list(self._cells),
-                "spare": self._zygote.info.get("spare") if self._zygote is not None else None,
+                "spare": list(self._zygote.info.get("spare") or []) if self._zygote is not None else [],
                 "scratch": self._scratch,
             }
 
@@ -718,7 +718,7 @@ class SandboxPool:
         except (OSError, wire.ProtocolError) as exc:
             msg = {"ready": False, "error": f"{type(exc).__name__}: {exc}"}
         if msg is not None and z.ready and set(msg) == {"spare"}:
-            z.info["spare"] = msg["spare"]  # the cell the warm worker holds ready for the next fresh step
+            z.info["spare"] = msg["spare"]  # the cells the warm worker holds ready for fresh steps
             return
         if msg is not None and z.ready and self._on_fork_reply(z, msg):
             return

@@ -53,6 +53,7 @@ def spawn_zygote(config: SandboxConfig, scratch: str) -> tuple[subprocess.Popen,
         "output_limit_bytes": c.output_limit_bytes,
         "user": c.user,
         "isolation": c.isolation,
+        "workers": c.workers,
         "scratch_mb": c.scratch_mb,
         # RLIMIT_NPROC of the sandbox uid (shared by all cells): every kept state, the running steps and a
         # margin for killed states not yet reaped (zombies count). A fork bomb reaches it and no further,

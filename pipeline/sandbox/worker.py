@@ -264,9 +264,13 @@ def _children() -> list[int]:
 def _serve(chan: socket.socket, ns: dict) -> None:
     """The state loop: fork a child per "run" request until the pool closes the channel."""
     reaper = _Reaper()
+    zygote = _Settings.kernel and bool(ns.get("__sandbox_root__"))
     while True:
-        ready, _, _ = select.select([chan], [], [], _REAP_TICK)
+        idle_work = zygote and len(_Spare.cells) < _Spare.target
+        ready, _, _ = select.select([chan], [], [], 0.0 if idle_work else _REAP_TICK)
         if not ready:
+            if idle_work and not _make_spare(ns, chan):
+                wire.send(chan, {"spare": _Spare.pids()})
             reaper.tick()
             continue
         msg, fds = wire.recv_with_fds(chan)
@@ -285,9 +289,9 @@ def _serve(chan: socket.socket, ns: dict) -> None:
             reply = _new_cell(fds[0], msg, ns, chan)
             os.close(fds[0])
             wire.send(chan, {"seq": seq, **reply})
-            if _Spare.ctl is None:
+            if not _Spare.cells:
                 _make_spare(ns, chan)  # after the reply, so the step already runs meanwhile
-            wire.send(chan, {"spare": _Spare.pid})  # for the pool's accounting of processes
+            wire.send(chan, {"spare": _Spare.pids()})  # for the pool's accounting of processes
             continue
         rng_state = _Settings.rng_get(_Settings.rng) if _Settings.rng is not None else None
         try:
@@ -305,11 +309,16 @@ def _serve(chan: socket.socket, ns: dict) -> None:
 
 
 class _Spare:
-    """A cell made ahead of need: its init waits on ``ctl`` for the request its first step will run, so a
-    tree's first step costs one fork like any other step (making the next spare follows the reply)."""
+    """Cells made ahead of need: each init waits on its ``ctl`` socket for the request its first step will
+    run, so a tree's first step costs one fork like any other step. The warm worker makes them while it is
+    idle (up to ``target``: one per worker), and one right after it uses the last."""
 
-    pid = 0
-    ctl: socket.socket | None = None
+    cells: list[tuple[int, socket.socket]] = []  # (init pid, control socket)
+    target = 1
+
+    @staticmethod
+    def pids() -> list[int]:
+        return [pid for pid, _ in _Spare.cells]
 
 
 def _new_cell(sock_fd: int, msg: dict, ns: dict, chan: socket.socket) -> dict:
@@ -320,13 +329,11 @@ def _new_cell(sock_fd: int, msg: dict, ns: dict, chan: socket.socket) -> dict:
     then only reaps, and dies when the warm worker does).
     """
     for _attempt in range(2):  # a spare that died meanwhile is replaced once
-        if _Spare.ctl is None:
+        if not _Spare.cells:
             error = _make_spare(ns, chan)
             if error:
                 return {"error": error}
-        assert _Spare.ctl is not None
-        pid, ctl = _Spare.pid, _Spare.ctl
-        _Spare.pid, _Spare.ctl = 0, None
+        pid, ctl = _Spare.cells.pop(0)
         try:
             wire.send(ctl, msg, fds=(sock_fd,))
         except OSError:
@@ -375,7 +382,7 @@ def _make_spare(ns: dict, chan: socket.socket) -> str:
     if not report.isdigit():
         mine.close()
         return report
-    _Spare.pid, _Spare.ctl = int(report), mine
+    _Spare.cells.append((int(report), mine))
     return ""
 
 
@@ -476,13 +483,14 @@ def zygote_main(spec_json: str) -> None:
         )
         os._exit(1)
     if _Settings.kernel:
+        _Spare.target = max(1, int(spec["workers"]))
         error = _make_spare({"__sandbox_root__": True}, chan)
         if error:
             wire.send(chan, {"ready": False, "error": f"the first cell did not start: {error}"})
             os._exit(1)
     wire.send(
         chan,
-        {"ready": True, "pid": os.getpid(), "warm": warm, "user": user, "warning": kept_root, "spare": _Spare.pid},
+        {"ready": True, "pid": os.getpid(), "warm": warm, "user": user, "warning": kept_root, "spare": _Spare.pids()},
     )
     try:
         _serve(chan, {"__sandbox_root__": True})

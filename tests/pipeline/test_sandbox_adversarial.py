@@ -192,12 +192,12 @@ def outcome():
             results = {name: f.result(timeout=120) for name, f in futures.items()}
             after = pool.run_code("print(6 * 7)")
             zygote = pool.processes()["zygote"]
-            # The one process allowed besides: the spare cell's init, made ahead for the next fresh step
-            # (the warm worker reports it just after it answers a fresh step, so ask until it has).
+            # The processes allowed besides: the spare cells' inits, made ahead for fresh steps (the warm
+            # worker reports them just after it makes one, so ask until it has).
             deadline = time.monotonic() + 3.0
             while True:
                 spare = pool.processes()["spare"]
-                stray = [p for p in _live_descendants(zygote, wait=0.5) if not p.startswith(f"{spare} ")]
+                stray = [p for p in _live_descendants(zygote, wait=0.5) if int(p.split()[0]) not in spare]
                 if not stray or time.monotonic() > deadline:
                     break
             connections = []
