@@ -169,3 +169,14 @@ def test_a_step_cannot_open_its_parent_state_or_the_cell_init(pool):
     [r] = pool.run([req("peek", "b", "a", probe, ["x = 1"])])
     assert r.ok and r.replayed == 0, r
     assert r.stdout.split() == ["PermissionError"] * 5, r.stdout
+
+
+def test_fresh_steps_start_in_cells_made_ahead(pool):
+    deadline = time.monotonic() + 5
+    while not (spare := pool.processes()["spare"]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the warm worker makes them while idle
+    assert spare, "no spare cell was made while the pool was idle"
+    [r] = pool.run([req("ahead", "a", None, "x = 1")])
+    assert r.ok
+    assert set(spare) & set(pool.processes()["cells"]), (spare, pool.processes()["cells"])
+    pool.release("ahead")
