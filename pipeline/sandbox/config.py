@@ -28,8 +28,9 @@ class SandboxConfig:
     # (the rest is shared copy-on-write with the warm worker), so 128 states cost ~0.6 GB.
     max_live_states: int = 128
     max_code_bytes: int = 128 * 1024  # one request's code plus history, as sent to a worker
-    # When the pool runs as root, sandbox processes switch to this user (no access to root's files, signals
-    # or /proc entries; RLIMIT_NPROC applies again). Ignored when not root. None keeps root: not advised.
+    # When the pool runs as root, the host user sandbox processes run as: under kernel isolation their uid
+    # 1000 inside the user namespace maps to it; under process isolation they switch to it (skipped, with a
+    # warning, if it cannot read the interpreter). Ignored when not root. None keeps root: not advised.
     user: str | None = "nobody"
     # "kernel": every cell of sandbox processes gets user, PID, mount and network namespaces, a read-only
     # root, seccomp and Landlock (see isolation.py); the pool refuses to start if the kernel lacks one.
