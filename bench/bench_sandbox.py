@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_sandbox.py            # about a minute on 2 cores
     .venv/bin/python bench/bench_sandbox.py --quick    # fewer repeats
 
-1. A warm small step (forked from its parent's live state) vs. a fresh ``python -c`` that imports sympy.
+1. A warm small step (forked from its parent's live state) vs. a fresh ``python -c`` that imports sympy,
+   interleaved; and a fresh step (a new isolated cell, a tree's first step) against the same.
 2. An 8-step trajectory executed incrementally (each step forks from its parent's state) vs. replayed from
    scratch at every step (rStar-Math: step n re-executes steps 1..n), for cheap and for sympy-heavy steps.
    Both run in the same pool; the replay path is the pool's own rebuild-on-miss.
@@ -33,27 +34,36 @@ HEAVY = ["import sympy as sp\nx = sp.symbols('x')"] + [
 ]
 
 
-def fresh_python(repeats: int) -> float:
-    """Mean seconds of ``python -c`` importing sympy and running the small step."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import sympy\nx = 2 + 3\nprint(x)"], check=True, capture_output=True)
-        times.append(time.perf_counter() - t)
-    return statistics.mean(times)
+def fresh_python() -> float:
+    """Seconds of one ``python -c`` importing sympy and running the small step."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import sympy\nx = 2 + 3\nprint(x)"], check=True, capture_output=True)
+    return time.perf_counter() - t
 
 
-def warm_step(pool: SandboxPool, repeats: int) -> float:
-    """Mean seconds of a small step forked from a live parent state (the search's common path)."""
+def warm_vs_cold(pool: SandboxPool, rounds: int, per_round: int) -> tuple[float, float, float]:
+    """Mean seconds of (cold python -c, warm step forked from a live parent, fresh step in a new cell).
+
+    Interleaved round by round, so that the machine's load, which swings by 3x here, hits all three alike.
+    The warm step is the search's common path; the fresh one starts a new cell (namespaces, its own /tmp
+    and /proc, seccomp, Landlock) as a tree's first step or a rebuild does.
+    """
     pool.run([ExecRequest("warm", "root", None, (), "import sympy\na = 2")])
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        [r] = pool.run([ExecRequest("warm", f"c{i}", "root", ("import sympy\na = 2",), "x = a + 3\nprint(x)")])
-        times.append(time.perf_counter() - t)
-        assert r.ok and r.replayed == 0, r
+    cold, warm, fresh = [], [], []
+    for k in range(rounds):
+        cold.append(fresh_python())
+        for i in range(per_round):
+            t = time.perf_counter()
+            [r] = pool.run([ExecRequest("warm", f"c{k}-{i}", "root", ("import sympy\na = 2",), "x = a + 3\nprint(x)")])
+            warm.append(time.perf_counter() - t)
+            assert r.ok and r.replayed == 0, r
+        for _ in range(2):
+            t = time.perf_counter()
+            r = pool.run_code("x = 2 + 3\nprint(x)")
+            fresh.append(time.perf_counter() - t)
+            assert r.ok, r
     pool.release("warm")
-    return statistics.mean(times)
+    return statistics.mean(cold), statistics.mean(warm), statistics.mean(fresh)
 
 
 def trajectory(pool: SandboxPool, codes: list[str], tree: str, incremental: bool) -> float:
@@ -83,7 +93,7 @@ def throughput(pool: SandboxPool, n: int) -> float:
     futures = [pool.submit(ExecRequest("tp", f"c{i}", "root", ("a = 1",), "b = a + 1")) for i in range(n)]
     results = [f.result() for f in futures]
     elapsed = time.perf_counter() - t
-    assert all(r.ok for r in results)
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
     pool.release("tp")
     return n / elapsed
 
@@ -96,14 +106,21 @@ def main() -> None:
     q = args.quick
     rows = []
     with SandboxPool(SandboxConfig(workers=args.workers, timeout=30.0)) as pool:
-        cold = fresh_python(3 if q else 5)
-        warm = warm_step(pool, 50 if q else 200)
+        cold, warm, fresh = warm_vs_cold(pool, 5 if q else 10, 10 if q else 20)
         rows.append(
             (
                 "small step: fresh python -c (sympy) vs warm fork",
                 f"{cold * 1e3:.0f} ms",
                 f"{warm * 1e3:.2f} ms",
                 cold / warm,
+            )
+        )
+        rows.append(
+            (
+                "fresh step: python -c (sympy) vs a new sandbox cell",
+                f"{cold * 1e3:.0f} ms",
+                f"{fresh * 1e3:.2f} ms",
+                cold / fresh,
             )
         )
         for label, codes, reps in (("cheap", CHEAP, 5 if q else 20), ("sympy-heavy", HEAVY, 1 if q else 3)):

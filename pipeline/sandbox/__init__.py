@@ -1,4 +1,8 @@
-"""Run model-written Python safely, fast, and without replaying history (see ``pool`` and ``worker``).
+"""Run model-written Python isolated by the kernel, fast, and without replaying history.
+
+``pool`` (the parent side), ``worker`` (the sandbox processes), ``isolation`` (namespaces, read-only root,
+seccomp, Landlock, hard rlimits: what security rests on), ``limits`` (the in-process guard: clear errors
+for common mistakes, not a boundary). The README's sandbox section lists what is isolated and what is not.
 
 from pipeline.sandbox import SandboxConfig, SandboxPool, run_code
 

@@ -28,9 +28,18 @@ class SandboxConfig:
     # (the rest is shared copy-on-write with the warm worker), so 128 states cost ~0.6 GB.
     max_live_states: int = 128
     max_code_bytes: int = 128 * 1024  # one request's code plus history, as sent to a worker
-    # When the pool runs as root, sandbox processes switch to this user (no access to root's files, signals
-    # or /proc entries; RLIMIT_NPROC applies again). Ignored when not root. None keeps root: not advised.
+    # When the pool runs as root, the host user sandbox processes run as: under kernel isolation their uid
+    # 1000 inside the user namespace maps to it; under process isolation they switch to it (skipped, with a
+    # warning, if it cannot read the interpreter). Ignored when not root. None keeps root: not advised.
     user: str | None = "nobody"
+    # "kernel": every cell of sandbox processes gets user, PID, mount and network namespaces, a read-only
+    # root, seccomp and Landlock (see isolation.py); the pool refuses to start if the kernel lacks one.
+    # "process": rlimits and the in-process guard only, not a security boundary; logged loudly once.
+    isolation: str = "kernel"
+    scratch_mb: int = 64  # size of each cell's private tmpfs on /tmp (kernel isolation); counts as memory
+    # Pool-wide cap on the proportional memory (PSS) of kept states; the least recently used are evicted
+    # above it. 0: no cap beyond max_live_states.
+    memory_budget_mb: int = 8192
     warm_modules: tuple[str, ...] = DEFAULT_WARM_MODULES
     startup_timeout: float = 120.0  # seconds for a warm worker to import its modules and report ready
 
@@ -57,6 +66,12 @@ class SandboxConfig:
             )
         if self.user is not None and not self.user.strip():
             raise ValueError(f"user={self.user!r}: must be a user name, or None to keep running as root")
+        if self.isolation not in ("kernel", "process"):
+            raise ValueError(f"isolation={self.isolation!r}: must be 'kernel' or 'process'")
+        if self.scratch_mb < 1:
+            raise ValueError(f"scratch_mb={self.scratch_mb}: must be >= 1")
+        if self.memory_budget_mb < 0:
+            raise ValueError(f"memory_budget_mb={self.memory_budget_mb}: must be >= 0 (0 = no budget)")
         if not all(isinstance(m, str) and m.strip() for m in self.warm_modules):
             raise ValueError(f"warm_modules={self.warm_modules!r}: must be module names")
         if not (self.startup_timeout > 0):

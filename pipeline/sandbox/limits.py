@@ -1,16 +1,17 @@
-"""Child-side containment: rlimits, privilege drop, the audit guard, and cleanup of descendants.
+"""Child-side containment inside the process: rlimits, the audit guard, and cleanup of descendants.
 
-Two layers, because neither alone is enough:
+Under ``isolation: kernel`` (the default) security rests on ``isolation`` (namespaces, a read-only root,
+seccomp, Landlock, hard rlimits set once per cell). What is here is the first filter on top of it:
 
-* The kernel (always in force): RLIMIT_AS / FSIZE / CORE set once in the warm worker; per step a soft
-  RLIMIT_CPU and a soft RLIMIT_NPROC of 0 (no fork, no thread) while model code runs; a private process
-  group the parent kills as a whole on timeout; when the pool is root, a switch to an unprivileged user so
-  root's files, signals and /proc entries are out of reach and RLIMIT_NPROC applies.
+* Per step, a soft RLIMIT_CPU and a soft RLIMIT_NPROC of 0 (no fork, no thread) while model code runs;
+  a private process group. Under ``isolation: process`` also RLIMIT_AS / FSIZE / CORE and, when the pool
+  is root, a switch to an unprivileged user (skipped, with a warning, if that user cannot read the
+  interpreter's files).
 * The audit guard (PEP 578 hook, armed only while model code runs): refuses process creation, signals to
   other processes, sockets, rlimit changes, loading native libraries, writes outside the scratch directory
   and reads of other processes' environments, raising ``SandboxViolation`` in the step. It turns the
-  common accidents into clear errors. It is not a security boundary on its own (Python code can reach the
-  flag that arms it), which is why the kernel layer exists.
+  common accidents into clear errors. It is not a security boundary (Python code can reach the flag that
+  arms it, and the soft limits can be raised back), which is why the kernel layer exists.
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -33,13 +35,10 @@ _BOOTSTRAP = (
     "from pipeline.sandbox.worker import zygote_main\n"
     "zygote_main(sys.argv[1])\n"
 )
-FORK_REPLY_TIMEOUT = 10.0  # seconds for an idle state to fork and answer; it does nothing else
-
-
-class ForkFailed(Exception):
-    def __init__(self, reason: str, dead: bool):
-        super().__init__(reason)
-        self.dead = dead  # the forking process is gone (else it answered with an error)
+# Tests of the refusal path set this to feature names of ``isolation.FEATURES`` the warm worker must treat
+# as missing; never set in production.
+SIMULATE_MISSING: tuple[str, ...] = ()
+_CRED = struct.Struct("iII")  # struct ucred {pid_t pid; uid_t uid; gid_t gid}, as SCM_CREDENTIALS carries it
 
 
 def spawn_zygote(config: SandboxConfig, scratch: str) -> tuple[subprocess.Popen, socket.socket]:
@@ -53,6 +52,16 @@ def spawn_zygote(config: SandboxConfig, scratch: str) -> tuple[subprocess.Popen,
         "stdout_bytes": c.stdout_bytes,
         "output_limit_bytes": c.output_limit_bytes,
         "user": c.user,
+        "isolation": c.isolation,
+        "workers": c.workers,
+        "scratch_mb": c.scratch_mb,
+        # RLIMIT_NPROC of the sandbox uid (shared by all cells): every kept state, the running steps and a
+        # margin for killed states not yet reaped (zombies count). A fork bomb reaches it and no further,
+        # and dies with its step.
+        "nproc": c.max_live_states + 2 * c.workers + 256,
+        "hidden": [_PROJECT_ROOT],  # the checkout (runs, configs) is never visible to steps
+        "simulate_missing": list(SIMULATE_MISSING),
+        **_outer_ids(c.user),
     }
     mine, theirs = wire.channel_pair()
     with open(os.path.join(scratch, "zygote.log"), "ab") as log_file:
@@ -70,27 +79,95 @@ def spawn_zygote(config: SandboxConfig, scratch: str) -> tuple[subprocess.Popen,
     return proc, mine
 
 
-def fork(sock: socket.socket, codes: list[str], cpu: int) -> tuple[int, socket.socket]:
-    """Ask the process on ``sock`` to fork a child that runs ``codes``; returns (child pid, our end of its socket)."""
+def _outer_ids(user: str | None) -> dict[str, int]:
+    """The host uid/gid the sandbox's inner uid maps to: ``user`` when the pool is root, else the pool's own."""
+    if os.geteuid() == 0 and user:
+        entry = pwd.getpwnam(user)
+        return {"outer_uid": entry.pw_uid, "outer_gid": entry.pw_gid}
+    return {"outer_uid": os.geteuid(), "outer_gid": os.getegid()}
+
+
+def request_fork(sock: socket.socket, seq: int, codes: list[str], cpu: int) -> socket.socket:
+    """Ask the process on ``sock`` to fork a child that runs ``codes``; returns our end of the child's socket.
+
+    Never waits: the reply (tagged ``seq``) and the child's records arrive through the pool's selector.
+    Raises OSError when the request cannot be sent at once (the process is gone or not reading).
+    """
     mine, theirs = wire.channel_pair()
     try:
-        wire.send(sock, {"op": "run", "codes": codes, "cpu_seconds": cpu}, fds=(theirs.fileno(),))
-        sock.settimeout(FORK_REPLY_TIMEOUT)
-        reply = wire.recv(sock)
-    except (OSError, wire.ProtocolError) as exc:
+        # The kernel attaches the sender's pid, translated into our PID namespace, to every record we read.
+        mine.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        mine.setblocking(False)
+        wire.send(sock, {"op": "run", "seq": seq, "codes": codes, "cpu_seconds": cpu}, fds=(theirs.fileno(),))
+    except BaseException:
         mine.close()
-        raise ForkFailed(f"{type(exc).__name__}: {exc}", dead=True) from exc
+        raise
     finally:
         theirs.close()
-    if reply is None or not isinstance(reply.get("pid"), int):
-        mine.close()
-        raise ForkFailed(str((reply or {}).get("error", "end of stream")), dead=reply is None)
-    return reply["pid"], mine
+    return mine
 
 
-def kill(pid: int, sock: socket.socket, scratch: str) -> None:
-    """SIGKILL a sandbox process and its process group, close its socket, remove its scratch directory."""
-    for kill in (os.killpg, os.kill):  # the group: whatever the step started; the pid: if it left it
+def recv_with_pid(sock: socket.socket) -> tuple[dict | None, int | None]:
+    """The next record on a child's socket and the pid of the process that sent it (None if not stated)."""
+    data, anc, _flags, _addr = sock.recvmsg(wire.MAX_RECORD, socket.CMSG_SPACE(_CRED.size))
+    pid = None
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _CRED.size:
+            pid = _CRED.unpack_from(payload)[0] or None
+    return (wire.decode(data) if data else None), pid
+
+
+def tasks_and_children(pid: int) -> tuple[int, list[int]]:
+    """(threads, live child pids) of ``pid`` as the host sees them; (0, []) if it is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, []
+    kids: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+    return len(tids), [k for k in kids if _alive(k)]
+
+
+def describe(pid: int) -> str:
+    """'pid state ppid' of a process, for log lines about strays."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return f"{pid} gone"
+    rest = stat[stat.rfind(b")") + 2 :].split()
+    return f"{pid} state {rest[0].decode()} ppid {int(rest[1])}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size of ``pid`` in KiB (shared pages split among their users); 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass  # gone, or not ours to read: it counts as nothing rather than stopping the pool
+    return 0
+
+
+def kill(pid: int, sock: socket.socket, scratch: str, group: bool = True) -> None:
+    """SIGKILL a sandbox process (and its process group), close its socket, remove its scratch directory."""
+    for kill in (os.killpg, os.kill) if group else (os.kill,):  # the group: what the step started
         try:
             kill(pid, signal.SIGKILL)
         except ProcessLookupError:

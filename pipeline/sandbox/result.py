@@ -8,6 +8,7 @@ reading the step's output.
 
 from __future__ import annotations
 
+import re
 import signal
 from dataclasses import dataclass
 
@@ -25,9 +26,23 @@ INTERNAL = "internal"  # the sandbox could not run the step (no warm worker)
 ERROR_KINDS = frozenset({SYNTAX, RUNTIME, TIMEOUT, MEMORY, OUTPUT, EXIT, FORBIDDEN, KILLED, REPLAY, INPUT, INTERNAL})
 
 
+# Lone surrogates: a Python str may hold them (print(chr(0xD800))), UTF-8 cannot, so Arrow, JSON writers and
+# tokenizers downstream raise on them. Each one becomes U+FFFD, the Unicode replacement character.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD: encodable as strict UTF-8, same length."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 @dataclass(frozen=True)
 class ExecResult:
-    """Outcome of one step. ``stdout``/``stderr`` are capped, a cut ends with ``truncation_marker``."""
+    """Outcome of one step. ``stdout``/``stderr`` are capped, a cut ends with ``truncation_marker``.
+
+    Every text field is valid UTF-8 once constructed (see ``valid_text``): whatever a step prints, its
+    result can be stored, so no step output can fail the worker that stores the tree.
+    """
 
     ok: bool
     error: str | None = None  # None when ok, else "Kind: message", e.g. "ZeroDivisionError: division by zero"
@@ -38,6 +53,10 @@ class ExecResult:
     replayed: int = 0  # history steps re-executed to rebuild the parent state (0: forked from a live state)
 
     def __post_init__(self) -> None:
+        for name in ("error", "stdout", "stderr"):
+            value = getattr(self, name)
+            if isinstance(value, str) and _SURROGATE.search(value):
+                object.__setattr__(self, name, valid_text(value))  # frozen: set once, here
         if self.ok != (self.error is None) or self.ok != (self.error_kind is None):
             raise ValueError(f"ExecResult: ok={self.ok} with error={self.error!r}, error_kind={self.error_kind!r}")
         if self.error_kind is not None and self.error_kind not in ERROR_KINDS:

@@ -21,12 +21,14 @@ import builtins
 import gc
 import json
 import os
+import resource
+import select
 import signal
 import socket
 import sys
 import time
 
-from pipeline.sandbox import limits, wire
+from pipeline.sandbox import confine, isolation, limits, wire
 from pipeline.sandbox.result import (
     EXIT,
     FORBIDDEN,
@@ -40,6 +42,11 @@ from pipeline.sandbox.result import (
 
 CHANNEL_FD = 3  # every sandbox process talks to the pool on this descriptor, and has no others open
 _MAX_ERROR_CHARS = 500
+# CPU seconds a state may spend after its step, forking its children (hard limit = step budget + this).
+# The wall-clock deadline in the pool is what stops a step; the CPU limit is the kernel's backstop.
+STATE_CPU_HEADROOM = 60
+_REAP_TICK = 1.0  # seconds between reaping rounds of an idle state (it also reaps at every request)
+_REAP_AGE = 0.5  # seconds a child stays a zombie before it is reaped (the pool reads its status meanwhile)
 
 
 class OutputLimitExceeded(BaseException):
@@ -87,6 +94,9 @@ class _Settings:
     """What the zygote learned at start; inherited unchanged by every fork."""
 
     scratch = "/tmp"
+    kernel = False  # isolation: kernel (namespaces, seccomp, Landlock) or process (rlimits and the guard)
+    spec: dict = {}
+    death_r = death_w = -1  # a pipe whose write end only the warm worker holds: EOF on death_r = it is gone
     stdout_bytes = 4096
     output_limit = 1 << 20
     recursion_limit = 1000
@@ -186,12 +196,20 @@ def _child(sock_fd: int, msg: dict, ns: dict, parent_chan: socket.socket) -> Non
         os.dup2(sock_fd, CHANNEL_FD)
         os.closerange(CHANNEL_FD + 1, os.sysconf("SC_OPEN_MAX"))  # includes sock_fd and the parent's others
         chan = socket.socket(fileno=CHANNEL_FD)
+        # First record: the pool reads this process's pid, as the kernel states it (SO_PASSCRED), from it.
+        wire.send(chan, {"hello": True})
         workdir = os.path.join(_Settings.scratch, f"s{os.getpid()}")
         os.mkdir(workdir, 0o700)
         os.chdir(workdir)
         if ns.get("__sandbox_root__"):  # the zygote's marker: a child of it starts from nothing
             ns = _fresh_namespace()
-        result = _execute(list(msg["codes"]), ns, int(msg["cpu_seconds"]))
+        codes = list(msg["codes"])
+        if _Settings.kernel:  # a fresh process starts at 0 CPU seconds; soft = hard, never raised again
+            _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+            cpu = int(msg["cpu_seconds"]) * len(codes) + STATE_CPU_HEADROOM
+            cpu = cpu if hard == resource.RLIM_INFINITY else min(cpu, hard)
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        result = _execute(codes, ns, int(msg["cpu_seconds"]))
         wire.send(chan, result)
         status = 0
         if result["ok"]:
@@ -200,42 +218,210 @@ def _child(sock_fd: int, msg: dict, ns: dict, parent_chan: socket.socket) -> Non
         os._exit(status)
 
 
-def _reap() -> None:
-    """Collect exited children (dead states, orphans adopted by the subreaper) so no zombies pile up."""
-    while True:
+class _Reaper:
+    """Collects exited children, but only those that have been zombies for ``_REAP_AGE`` seconds: until
+    then the pool may still be reading the exit status from the zombie's /proc entry."""
+
+    def __init__(self) -> None:
+        self.first_seen: dict[int, float] = {}
+        self.last = 0.0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last < _REAP_AGE / 2:
+            return  # a state with many children pays for reading their /proc entries at most this often
+        self.last = now
+        zombies = {}
+        for pid in _children():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if stat[stat.rfind(b")") + 2 :].split()[0] == b"Z":
+                zombies[pid] = self.first_seen.get(pid, now)
+        for pid, seen in list(zombies.items()):
+            if now - seen >= _REAP_AGE:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass  # reaped already
+                del zombies[pid]
+        self.first_seen = zombies
+
+
+def _children() -> list[int]:
+    out: list[int] = []
+    for tid in os.listdir("/proc/self/task"):
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            with open(f"/proc/self/task/{tid}/children") as f:
+                out += [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+    return out
 
 
 def _serve(chan: socket.socket, ns: dict) -> None:
     """The state loop: fork a child per "run" request until the pool closes the channel."""
+    reaper = _Reaper()
+    zygote = _Settings.kernel and bool(ns.get("__sandbox_root__"))
     while True:
+        idle_work = zygote and len(_Spare.cells) < _Spare.target
+        ready, _, _ = select.select([chan], [], [], 0.0 if idle_work else _REAP_TICK)
+        if not ready:
+            if idle_work and not _make_spare(ns, chan):
+                wire.send(chan, {"spare": _Spare.pids()})
+            reaper.tick()
+            continue
         msg, fds = wire.recv_with_fds(chan)
         if msg is None:
             return
-        _reap()
+        reaper.tick()  # killed children count against RLIMIT_NPROC until reaped
+        seq = msg.get("seq")
         if msg.get("op") != "run" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            wire.send(chan, {"error": f"unknown request {json.dumps(msg)[:200]} with {len(fds)} descriptors"})
+            wire.send(
+                chan, {"seq": seq, "error": f"unknown request {json.dumps(msg)[:200]} with {len(fds)} descriptors"}
+            )
+            continue
+        if _Settings.kernel and ns.get("__sandbox_root__"):
+            reply = _new_cell(fds[0], msg, ns, chan)
+            os.close(fds[0])
+            wire.send(chan, {"seq": seq, **reply})
+            if not _Spare.cells:
+                _make_spare(ns, chan)  # after the reply, so the step already runs meanwhile
+            wire.send(chan, {"spare": _Spare.pids()})  # for the pool's accounting of processes
             continue
         rng_state = _Settings.rng_get(_Settings.rng) if _Settings.rng is not None else None
         try:
             pid = os.fork()
         except OSError as exc:
             os.close(fds[0])
-            wire.send(chan, {"error": f"fork failed: {exc}"})
+            wire.send(chan, {"seq": seq, "error": f"fork failed: {exc}"})
             continue
         if pid == 0:
             if rng_state is not None:  # random re-seeds itself from urandom in every fork; undo that
                 _Settings.rng_set(_Settings.rng, rng_state)
             _child(fds[0], msg, ns, chan)
         os.close(fds[0])
-        wire.send(chan, {"pid": pid})
+        wire.send(chan, {"seq": seq, "pid": pid})
+
+
+class _Spare:
+    """Cells made ahead of need: each init waits on its ``ctl`` socket for the request its first step will
+    run, so a tree's first step costs one fork like any other step. The warm worker makes them while it is
+    idle (up to ``target``: one per worker), and one right after it uses the last."""
+
+    cells: list[tuple[int, socket.socket]] = []  # (init pid, control socket)
+    target = 1
+
+    @staticmethod
+    def pids() -> list[int]:
+        return [pid for pid, _ in _Spare.cells]
+
+
+def _new_cell(sock_fd: int, msg: dict, ns: dict, chan: socket.socket) -> dict:
+    """In the warm worker: hand ``msg`` to a spare cell (see ``isolation``); returns the reply for the pool.
+
+    warm worker -> X (new PID and mount namespaces, tmpfs on /tmp; exits at once) -> Y, the cell's init
+    (pid 1: mounts the cell's /proc, waits for its request, forks the step's process, which confines itself,
+    then only reaps, and dies when the warm worker does).
+    """
+    for _attempt in range(2):  # a spare that died meanwhile is replaced once
+        if not _Spare.cells:
+            error = _make_spare(ns, chan)
+            if error:
+                return {"error": error}
+        pid, ctl = _Spare.cells.pop(0)
+        try:
+            wire.send(ctl, msg, fds=(sock_fd,))
+        except OSError:
+            continue
+        finally:
+            ctl.close()
+        return {"pid": pid, "cell": pid}
+    return {"error": "two spare cells in a row died before their first step"}
+
+
+def _make_spare(ns: dict, chan: socket.socket) -> str:
+    """Start the next spare cell; returns an error message, or "" once its init's pid is known."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    rng_state = _Settings.rng_get(_Settings.rng) if _Settings.rng is not None else None
+    try:
+        x = os.fork()
+    except OSError as exc:
+        for fd in (r, w):
+            os.close(fd)
+        mine.close()
+        theirs.close()
+        return f"fork failed: {exc}"
+    if x == 0:
+        report = b"error: the cell did not start"
+        try:
+            os.close(r)
+            os.close(_Settings.death_w)
+            mine.close()
+            isolation.enter_cell(int(_Settings.spec["scratch_mb"]))
+            y = os.fork()
+            if y == 0:
+                os.close(w)
+                _cell_init(theirs, ns, chan, rng_state)
+            report = str(y).encode()
+        except BaseException as exc:  # noqa: BLE001 - reported to the pool as this fork's error
+            report = f"error: {type(exc).__name__}: {exc}".encode()[:1000]
+        finally:
+            os.write(w, report)
+            os._exit(0)
+    os.close(w)
+    theirs.close()
+    with os.fdopen(r, "rb") as f:
+        report = f.read().decode(errors="replace")
+    os.waitpid(x, 0)
+    if not report.isdigit():
+        mine.close()
+        return report
+    _Spare.cells.append((int(report), mine))
+    return ""
+
+
+def _cell_init(ctl: socket.socket, ns: dict, chan: socket.socket, rng_state: object) -> None:
+    """Pid 1 of a cell: mount its /proc, wait for the first request, fork the step's process, then only
+    reap until the warm worker is gone (never returns)."""
+    status = 70
+    try:
+        chan.close()  # the warm worker's channel to the pool: the init has nothing to say to it
+        isolation.mount_cell_proc()
+        ready, _, _ = select.select([ctl, _Settings.death_r], [], [])
+        msg, fds = wire.recv_with_fds(ctl) if ctl in ready else (None, [])
+        if msg is None or len(fds) != 1:
+            os._exit(0)  # the warm worker is gone, or never used this spare
+        pid = os.fork()
+        if pid == 0:
+            if rng_state is not None:  # random re-seeds itself from urandom in every fork; undo that
+                _Settings.rng_set(_Settings.rng, rng_state)
+            spec = _Settings.spec
+            try:
+                confine.confine(spec["memory_mb"], spec["file_size_mb"], spec["nproc"])
+            except BaseException as exc:  # noqa: BLE001 - the step must not run unconfined
+                os.dup2(fds[0], CHANNEL_FD)
+                c = socket.socket(fileno=CHANNEL_FD)
+                wire.send(c, {"hello": True})
+                wire.send(c, {"ok": False, "kind": "internal", "error": f"SandboxError: confine failed: {exc}"})
+                os._exit(70)
+            _child(fds[0], msg, ns, ctl)
+        os.close(fds[0])
+        ctl.close()
+        reaper = _Reaper()
+        while True:
+            ready, _, _ = select.select([_Settings.death_r], [], [], _REAP_TICK)
+            if ready and not os.read(_Settings.death_r, 1):
+                break  # the warm worker is gone: end the cell (the kernel kills every process in it)
+            reaper.tick()
+        status = 0
+    finally:
+        os._exit(status)
 
 
 def _import_warm(names: list[str]) -> list[str]:
@@ -270,10 +456,20 @@ def zygote_main(spec_json: str) -> None:
         _Settings.stdout_bytes = spec["stdout_bytes"]
         _Settings.output_limit = spec["output_limit_bytes"]
         _Settings.recursion_limit = sys.getrecursionlimit()
+        _Settings.spec = spec
         limits.apply_static_limits(spec["memory_mb"], spec["file_size_mb"])
         limits.become_subreaper()
-        user, kept_root = limits.drop_privileges(spec["user"])
-        limits.install_guard(spec["scratch"])
+        if spec["isolation"] == "kernel":
+            isolation.simulate_missing(spec.get("simulate_missing", []))
+            confine.require_all()  # loads libseccomp while the host's library paths are still visible
+            isolation.enter_zygote(spec["scratch"], spec["outer_uid"], spec["outer_gid"], hidden=tuple(spec["hidden"]))
+            _Settings.kernel, _Settings.scratch = True, "/tmp"
+            os.environ.update({"HOME": "/tmp", "TMPDIR": "/tmp"})
+            _Settings.death_r, _Settings.death_w = os.pipe()  # every fork closes the write end at once
+            user, kept_root = f"uid {isolation.INNER_UID} in a user namespace", None
+        else:
+            user, kept_root = limits.drop_privileges(spec["user"])
+        limits.install_guard(_Settings.scratch)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # C-level writes and reads of model code go nowhere; Python's are captured
             os.dup2(devnull, fd)
@@ -282,11 +478,22 @@ def zygote_main(spec_json: str) -> None:
         gc.collect()
         gc.freeze()  # keep the collector off the warm modules' pages so forks share them copy-on-write
     except BaseException as exc:  # noqa: BLE001 - reported to the pool, which raises it to the user
-        wire.send(chan, {"ready": False, "error": f"{type(exc).__name__}: {exc}"})
+        wire.send(
+            chan, {"ready": False, "error": f"{type(exc).__name__}: {exc}", "missing": getattr(exc, "feature", None)}
+        )
         os._exit(1)
-    wire.send(chan, {"ready": True, "pid": os.getpid(), "warm": warm, "user": user, "warning": kept_root})
+    if _Settings.kernel:
+        _Spare.target = max(1, int(spec["workers"]))
+        error = _make_spare({"__sandbox_root__": True}, chan)
+        if error:
+            wire.send(chan, {"ready": False, "error": f"the first cell did not start: {error}"})
+            os._exit(1)
+    wire.send(
+        chan,
+        {"ready": True, "pid": os.getpid(), "warm": warm, "user": user, "warning": kept_root, "spare": _Spare.pids()},
+    )
     try:
         _serve(chan, {"__sandbox_root__": True})
     finally:
-        limits.kill_descendants()
+        limits.kill_descendants()  # process isolation; with kernel isolation the cells end with this process
         os._exit(0)

@@ -89,7 +89,10 @@ def test_round_py_rejects_bad_config_with_status_2_and_writes_nothing(tmp_path, 
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "round.py"), "--config", str(p), "--run-dir", str(run_dir)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -99,8 +102,13 @@ def test_round_py_rejects_bad_config_with_status_2_and_writes_nothing(tmp_path, 
 
 
 def test_round_py_missing_config_file(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "round.py"), "--config", "nope.yaml"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "round.py"), "--config", "nope.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "--config nope.yaml: file not found" in proc.stderr
 

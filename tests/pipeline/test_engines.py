@@ -64,7 +64,8 @@ def test_stop_strings_per_mode_and_cutting():
     # The earliest stop wins, text before it is kept as is.
     assert cut_at_stop("a\n<end_of_step>\nb<end_of_answer>", stop_strings("step")) == Proposal("a\n", STEP_END)
     assert cut_at_stop("a<end_of_step>b<end_of_answer>c", stop_strings("solution")) == Proposal(
-        "a<end_of_step>b", ANSWER_END)
+        "a<end_of_step>b", ANSWER_END
+    )
     assert cut_at_stop("no stop", stop_strings("step")) == Proposal("no stop", None)
     assert sample_seed(7, 0) == sample_seed(7, 0) and sample_seed(7, 0) != sample_seed(7, 1)
 
@@ -77,8 +78,10 @@ def test_prompt_uses_the_chat_template_and_appends_history(tok):
     history = "# x is 3\nx = 3\n<end_of_step>\n"
     text = b.build(Q1, history)
     # SmolLM2's template: system turn, user turn, then the opened assistant turn followed by the steps so far.
-    assert text == (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{Q1}<|im_end|>\n"
-                    f"<|im_start|>assistant\n{history}")
+    assert text == (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{Q1}<|im_end|>\n"
+        f"<|im_start|>assistant\n{history}"
+    )
     assert b.build(Q1) + history == text, "SFT prompt + completion must equal the inference prompt"
     assert text.startswith(b.shared_prefix) and b.shared_prefix.endswith("<|im_start|>user\n")
 
@@ -112,8 +115,9 @@ def _policy(path: Path, tok, **kw):
     from pipeline.engines.hf_policy import TransformersPolicy
 
     gen = kw.pop("gen", GenerationConfig(temperature=0.0, max_new_tokens_step=12))
-    return TransformersPolicy(path, PromptBuilder(tok, few_shot=kw.pop("few_shot", True)), gen,
-                              kw.pop("mode", "step"), device="cpu", **kw)
+    return TransformersPolicy(
+        path, PromptBuilder(tok, few_shot=kw.pop("few_shot", True)), gen, kw.pop("mode", "step"), device="cpu", **kw
+    )
 
 
 def test_greedy_batch_matches_generate_one_by_one(tiny, tok):
@@ -125,7 +129,7 @@ def test_greedy_batch_matches_generate_one_by_one(tiny, tok):
     for s, props in zip(states, got, strict=True):
         enc = tok(pol.builder.build(s.question, s.history), return_tensors="pt", add_special_tokens=False)
         ref = pol.model.generate(**enc, max_new_tokens=12, do_sample=False)
-        expect = tok.decode(ref[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        expect = tok.decode(ref[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
         assert [p.text for p in props] == [expect, expect], f"{s.tree_id}: {props} vs {expect!r}"
     # Prefix sharing is an optimisation only: without it the text is the same.
     assert _policy(tiny, tok, share_prefix=False).propose(states, 2) == got
@@ -156,8 +160,9 @@ def test_rows_are_chunked_by_max_batch_rows(tiny, tok):
 
 
 def test_make_policy_builds_the_transformers_backend(tiny):
-    cfg = EngineConfig(policy_model="tiny-random", device="cpu",
-                       generation=GenerationConfig(temperature=0.0, max_new_tokens_step=3))
+    cfg = EngineConfig(
+        policy_model="tiny-random", device="cpu", generation=GenerationConfig(temperature=0.0, max_new_tokens_step=3)
+    )
     pol = make_policy(cfg, mode="step", few_shot=False)
     assert type(pol).__name__ == "TransformersPolicy" and not pol.builder.examples
     out = pol.propose([SearchState("a", Q1, "", 0)], 2)
@@ -167,8 +172,9 @@ def test_make_policy_builds_the_transformers_backend(tiny):
 
 
 def test_with_generation_shares_the_model_and_changes_only_decoding(tiny):
-    cfg = EngineConfig(policy_model="tiny-random", device="cpu",
-                       generation=GenerationConfig(temperature=1.0, max_new_tokens_step=4))
+    cfg = EngineConfig(
+        policy_model="tiny-random", device="cpu", generation=GenerationConfig(temperature=1.0, max_new_tokens_step=4)
+    )
     sampler = make_policy(cfg, mode="step")
     greedy = with_generation(sampler, GenerationConfig(temperature=0.0, max_new_tokens_step=4))
     assert greedy.model is sampler.model and sampler.gen.temperature == 1.0  # no second load, original untouched
@@ -188,8 +194,8 @@ def test_with_generation_shares_the_model_and_changes_only_decoding(tiny):
 def scripted(tmp_path_factory, tiny) -> Path:
     """A one-layer Llama whose next token is a fixed function of the current token:
 
-        <prompt end '\\n'> -> '#' -> ' two' -> {<end_of_step>, <end_of_answer>, EOS}  (equal odds)
-        <end_of_step> -> '#'   (so solution mode loops until the answer delimiter or EOS)
+    <prompt end '\\n'> -> '#' -> ' two' -> {<end_of_step>, <end_of_answer>, EOS}  (equal odds)
+    <end_of_step> -> '#'   (so solution mode loops until the answer delimiter or EOS)
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -201,9 +207,18 @@ def scripted(tmp_path_factory, tiny) -> Path:
     nl, hash_, two = 198, tok.encode("#", add_special_tokens=False)[0], tok.encode(" two", add_special_tokens=False)[0]
     eos = tok.eos_token_id
     table = {nl: [hash_], hash_: [two], two: [ids[STEP_END], ids[ANSWER_END], eos], ids[STEP_END]: [hash_]}
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
-                         eos_token_id=eos, pad_token_id=eos, bos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=1,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -234,8 +249,13 @@ def test_step_mode_stops_at_either_delimiter_or_eos(scripted):
 
 def test_solution_mode_runs_past_step_delimiters(scripted):
     tok = load_tokenizer(scripted)
-    pol = _policy(scripted, tok, few_shot=False, mode="solution",
-                  gen=GenerationConfig(temperature=1.0, top_p=1.0, max_new_tokens_solution=40))
+    pol = _policy(
+        scripted,
+        tok,
+        few_shot=False,
+        mode="solution",
+        gen=GenerationConfig(temperature=1.0, top_p=1.0, max_new_tokens_solution=40),
+    )
     got = pol.propose([SearchState("a", Q1, "", 3)], 12)[0]
     for p in got:
         # '# two' repeated, joined by <end_of_step>; ends at the answer delimiter, EOS (None) or the budget.

@@ -148,15 +148,21 @@ def test_wrong_sample_count_is_an_error(builder):
 def test_against_a_server_that_runs_the_tiny_model(builder):
     from pipeline.engines.hf_policy import TransformersPolicy
 
-    engine = TransformersPolicy(resolve_model("tiny-random"), builder, GenerationConfig(max_new_tokens_step=16),
-                                "step", device="cpu")
+    engine = TransformersPolicy(
+        resolve_model("tiny-random"), builder, GenerationConfig(max_new_tokens_step=16), "step", device="cpu"
+    )
 
     def serve(body):
-        engine.gen = GenerationConfig(temperature=body["temperature"], top_p=body["top_p"],
-                                      max_new_tokens_step=body["max_tokens"])
+        engine.gen = GenerationConfig(
+            temperature=body["temperature"], top_p=body["top_p"], max_new_tokens_step=body["max_tokens"]
+        )
         props = engine.generate([body["prompt"]], [body["seed"]], body["n"])[0]
-        return 200, {"choices": [{"index": i, "text": p.text, "finish_reason": "stop" if p.stop else "length",
-                                  "stop_reason": p.stop} for i, p in enumerate(props)]}
+        return 200, {
+            "choices": [
+                {"index": i, "text": p.text, "finish_reason": "stop" if p.stop else "length", "stop_reason": p.stop}
+                for i, p in enumerate(props)
+            ]
+        }
 
     with Server(serve) as srv:
         pol = _policy(builder, [srv.url])

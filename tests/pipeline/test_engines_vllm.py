@@ -14,8 +14,10 @@ from mcts.steps import STOP_STRINGS
 from pipeline.engines import EngineConfig, EngineError, GenerationConfig, VllmConfig, make_policy
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
-STATES = [SearchState("p1", "Tom has 3 apples and buys 5 more. How many apples does he have?", "", 11),
-          SearchState("p2", "What is 12 times 7?", "", 12)]
+STATES = [
+    SearchState("p1", "Tom has 3 apples and buys 5 more. How many apples does he have?", "", 11),
+    SearchState("p2", "What is 12 times 7?", "", 12),
+]
 
 
 @pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed: the missing-vLLM message cannot be tested here")
@@ -40,8 +42,11 @@ def test_missing_vllm_for_ppm_scoring_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed")
 @pytest.mark.parametrize("backend", ["vllm", "vllm_async"])
 def test_vllm_backend_samples_k_steps_reproducibly(backend):
-    cfg = EngineConfig(backend=backend, generation=GenerationConfig(max_new_tokens_step=48),
-                       vllm=VllmConfig(max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.3))
+    cfg = EngineConfig(
+        backend=backend,
+        generation=GenerationConfig(max_new_tokens_step=48),
+        vllm=VllmConfig(max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.3),
+    )
     policy = make_policy(cfg, mode="step", few_shot=True)
     try:
         first = policy.propose(STATES, 4)

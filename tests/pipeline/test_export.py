@@ -29,14 +29,17 @@ def prompt_fn(question: str, prefix: str) -> str:
 
 def solved_tree(pid: str, round: int = 1) -> Tree:
     """root ─ 1 ADD(5) ─┬ 3 ANS5 correct          outcomes backed up: +1 via 3, -1 via 4, -1 via 5
-                        └ 4 ANS6 wrong            Q(1) = (1 - 1) / 2 = 0, Q(2) = -1, Q(3) = 1, Q(4) = Q(5) = -1
-         └ 2 MUL(6) ─── 5 ANS6 wrong              plus one rejected candidate (id 6) under the root
+                   └ 4 ANS6 wrong            Q(1) = (1 - 1) / 2 = 0, Q(2) = -1, Q(3) = 1, Q(4) = Q(5) = -1
+    └ 2 MUL(6) ─── 5 ANS6 wrong              plus one rejected candidate (id 6) under the root
     """
     t = Tree(TreeInfo(pid, f"What is 2+3? ({pid})", "5", round, "terminal", 1.0, 42))
     n1 = t.add_child(t.new_id(), ROOT_ID, parse_step(ADD), "5", "open")
     n2 = t.add_child(t.new_id(), ROOT_ID, parse_step(MUL), "6", "open")
-    for parent, text, verdict, reward in ((n1.id, ANS5, "correct", 1.0), (n1.id, ANS6, "wrong", -1.0),
-                                          (n2.id, ANS6, "wrong", -1.0)):
+    for parent, text, verdict, reward in (
+        (n1.id, ANS5, "correct", 1.0),
+        (n1.id, ANS6, "wrong", -1.0),
+        (n2.id, ANS6, "wrong", -1.0),
+    ):
         leaf = t.add_child(t.new_id(), parent, parse_step(text), "", "terminal", verdict)
         leaf.reward = reward
         backup(t.nodes, leaf.id, reward)
@@ -103,7 +106,10 @@ def test_export_counts_and_rows_match_hand_computed_extraction(tmp_path):
 
     steps = [r for r in pq.read_table(res.paths["steps"]).to_pylist() if r["problem_id"] == "s0"]
     assert [(r["leaf_id"], r["outcome"], r["labels"]) for r in steps] == [
-        (3, "correct", [0.0, 1.0]), (4, "wrong", [0.0, -1.0]), (5, "wrong", [-1.0, -1.0])]
+        (3, "correct", [0.0, 1.0]),
+        (4, "wrong", [0.0, -1.0]),
+        (5, "wrong", [-1.0, -1.0]),
+    ]
     assert steps[0]["completions"] == [render_step(ADD, "5"), render_step(ANS5, "", final=True)]
 
     trees = pq.read_table(res.paths["trees"])
@@ -113,6 +119,7 @@ def test_export_counts_and_rows_match_hand_computed_extraction(tmp_path):
 
 def test_export_is_streamed_shard_by_shard_in_row_groups(tmp_path, monkeypatch):
     run = make_run(tmp_path, n_solved=9, n_unsolved=0, shard_problems=2)
+
     # Whole-file reads would defeat streaming: forbid them for the duration of the export.
     def no_whole_reads(*a, **k):
         raise AssertionError("export must stream with ParquetFile.iter_batches, not read whole files")
@@ -131,8 +138,9 @@ def test_export_is_streamed_shard_by_shard_in_row_groups(tmp_path, monkeypatch):
     assert pq.ParquetFile(res.paths["trees"]).num_row_groups > 3
     # one prompt per distinct (question, prefix) per tree: '' and the node-1 prefix -> 2 calls per tree
     assert len(seen) == 18 and seen[:2] == ["What is 2+3? (s0)"] * 2
-    assert pq.read_table(res.paths["trees"]).equals(pq.read_table(export_round(run, 1, prompt_fn, tmp_path / "b")
-                                                                  .paths["trees"]))
+    assert pq.read_table(res.paths["trees"]).equals(
+        pq.read_table(export_round(run, 1, prompt_fn, tmp_path / "b").paths["trees"])
+    )
 
 
 def test_every_export_loads_with_datasets(tmp_path):
@@ -183,13 +191,16 @@ def test_export_of_a_round_without_trees_is_refused(tmp_path):
         export_trees(RunDir(tmp_path).trees(1), tmp_path / "out", prompt_fn)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"row_group_rows": 0}, "row_group_rows=0: must be >= 1"),
-    ({"read_batch_rows": -1}, "read_batch_rows=-1: must be >= 1"),
-    ({"tables": ("sft", "pairs")}, r"tables=\['sft', 'pairs'\]: must be distinct names among sft, ppm_pairs"),
-    ({"tables": ()}, r"tables=\[\]"),
-    ({"compression": "lz5"}, "compression='lz5'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"row_group_rows": 0}, "row_group_rows=0: must be >= 1"),
+        ({"read_batch_rows": -1}, "read_batch_rows=-1: must be >= 1"),
+        ({"tables": ("sft", "pairs")}, r"tables=\['sft', 'pairs'\]: must be distinct names among sft, ppm_pairs"),
+        ({"tables": ()}, r"tables=\[\]"),
+        ({"compression": "lz5"}, "compression='lz5'"),
+    ],
+)
 def test_export_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ExportConfig(**kwargs)
@@ -208,18 +219,33 @@ def test_exports_feed_trl_sft_and_reward_trainers_as_they_are(tmp_path):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     run = make_run(tmp_path, n_solved=4, n_unsolved=1)
+
     # The real prompt: the model's chat template around the question, then the prefix (as PromptBuilder does).
     def chat_prompt(question: str, prefix: str) -> str:
         msgs = [{"role": "user", "content": question}]
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + prefix
 
     res = export_round(run, 1, chat_prompt)
-    common = dict(max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, use_cpu=True, bf16=False,
-                  gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no",
-                  dataloader_num_workers=0, seed=0)
+    common = dict(
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        seed=0,
+    )
 
-    sft = SFTTrainer(model=model_dir, processing_class=tok, train_dataset=load_export(res.paths["sft"]),
-                     args=SFTConfig(output_dir=str(tmp_path / "sft"), max_length=256, **common))
+    sft = SFTTrainer(
+        model=model_dir,
+        processing_class=tok,
+        train_dataset=load_export(res.paths["sft"]),
+        args=SFTConfig(output_dir=str(tmp_path / "sft"), max_length=256, **common),
+    )
     before = [p.detach().clone() for p in sft.model.parameters()]
     sft.train()
     assert sft.state.global_step == 2
@@ -227,8 +253,12 @@ def test_exports_feed_trl_sft_and_reward_trainers_as_they_are(tmp_path):
 
     rm = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     rm.config.pad_token_id = tok.pad_token_id
-    reward = RewardTrainer(model=rm, processing_class=tok, train_dataset=load_export(res.paths["ppm_pairs"]),
-                           args=RewardConfig(output_dir=str(tmp_path / "rm"), max_length=256, **common))
+    reward = RewardTrainer(
+        model=rm,
+        processing_class=tok,
+        train_dataset=load_export(res.paths["ppm_pairs"]),
+        args=RewardConfig(output_dir=str(tmp_path / "rm"), max_length=256, **common),
+    )
     head = rm.score.weight.detach().clone()
     reward.train()
     assert reward.state.global_step == 2

@@ -37,8 +37,13 @@ def test_log_writes_json_lines_and_a_console_line(tmp_path):
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     recs = [json.loads(s) for s in lines]
     assert [r["event"] for r in recs] == ["round.start", "quiet", "engine.died"]
-    assert recs[0] == {"ts": "1970-01-01T00:00:00.000+00:00", "level": "info", "event": "round.start",
-                       "round": 1, "problems": 40}
+    assert recs[0] == {
+        "ts": "1970-01-01T00:00:00.000+00:00",
+        "level": "info",
+        "event": "round.start",
+        "round": 1,
+        "problems": 40,
+    }
     assert recs[1]["ts"] == "1970-01-01T00:00:01.500+00:00"
     assert recs[2]["path"] == str(tmp_path) and recs[2]["ids"] == ["a", "b"]  # non-JSON fields made JSON
     console = out.getvalue().splitlines()
@@ -135,15 +140,31 @@ def test_progress_draws_tqdm_on_a_terminal(tmp_path):
 
 SCHEMA = pa.schema([("problem_id", pa.string()), ("node", pa.int32())])
 CONFIG = {
-    "name": "demo", "seed": 7,
+    "name": "demo",
+    "seed": 7,
     "problems": {"source": "builtin:arith", "n": 4},
     "engines": {"backend": "transformers", "policy_model": "tiny-random"},
-    "rounds": {"from_base": True, "schedule": [
-        {"policy": "bootstrap", "q_mode": "terminal", "gen_mode": "solution", "rollouts": 8, "children": 5,
-         "extra_rollouts_unsolved": 0},
-        {"policy": "previous", "q_mode": "terminal", "gen_mode": "step", "rollouts": 16, "children": 8,
-         "extra_rollouts_unsolved": 48},
-    ]},
+    "rounds": {
+        "from_base": True,
+        "schedule": [
+            {
+                "policy": "bootstrap",
+                "q_mode": "terminal",
+                "gen_mode": "solution",
+                "rollouts": 8,
+                "children": 5,
+                "extra_rollouts_unsolved": 0,
+            },
+            {
+                "policy": "previous",
+                "q_mode": "terminal",
+                "gen_mode": "step",
+                "rollouts": 16,
+                "children": 8,
+                "extra_rollouts_unsolved": 48,
+            },
+        ],
+    },
 }
 
 

@@ -13,7 +13,9 @@ from pipeline.config import RayConfig
 
 
 def test_config_address_wins_over_ray_address_and_empty_means_local():
-    assert resolve_address(RayConfig(address="ray://head:10001"), {"RAY_ADDRESS": "10.0.0.1:6379"}) == "ray://head:10001"
+    assert (
+        resolve_address(RayConfig(address="ray://head:10001"), {"RAY_ADDRESS": "10.0.0.1:6379"}) == "ray://head:10001"
+    )
     assert resolve_address(RayConfig(), {"RAY_ADDRESS": "10.0.0.1:6379"}) == "10.0.0.1:6379"
     assert resolve_address(RayConfig(), {}) == ""
 
@@ -23,7 +25,7 @@ def test_job_upload_excludes_the_virtualenv_and_run_outputs():
     assert env["working_dir"] == "/repo"
     assert {".venv", "runs", ".git"} <= set(env["excludes"])
     argv = job_submit_command("http://127.0.0.1:8265", ["python", "round.py", "--config", "configs/tiny.yaml"])
-    assert argv[:3] == ["ray", "job", "submit"] and argv[argv.index("--") + 1:][:2] == ["python", "round.py"]
+    assert argv[:3] == ["ray", "job", "submit"] and argv[argv.index("--") + 1 :][:2] == ["python", "round.py"]
     runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
     assert runtime_env["excludes"] == list(JOB_EXCLUDES)
 
@@ -50,11 +52,13 @@ def test_local_cluster_starts_with_auth_off_and_workers_import_the_repo(tmp_path
         "    with connect(RayConfig()) as inner:\n"
         "        pass\n"
         "    print('inner', inner.owned, ray.is_initialized())\n"
-        "print('after', ray.is_initialized())\n")
+        "print('after', ray.is_initialized())\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["PYTHONPATH"] = str(REPO_ROOT)
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert "started True disabled" in lines, out.stdout

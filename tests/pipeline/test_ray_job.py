@@ -53,10 +53,25 @@ def head_node():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env.update(RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            f"--dashboard-port={dash_port}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{dash_port}"
     try:
         deadline = time.time() + 120
@@ -89,19 +104,44 @@ def test_round_submitted_as_a_ray_job_on_a_loopback_head(head_node, tmp_path):
     url, gcs, env = head_node
 
     # A plain driver with RAY_ADDRESS joins the cluster instead of starting one.
-    probe = ("from pipeline.cluster import connect, disconnect\nfrom pipeline.config import RayConfig\n"
-             "c = connect(RayConfig())\nprint('JOINED', c.started, c.joined_job)\ndisconnect(c)\n")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env={**env, "RAY_ADDRESS": gcs},
-                         capture_output=True, text=True, timeout=300)
+    probe = (
+        "from pipeline.cluster import connect, disconnect\nfrom pipeline.config import RayConfig\n"
+        "c = connect(RayConfig())\nprint('JOINED', c.started, c.joined_job)\ndisconnect(c)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO_ROOT,
+        env={**env, "RAY_ADDRESS": gcs},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "JOINED False False" in out.stdout, out.stdout + out.stderr[-2000:]
 
     run_dir = tmp_path / "run"
     # Round 1 of the tiny preset, shrunk further: this test is about the job plumbing, not the rounds.
-    shrink = ["problems.n=2", "eval.enabled=false", "engines.bootstrap_model=tiny-random",
-              "rounds.schedule.0.rollouts=1", "rounds.schedule.0.children=2"]
-    argv = job_submit_command(url, ["python", "round.py", "--config", "configs/tiny.yaml", "--run-dir",
-                                    str(run_dir), "--rounds", "1", *(a for kv in shrink for a in ("--set", kv))],
-                              working_dir=".")
+    shrink = [
+        "problems.n=2",
+        "eval.enabled=false",
+        "engines.bootstrap_model=tiny-random",
+        "rounds.schedule.0.rollouts=1",
+        "rounds.schedule.0.children=2",
+    ]
+    argv = job_submit_command(
+        url,
+        [
+            "python",
+            "round.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--run-dir",
+            str(run_dir),
+            "--rounds",
+            "1",
+            *(a for kv in shrink for a in ("--set", kv)),
+        ],
+        working_dir=".",
+    )
     argv[0] = str(BIN / "ray")
     job = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]

@@ -53,8 +53,14 @@ class ScriptedPolicy:
     right answer (j = 0) unless the problem id is in ``never_solve``. Sleeps ``delay`` per call, like an engine.
     ``die_on_call``: the process exits on that call, once per ``marker`` file (so a restarted engine lives)."""
 
-    def __init__(self, answers: dict[str, str], delay: float = 0.0, never_solve: frozenset = frozenset(),
-                 die_on_call: int = 0, marker: str = ""):
+    def __init__(
+        self,
+        answers: dict[str, str],
+        delay: float = 0.0,
+        never_solve: frozenset = frozenset(),
+        die_on_call: int = 0,
+        marker: str = "",
+    ):
         self.answers, self.delay, self.never_solve = answers, delay, never_solve
         self.die_on_call, self.marker, self.calls = die_on_call, marker, 0
 
@@ -127,9 +133,19 @@ def make_cfg(workers: int = 2, engines: int = 1, max_restarts: int = 2):
 
     # Shallow trees keep each run to a second or two. Fractional CPUs: 2 workers + an engine + a scorer (and
     # a replacement worker) fit the 2-CPU test cluster.
-    return RunConfig(seed=7, storage=StorageConfig(shard_problems=3), search=SearchConfig(max_depth=4),
-                     ray=RayConfig(num_cpus=2, rollout_workers=workers, policy_engines=engines, cpus_per_engine=0.25,
-                                   cpus_per_worker=0.25, max_restarts=max_restarts))
+    return RunConfig(
+        seed=7,
+        storage=StorageConfig(shard_problems=3),
+        search=SearchConfig(max_depth=4),
+        ray=RayConfig(
+            num_cpus=2,
+            rollout_workers=workers,
+            policy_engines=engines,
+            cpus_per_engine=0.25,
+            cpus_per_worker=0.25,
+            max_restarts=max_restarts,
+        ),
+    )
 
 
 def make_spec(**kw):
@@ -139,20 +155,35 @@ def make_spec(**kw):
 
 
 def backends(delay=0.0, never_solve=frozenset(), scorer=False, executor=OkExecutor, **policy_kw):
-    return Backends(policy=functools.partial(ScriptedPolicy, ANSWERS, delay, frozenset(never_solve), **policy_kw),
-                    executor=executor, grader=exact_grade, scorer=FixedScorer if scorer else None)
+    return Backends(
+        policy=functools.partial(ScriptedPolicy, ANSWERS, delay, frozenset(never_solve), **policy_kw),
+        executor=executor,
+        grader=exact_grade,
+        scorer=FixedScorer if scorer else None,
+    )
 
 
 def quiet_log(tmp_path: Path) -> RunLog:
     return RunLog(tmp_path / "log.jsonl", RunLogConfig(console=False))
 
 
-def rollouts(tmp_path: Path, name: str, problems=PROBLEMS, cfg=None, spec=None, be=None, **kw) -> tuple[
-        RolloutStats, TreeStore]:
+def rollouts(
+    tmp_path: Path, name: str, problems=PROBLEMS, cfg=None, spec=None, be=None, **kw
+) -> tuple[RolloutStats, TreeStore]:
     store = TreeStore(tmp_path / name / "trees")
-    stats = run_rollouts(cfg or make_cfg(), 1, spec or make_spec(), problems, "fake-policy", None, store,
-                         quiet_log(tmp_path / name), settings=RolloutConfig(retry_backoff_s=0.05),
-                         backends=be or backends(), **kw)
+    stats = run_rollouts(
+        cfg or make_cfg(),
+        1,
+        spec or make_spec(),
+        problems,
+        "fake-policy",
+        None,
+        store,
+        quiet_log(tmp_path / name),
+        settings=RolloutConfig(retry_backoff_s=0.05),
+        backends=be or backends(),
+        **kw,
+    )
     return stats, store
 
 
@@ -219,14 +250,17 @@ def test_every_problem_stored_once_and_trees_independent_of_sharding(reference, 
 def test_resume_skips_stored_problems_and_adds_the_same_trees(reference, tmp_path):
     _, full_store = reference
     store = TreeStore(tmp_path / "resumed" / "trees")
-    first = run_rollouts(make_cfg(), 1, make_spec(), PROBLEMS[:3], "fake-policy", None, store,
-                         quiet_log(tmp_path), backends=backends())
-    again = run_rollouts(make_cfg(), 1, make_spec(), PROBLEMS, "fake-policy", None, store, quiet_log(tmp_path),
-                         backends=backends())
+    first = run_rollouts(
+        make_cfg(), 1, make_spec(), PROBLEMS[:3], "fake-policy", None, store, quiet_log(tmp_path), backends=backends()
+    )
+    again = run_rollouts(
+        make_cfg(), 1, make_spec(), PROBLEMS, "fake-policy", None, store, quiet_log(tmp_path), backends=backends()
+    )
     assert (first.done, again.skipped, again.done) == (3, 3, 5)
     assert rows_by_problem(store) == rows_by_problem(full_store)
-    nothing = run_rollouts(make_cfg(), 1, make_spec(), PROBLEMS, "fake-policy", None, store, quiet_log(tmp_path),
-                           backends=backends())
+    nothing = run_rollouts(
+        make_cfg(), 1, make_spec(), PROBLEMS, "fake-policy", None, store, quiet_log(tmp_path), backends=backends()
+    )
     assert (nothing.skipped, nothing.done) == (8, 0)
 
 
@@ -298,10 +332,13 @@ def test_real_tiny_model_with_sandbox_and_grader(cluster, tmp_path):
     model = str(resolve_model("tiny-random"))
     problems = data.load_problems("builtin:arithmetic", n=2, seed=0, difficulty=1)
     base = make_cfg(workers=1)
-    cfg = RunConfig(seed=1, storage=base.storage, ray=base.ray,
-                    sandbox=SandboxConfig(workers=1, timeout=5.0),
-                    engines=EngineConfig(policy_model=model, max_batch_rows=8,
-                                         generation=GenerationConfig(max_new_tokens_step=12)))
+    cfg = RunConfig(
+        seed=1,
+        storage=base.storage,
+        ray=base.ray,
+        sandbox=SandboxConfig(workers=1, timeout=5.0),
+        engines=EngineConfig(policy_model=model, max_batch_rows=8, generation=GenerationConfig(max_new_tokens_step=12)),
+    )
     spec = make_spec(rollouts=1, children=2, gen_mode="step")
     store = TreeStore(tmp_path / "trees")
     stats = run_rollouts(cfg, 1, spec, problems, model, None, store, quiet_log(tmp_path))

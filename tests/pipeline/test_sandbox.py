@@ -189,3 +189,19 @@ def test_module_level_run_code():
     r = run_code("print(2 + 3)")
     assert (r.ok, r.stdout) == (True, "5\n")
     assert run_code("1/0").error == "ZeroDivisionError: division by zero"
+
+
+def test_unencodable_output_is_stored_as_replacement_characters(pool):
+    # Issue 14: a lone surrogate in stdout made trees_to_table raise UnicodeEncodeError and failed the worker.
+    from mcts.serialize import table_to_trees, trees_to_table
+    from mcts.steps import Step
+    from mcts.tree import Tree, TreeInfo
+
+    r = pool.run_code(
+        "import sys\nprint(chr(0xD800), 'x')\nprint(chr(0xDFFF), file=sys.stderr)\nraise ValueError(chr(0xDC00))"
+    )
+    assert (r.stdout, r.stderr, r.error) == ("\ufffd x\n", "\ufffd\n", "ValueError: \ufffd")
+    tree = Tree(TreeInfo("p", "q?", "1", 1, "terminal", 1.0, 0))
+    tree.add_child(1, 0, Step(text="t", reasoning="", code="print(1)", answer=None), r.stdout, "open")
+    [back] = table_to_trees(trees_to_table([tree]))
+    assert back.nodes[1].stdout == "\ufffd x\n"

@@ -29,6 +29,9 @@ def test_defaults_are_valid():
         ({"user": " "}, "user=' '"),
         ({"warm_modules": ("math", "")}, "warm_modules="),
         ({"startup_timeout": 0}, "startup_timeout=0"),
+        ({"isolation": "none"}, "isolation='none': must be 'kernel' or 'process'"),
+        ({"scratch_mb": 0}, "scratch_mb=0"),
+        ({"memory_budget_mb": -1}, "memory_budget_mb=-1"),
     ],
 )
 def test_bad_values_name_the_field_and_value(kwargs, message):
@@ -57,3 +60,13 @@ def test_describe_exit_reads_wait_statuses():
 
 def test_truncation_marker_counts_dropped_chars():
     assert truncation_marker(10) == "\n...[truncated 10 chars]"
+
+
+def test_lone_surrogates_become_replacement_characters():
+    # print(chr(0xD800)) in a step: a str Python holds but UTF-8 cannot encode. Each surrogate -> U+FFFD.
+    r = ExecResult(
+        ok=False, error="ValueError: \ud800", error_kind="runtime", stdout="a\ud800b\udfff\n", stderr="\udc80"
+    )
+    assert (r.stdout, r.stderr, r.error) == ("a\ufffdb\ufffd\n", "\ufffd", "ValueError: \ufffd")
+    r.stdout.encode("utf-8")  # strict: raises if anything unencodable is left
+    assert ExecResult(ok=True, stdout="é \U0001f600").stdout == "é \U0001f600"  # valid text is untouched

@@ -29,15 +29,16 @@ from pipeline.storage import (
 )
 
 # A stand-in node table: the storage layer only needs the problem-id column; the real schema is data.schemas.
-SCHEMA = pa.schema([("problem_id", pa.string()), ("node", pa.int32()), ("text", pa.string()),
-                    ("verdict", pa.string())])
+SCHEMA = pa.schema([("problem_id", pa.string()), ("node", pa.int32()), ("text", pa.string()), ("verdict", pa.string())])
 REPO = Path(__file__).resolve().parents[2]
 
 
 def tree(pid: str, n: int, correct: bool = False) -> list[dict]:
     """n rows; with ``correct`` the last one is a correct terminal."""
-    return [{"problem_id": pid, "node": i, "text": f"{pid}/{i}", "verdict": "correct" if correct and i == n - 1 else ""}
-            for i in range(n)]
+    return [
+        {"problem_id": pid, "node": i, "text": f"{pid}/{i}", "verdict": "correct" if correct and i == n - 1 else ""}
+        for i in range(n)
+    ]
 
 
 def store_at(path: Path) -> TreeStore:
@@ -273,8 +274,9 @@ def test_sigkill_mid_writing_loses_only_in_flight_problems_and_never_duplicates(
     trees = tmp_path / "trees"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for after_lines in (3, 11, 23):
-        proc = subprocess.Popen([sys.executable, str(script), str(trees), str(n)], stdout=subprocess.PIPE,
-                                text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(trees), str(n)], stdout=subprocess.PIPE, text=True, env=env
+        )
         for _ in range(after_lines):
             proc.stdout.readline()
         proc.send_signal(signal.SIGKILL)
