@@ -293,6 +293,15 @@ def environment(device: str) -> dict:
     return env
 
 
+def emit(summary: dict, out_path: Path | None, stdout_fd: int) -> None:
+    text = json.dumps(summary, indent=2) + "\n"
+    if out_path is not None:
+        out_path.write_text(text)
+        say(f"summary written to {out_path}")
+    else:
+        os.write(stdout_fd, text.encode())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="run everything on the CPU, small (the test-suite mode)")
@@ -349,7 +358,13 @@ def main() -> int:
 
     from rounds.models import TINY_RANDOM, resolve_model
 
-    tiny = resolve_model(TINY_RANDOM)
+    try:
+        tiny = resolve_model(TINY_RANDOM)  # from the carried cache on the GPU (building it needs the GGUF package)
+    except Exception as e:
+        summary["ok"] = False
+        summary["error"] = f"the tiny random model: {type(e).__name__}: {e}; run scripts/gpu_check.sh --prepare"
+        emit(summary, out_path, json_fd)
+        return 1
     probs = problems(8)
     part("a_engine", lambda: check_engine(device, work, tiny, new_tokens))
     trained = part("b_training", lambda: check_training(device, work / "train", tiny, steps, probs))
@@ -362,12 +377,8 @@ def main() -> int:
     part("d_round", lambda: run_tiny_round(device, work / "round", tiny, use_ray, bootstrap=sft_policy))
     summary["ok"] = all(p["ok"] for p in summary["parts"].values())
     summary["wall_s"] = round(time.perf_counter() - t_all, 2)
-    text = json.dumps(summary, indent=2)
-    if out_path is not None:
-        out_path.write_text(text + "\n")
-        say(f"summary written to {out_path}")
-    else:
-        os.write(json_fd, (text + "\n").encode())
+    summary["within_8_minutes"] = summary["wall_s"] <= 480  # the bound for the GPU run (install excluded)
+    emit(summary, out_path, json_fd)
     say(f"{'OK' if summary['ok'] else 'FAILED'}: {summary['wall_s']} s in all")
     return 0 if summary["ok"] else 1
 

@@ -70,23 +70,23 @@ def pinned(names: list[str]) -> list[str]:
     return out
 
 
-def download(specs: list[str], dest: Path) -> None:
+def download(specs: list[str], dest: Path, python_version: str) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps",
-           "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "-d", str(dest)]
+           "--only-binary=:all:", "--python-version", python_version, "--implementation", "cp", "-d", str(dest)]
     for p in PLATFORMS:
         cmd += ["--platform", p]
     subprocess.run(cmd + specs, check=True)
 
 
-def wheel_requires(whl: Path) -> tuple[str, list[str]]:
-    """(distribution name, unconditional requirement names) from a wheel's METADATA, markers for Python 3.12."""
+def wheel_requires(whl: Path, python_version: str = "3.12") -> tuple[str, list[str]]:
+    """(distribution name, unconditional requirement names) from a wheel's METADATA, markers for that Python."""
     from packaging.requirements import Requirement
 
     with zipfile.ZipFile(whl) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         text = z.read(meta).decode()
     name, reqs = "", []
-    env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+    env = {"python_version": python_version, "python_full_version": f"{python_version}.0", "sys_platform": "linux",
            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
            "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
     for line in text.splitlines():
@@ -101,12 +101,12 @@ def wheel_requires(whl: Path) -> tuple[str, list[str]]:
     return name, reqs
 
 
-def unmet(wheels: Path) -> list[str]:
+def unmet(wheels: Path, python_version: str = "3.12") -> list[str]:
     """Requirements of the folder's wheels that neither the folder nor the GPU image provides."""
     have = set(GPU_HAS)
     needs: dict[str, list[str]] = {}
     for whl in wheels.glob("*.whl"):
-        name, reqs = wheel_requires(whl)
+        name, reqs = wheel_requires(whl, python_version)
         have.add(norm(name))
         needs[name] = reqs
     return sorted({f"{r} (needed by {n})" for n, reqs in needs.items() for r in reqs if norm(r) not in have})
@@ -148,7 +148,9 @@ def prepare_models(models: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default=str(ROOT / ".gpu_check"), help="the carry folder (default .gpu_check/)")
-    ap.add_argument("--skip-ray", action="store_true", help="do not try Ray (it is ~70 MB and never fits)")
+    ap.add_argument("--skip-ray", action="store_true", help="do not try Ray (it is ~76 MiB and never fits)")
+    ap.add_argument("--python-version", default="3.12",
+                    help="the target's Python (3.12 on the GPU machine; another only to rehearse the install)")
     args = ap.parse_args()
     out = Path(args.dir)
     wheels = out / "wheels"
@@ -157,9 +159,10 @@ def main() -> int:
     wheels.mkdir(parents=True)
     budget = LIMIT_BYTES - REPO_RESERVE_BYTES
 
-    report: dict = {"limit_mib": mib(LIMIT_BYTES), "reserved_for_repo_mib": mib(REPO_RESERVE_BYTES)}
+    report: dict = {"python_version": args.python_version, "limit_mib": mib(LIMIT_BYTES),
+                    "reserved_for_repo_mib": mib(REPO_RESERVE_BYTES)}
     report["models"] = prepare_models(out / "models")
-    download(pinned(NEEDED), wheels)
+    download(pinned(NEEDED), wheels, args.python_version)
     report["wheels"] = {w.name: mib(w.stat().st_size) for w in sorted(wheels.glob("*.whl"))}
 
     if args.skip_ray:
@@ -168,7 +171,7 @@ def main() -> int:
         trial = out / "ray-trial"
         shutil.rmtree(trial, ignore_errors=True)
         trial.mkdir()
-        download(pinned(RAY), trial)
+        download(pinned(RAY), trial, args.python_version)
         ray_bytes = size(trial)
         if size(out) <= budget:  # the trial folder is inside out/
             for w in trial.glob("*.whl"):
@@ -181,7 +184,7 @@ def main() -> int:
                                        f"{mib(budget)} MiB left for carried files; the check runs without Ray"}
         shutil.rmtree(trial)
 
-    report["unmet_requirements"] = unmet(wheels)
+    report["unmet_requirements"] = unmet(wheels, args.python_version)
     report["install"] = sorted({wheel_requires(w)[0] for w in wheels.glob("*.whl")})
     total = size(out)
     report["total_mib"] = mib(total)

@@ -103,16 +103,18 @@ def phase_rollouts_in_process(ctx) -> dict:
 
 def run_round_in_process(cfg, run_dir: Path, round_no: int = 1) -> None:
     """``pipeline.driver.run_round`` for one round with the rollout phase swapped for the in-process one."""
+    from data import load_problems_config
     from pipeline.config import dump_config
-    from pipeline.driver import PHASES, RoundContext, _load_problems, _round_problems
+    from pipeline.driver import PHASES, RoundContext
     from pipeline.runlog import RunLog
     from pipeline.storage import RunDir
 
     run = RunDir(run_dir)
     run.write_config(dump_config(cfg))
     log = RunLog(run.log_path)
-    train, held_out = _load_problems(cfg, run, log)
-    ctx = RoundContext(cfg, run, round_no, log, _round_problems(cfg, round_no, train), held_out)
+    train, held_out = load_problems_config(cfg.problems, rejected_dir=run.root)
+    n = cfg.rounds.schedule[round_no - 1].problems  # 0 = all
+    ctx = RoundContext(cfg, run, round_no, log, train[:n] if n else train, held_out)
     t0 = time.perf_counter()
     for name, fn in PHASES:
         fn = phase_rollouts_in_process if name == "rollouts" else fn
