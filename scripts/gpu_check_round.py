@@ -96,9 +96,11 @@ def phase_rollouts_in_process(ctx) -> dict:
         run_search(searches, policy, executor, scorer, on_done=store)
     ctx.log.info("rollouts_done", round=ctx.round_no, stored=len(trees.completed_problem_ids()), solved=solved,
                  path="in-process (no Ray)")
+    stats = getattr(policy, "stats", None)  # the transformers engine counts its tokens; other backends may not
     return {"path": "in-process", "policy": policy_model, "ppm": ppm, "problems": len(todo), "solved": solved,
-            "stored": len(trees.completed_problem_ids()), "new_tokens": getattr(policy, "stats", None)
-            and policy.stats.new_tokens, "search_s": round(time.perf_counter() - t0, 2)}
+            "stored": len(trees.completed_problem_ids()), "engine_device": str(getattr(policy, "device", "")),
+            "new_tokens": stats.new_tokens if stats is not None else None,
+            "search_s": round(time.perf_counter() - t0, 2)}
 
 
 def run_round_in_process(cfg, run_dir: Path, round_no: int = 1) -> None:
@@ -149,7 +151,8 @@ def run_tiny_round(device: str, work: Path, tiny: Path, use_ray: bool, bootstrap
     phases = {}
     for name in ("rollouts", "export", "train_ppm", "train_policy", "eval"):
         info = (run.marker(1, name) or {}).get("info", {})
-        keep = ("path", "solved", "stored", "rows", "skipped", "steps", "final_loss", "wall_s", "metrics", "policy")
+        keep = ("path", "solved", "stored", "engine_device", "new_tokens", "rows", "skipped", "steps", "final_loss",
+                "wall_s", "metrics", "policy")
         phases[name] = {k: v for k, v in info.items() if k in keep}
     return {"path": "ray (pipeline.driver.start)" if use_ray else "in-process: driver phases, search without Ray",
             "policy": str(policy), "device": device, "phases": phases, "run_dir": str(run_dir)}

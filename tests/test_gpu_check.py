@@ -87,6 +87,7 @@ def test_round_ran_every_phase_in_process(summary):
     phases = part["phases"]
     assert list(phases) == ["rollouts", "export", "train_ppm", "train_policy", "eval"]
     assert phases["rollouts"]["stored"] == 2  # both problems' trees committed
+    assert phases["rollouts"]["engine_device"] == "cpu" and phases["rollouts"]["new_tokens"] > 0
     assert set(phases["export"]["rows"]) == {"sft", "ppm_pairs", "steps", "trees"}
     assert phases["export"]["rows"]["trees"] > 2  # more nodes than roots: the search expanded
     # A training phase either trained or says why not (no data found by a barely trained tiny policy).
