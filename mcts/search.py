@@ -31,6 +31,7 @@ each tree on its own (async) with the same two calls.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -384,3 +385,26 @@ class TreeSearch:
                 node.reward = node.prior
                 backup(tree.nodes, node_id, node.reward)
         self._continue_rollout()
+
+
+def solved(search: TreeSearch) -> bool:
+    """Whether some terminal of the search's tree was graded correct."""
+    return any(n.verdict == "correct" for n in search.tree.terminals())
+
+
+def escalate(search: TreeSearch, rollouts: int, seed: int) -> TreeSearch:
+    """The next escalation stage of a finished, unsolved search (round 4; ``RoundSpec.unsolved_rollouts``).
+
+    A tree with open nodes left is extended in place to ``rollouts`` in all (nothing searched is thrown away).
+    An exhausted tree (root closed: more rollouts would do nothing) is replaced by a fresh ``TreeSearch`` of the
+    same problem with ``rollouts`` and the new ``seed`` (rStar-Math re-searches unsolved problems with 64,
+    then 128 rollouts and new random seeds; paper arXiv 2501.04519, round 4). The caller releases the old
+    tree's executor states before running a fresh one: both have the same tree id.
+    """
+    if not search.done or solved(search):
+        raise ValueError(f"tree {search.tree_id}: escalate only a finished, unsolved search")
+    if not search.tree.root.closed:
+        search.extend(max(0, rollouts - search.tree.rollouts))
+        return search
+    cfg = dataclasses.replace(search.config, rollouts=rollouts)
+    return TreeSearch(search.problem, cfg, seed, search.grader, round_index=search.tree.info.round)

@@ -100,11 +100,11 @@ def phase_rollouts(ctx: RoundContext) -> dict:
         spec = searched
     ctx.log.info("rollouts_start", round=ctx.round_no, policy=policy, ppm=ppm, problems=len(ctx.problems),
                  rollouts=spec.rollouts, children=spec.children, mode=spec.gen_mode,
-                 extra_rollouts_unsolved=spec.extra_rollouts_unsolved)
+                 unsolved_rollouts=list(spec.unsolved_rollouts))
     trees = ctx.run.trees(ctx.round_no)
     trees.collect_garbage()  # temp files of a killed run; their problems are simply redone
     trees.write_plan([p.id for p in ctx.problems])
-    # Unsolved trees get spec.extra_rollouts_unsolved more rollouts in place (round 4), inside the same call.
+    # Unsolved trees escalate through spec.unsolved_rollouts (round 4), inside the same call.
     stats = run_rollouts(ctx.cfg, ctx.round_no, spec, ctx.problems, policy, ppm, trees, ctx.log,
                          settings=ctx.cfg.rollouts)
     stored = trees.completed_problem_ids()

@@ -285,3 +285,27 @@ def test_a_chain_through_an_exhausted_node_reopens_it():
     assert s.stats.merged == 1 and t.nodes[5].verdict == "correct" and t.root.closed and t.rollouts == 2
     # outcomes -1 (node 3) and +1 (node 5): s2 N = 2, W = 0
     assert (t.nodes[2].visits, t.nodes[2].value_sum) == (2, 0.0)
+
+
+def test_escalate_extends_an_open_tree_and_restarts_an_exhausted_one_with_a_new_seed():
+    from mcts.search import escalate, solved
+
+    # Open: every expansion leaves two open steps, never an answer; a rollout ends at a depth-4 dead end.
+    policy = ScriptedPolicy(lambda st: [step(f"# s\nx = {len(st.history)}"), step(f"# t\ny = {len(st.history)}")])
+    cfg = SearchConfig(rollouts=2, children=2, max_depth=4)
+    s = run_one(TreeSearch(P, cfg, seed=0, grader=exact_grader), policy, InstantExecutor())
+    assert s.done and not solved(s) and not s.tree.root.closed and s.tree.rollouts == 2
+    same = escalate(s, 5, seed=99)
+    assert same is s and not s.done  # extended in place to 5 in all: 3 more rollouts
+    run_one(s, policy, InstantExecutor())
+    assert s.tree.rollouts == 5 and s.tree.info.seed == 0
+    # Exhausted: one wrong answer and nothing else, so the root closes after 1 of 4 rollouts.
+    wrong = ScriptedPolicy(lambda st: [final("# so \\boxed{5}")])
+    e = run_one(TreeSearch(P, SearchConfig(rollouts=4, children=1), seed=0, grader=exact_grader), wrong,
+                InstantExecutor())
+    assert e.tree.root.closed and e.tree.rollouts == 1
+    fresh = escalate(e, 8, seed=99)
+    assert fresh is not e and fresh.tree.info.seed == 99 and fresh.config.rollouts == 8 and len(fresh.tree) == 1
+    assert fresh.next_request().state.seed != e.tree.info.seed  # sampling seeds derive from the new tree seed
+    with pytest.raises(ValueError, match="escalate only a finished, unsolved search"):
+        escalate(fresh, 16, seed=1)
