@@ -4,13 +4,13 @@ Records keep the question and the rendered step prefix apart (``question``, ``pr
 export turns them into one chat-templated ``prompt`` with the model's prompt builder, so training and
 inference see identical text. Steps are rendered exactly as the policy sees them (``mcts.steps``).
 
-The rules are rStar-Math's (paper arXiv 2501.04519 section 3.3, and the released code on branch
+The rules are rStar-Math's (paper arXiv 2501.04519, and the released code on branch
 ``rStar-math`` of microsoft/rStar); Q from ``mcts.qvalues.q_value``; a trajectory is the path root -> a terminal:
 - a trajectory's score is the mean Q of its steps, ties broken by the min step Q (then by node id);
 - a node *leads to a correct answer* when its subtree holds a correct terminal, and *to a wrong one* when
   it holds a wrong terminal (dead ends count as neither); a node can do both (extra_rm_file.py,
   ``search_all_traces``: ``final_correct`` / ``final_wrong``);
-- SFT (paper section 3.3; extra_sft_file.py lists the traces with their Q): the ``sft_top_n`` best correct
+- SFT (the paper; extra_sft_file.py lists the traces with their Q): the ``sft_top_n`` best correct
   trajectories;
 - step pairs (extra_rm_file.py, ``search_all_traces``): at every node with children of both kinds, the
   ``pair_top_k`` highest-Q correct-leading children (chosen) and the ``pair_top_k`` lowest-Q wrong-leading
