@@ -58,6 +58,9 @@ PPM_PAIRS_SCHEMA = _schema(
         pa.field("round", pa.int32(), nullable=False),
         pa.field("chosen_id", pa.int32(), nullable=False),
         pa.field("rejected_id", pa.int32(), nullable=False),
+        # sizes of the two sides the pair was drawn from: rStar-Math's loss weight 1 / (pos_count * neg_count)
+        pa.field("pos_count", pa.int32(), nullable=False),
+        pa.field("neg_count", pa.int32(), nullable=False),
     ],
 )
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # terminal:  terminal-guided Q (rounds 1-2): reward +1 / -1 from the grader, backed up to the root.
-# ppm:       PPM-augmented Q (rounds 3-4): as terminal, and every new node's Q starts at its PPM score.
+# ppm:       PPM-augmented Q (rounds 3-4): as terminal, and every new non-terminal node's Q starts at its PPM score.
 # test_time: no reference answer: PPM-initialised Q, and a terminal's reward is its own PPM score.
 SearchMode = Literal["terminal", "ppm", "test_time"]
 
@@ -22,16 +22,27 @@ SearchMode = Literal["terminal", "ppm", "test_time"]
 # "inf" is classic UCT, where every child is tried once before any is revisited.
 Unvisited = Literal["zero", "inf"]
 
+# Where a dead end's reward is recorded (see SearchConfig.dead_end_backup).
+DeadEndBackup = Literal["node", "path"]
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """What is taken from a finished tree (``mcts.extract``)."""
+    """What is taken from a finished tree (``mcts.extract``). Defaults are rStar-Math's released rules:
+    pair selection from ``extra_rm_file.py`` (``search_all_traces``), pair filters from
+    ``train/sample_rm_data.py`` (branch ``rStar-math`` of microsoft/rStar)."""
 
     sft_top_n: int = 2  # correct trajectories per problem for policy SFT, best mean step Q first
     pair_top_k: int = 2  # positives (top by Q) and negatives (bottom by Q) per shared prefix
-    # A step pair is kept only when Q(chosen) - Q(rejected) >= min_margin: correct- and wrong-leading
-    # siblings whose Q barely differ carry little signal and mostly teach the PPM noise.
-    min_margin: float = 0.1
+    # When one side has a single candidate, the other side widens to this many (rStar: 4), so a node with one
+    # correct-leading child still yields up to 4 pairs.
+    pair_widen_k: int = 4
+    # A pair is kept only when Q(chosen) - Q(rejected) >= min_margin (rStar: 0.5): siblings whose Q barely
+    # differ carry little signal and mostly teach the PPM noise.
+    min_margin: float = 0.5
+    # ... and when the two rendered steps are at least this many characters apart by Levenshtein distance
+    # (rStar: 20), so near-identical steps (``\boxed{7}`` vs ``\boxed{8}``) never become a pair. 0 = off.
+    min_edit_distance: int = 20
     final_pairs: bool = True  # also whole-trajectory pairs (top correct vs bottom wrong by mean Q)
 
     def __post_init__(self) -> None:
@@ -39,8 +50,12 @@ class ExtractConfig:
             raise ValueError(f"sft_top_n={self.sft_top_n}: must be >= 0 (0 = no SFT rows)")
         if self.pair_top_k < 1:
             raise ValueError(f"pair_top_k={self.pair_top_k}: must be >= 1")
+        if self.pair_widen_k < self.pair_top_k:
+            raise ValueError(f"pair_widen_k={self.pair_widen_k}: must be >= pair_top_k={self.pair_top_k}")
         if not (0.0 <= self.min_margin <= 2.0) or math.isnan(self.min_margin):
             raise ValueError(f"min_margin={self.min_margin}: must be in [0, 2] (Q-values lie in [-1, 1])")
+        if self.min_edit_distance < 0:
+            raise ValueError(f"min_edit_distance={self.min_edit_distance}: must be >= 0 (0 = no filter)")
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,16 @@ class SearchConfig:
     # PPM modes: a new node starts with Q = its PPM score, worth this many visits. Q = (W + w*p) / (N + w):
     # w = 1 is rStar-Math's one visit; larger w trusts the PPM longer against rollout outcomes.
     prior_weight: float = 1.0
+    # Where a dead end's -1 goes. "node" (rStar-Math, ``MCTS.create_child`` / ``eval_final_answer`` in
+    # rstar_deepthink/agents/mcts.py: ``node.update``, not ``update_recursive``): the dead node only, so the
+    # root's W is the sum of the terminals' W. "path": every ancestor too (this project's earlier rule: it
+    # steers UCT away from branches whose code keeps failing, at the price of Q no longer meaning P(correct)).
+    dead_end_backup: DeadEndBackup = "node"
+    # PPM modes: also give terminals and dead ends a PPM prior mixed into their Q (the project's earlier rule,
+    # which lets the PPM temper a lucky answer). rStar-Math (rstar_deepthink/agents/mcts.py,
+    # ``select_next_step`` skips terminals when sampling) scores only non-terminal nodes: a graded terminal's
+    # Q is exactly +1 or -1, a dead end's -1.
+    prior_on_closed: bool = False
     extract: ExtractConfig = field(default_factory=ExtractConfig)
 
     def __post_init__(self) -> None:
@@ -66,6 +91,8 @@ class SearchConfig:
             raise ValueError(f"mode={self.mode!r}: must be one of 'terminal', 'ppm', 'test_time'")
         if self.unvisited not in ("zero", "inf"):
             raise ValueError(f"unvisited={self.unvisited!r}: must be 'zero' (rStar-Math) or 'inf' (classic UCT)")
+        if self.dead_end_backup not in ("node", "path"):
+            raise ValueError(f"dead_end_backup={self.dead_end_backup!r}: must be 'node' (rStar-Math) or 'path'")
         for name in ("rollouts", "children", "max_depth", "max_consecutive_errors"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -4,17 +4,27 @@ Records keep the question and the rendered step prefix apart (``question``, ``pr
 export turns them into one chat-templated ``prompt`` with the model's prompt builder, so training and
 inference see identical text. Steps are rendered exactly as the policy sees them (``mcts.steps``).
 
-Definitions (Q from ``mcts.qvalues.q_value``; a trajectory is the path root -> a terminal):
+The rules are rStar-Math's (paper arXiv 2501.04519, and the released code on branch
+``rStar-math`` of microsoft/rStar); Q from ``mcts.qvalues.q_value``; a trajectory is the path root -> a terminal:
 - a trajectory's score is the mean Q of its steps, ties broken by the min step Q (then by node id);
 - a node *leads to a correct answer* when its subtree holds a correct terminal, and *to a wrong one* when
-  it holds a wrong terminal and no correct one (the two never overlap);
-- SFT: the ``sft_top_n`` best correct trajectories;
-- step pairs: at every node with children of both kinds, the ``pair_top_k`` highest-Q correct-leading
-  children (chosen) against the ``pair_top_k`` lowest-Q wrong-leading ones (rejected), every combination
-  whose Q margin is >= ``min_margin``; the prompt is the question plus the shared prefix;
-- final pairs (rStar-Math's relaxation at the last step, where siblings rarely share a prefix): the
+  it holds a wrong terminal (dead ends count as neither); a node can do both (extra_rm_file.py,
+  ``search_all_traces``: ``final_correct`` / ``final_wrong``);
+- SFT (the paper; extra_sft_file.py lists the traces with their Q): the ``sft_top_n`` best correct
+  trajectories;
+- step pairs (extra_rm_file.py, ``search_all_traces``): at every node with children of both kinds, the
+  ``pair_top_k`` highest-Q correct-leading children (chosen) and the ``pair_top_k`` lowest-Q wrong-leading
+  ones (rejected); when one side has a single candidate the other widens to ``pair_widen_k``. Every
+  combination is a candidate pair when its Q margin is > 0 and the chosen step's greedy continuation
+  (``continuation_mean``) scores higher than the rejected one's; the prompt is the question plus the
+  shared prefix;
+- final pairs (the paper's relaxation at the last step, where siblings rarely share a prefix): the
   ``pair_top_k`` best correct trajectories against the ``pair_top_k`` worst wrong ones by mean Q, as whole
-  solutions after the bare question (prefix '', depth 0), with the same margin rule;
+  solutions after the bare question (prefix '', depth 0);
+- pair filters (train/sample_rm_data.py): a pair is kept when its margin is >= ``min_margin`` (0.5) and its
+  two rendered sides are >= ``min_edit_distance`` (20) characters apart by Levenshtein distance;
+- each pair carries ``pos_count`` / ``neg_count``, the sizes of the two sides it was drawn from, for rStar's
+  loss weight 1 / (pos_count * neg_count) (train/rm.py, ``preprocess_value_dataset``);
 - step labels: every trajectory to a terminal or a dead end, each step with its Q in [-1, 1].
 """
 
@@ -56,6 +66,8 @@ class PairRecord:
     depth: int  # depth of the compared steps; 0 for final pairs (whole solutions)
     chosen_id: int
     rejected_id: int
+    pos_count: int  # chosen-side candidates this pair was drawn from (after widening)
+    neg_count: int  # rejected-side candidates
 
 
 @dataclass(frozen=True)
@@ -120,7 +132,64 @@ def leads_to(tree: Tree) -> dict[int, tuple[bool, bool]]:
         if node.parent >= 0:
             correct[node.parent] = correct.get(node.parent, False) or correct[i]
             wrong[node.parent] = wrong.get(node.parent, False) or wrong[i]
-    return {i: (correct[i], wrong[i] and not correct[i]) for i in tree.nodes}
+    return {i: (correct[i], wrong[i]) for i in tree.nodes}
+
+
+def edit_distance(a: str, b: str, cap: int) -> int:
+    """Levenshtein distance of ``a`` and ``b`` (unit-cost insert, delete, substitute), capped at ``cap``:
+    ``min(distance, cap)``. Only cells within ``cap`` of the diagonal can hold a value below ``cap``, so
+    the cost is O(len * cap), not O(len(a) * len(b)), for long whole-solution pairs."""
+    if cap <= 0:
+        return 0
+    n, m = len(a), len(b)
+    if abs(n - m) >= cap:
+        return cap
+    # prev[j] = D[i-1][j] for j in the band; cells outside the band count as cap.
+    prev = {j: j for j in range(0, min(m, cap) + 1)}
+    for i in range(1, n + 1):
+        lo, hi = max(0, i - cap + 1), min(m, i + cap - 1)
+        cur: dict[int, int] = {}
+        if lo == 0:
+            cur[0] = i
+        for j in range(max(1, lo), hi + 1):
+            sub = prev.get(j - 1, cap) + (a[i - 1] != b[j - 1])
+            cur[j] = min(sub, prev.get(j, cap) + 1, cur.get(j - 1, cap) + 1, cap)
+        if min(cur.values(), default=cap) >= cap:
+            return cap
+        prev = cur
+    return min(prev.get(m, cap), cap)
+
+
+def continuation_mean(tree: Tree, node: Node, flags: dict[int, tuple[bool, bool]], best: bool) -> float:
+    """Mean Q of ``node`` and its greedy continuation: repeatedly the highest-Q child leading to a correct
+    answer (``best``) or the lowest-Q child leading to a wrong one (rStar: extra_rm_file.py,
+    ``build_partial_solution``)."""
+    w = tree.info.prior_weight
+    qs = [q_value(node, w)]
+    while True:
+        side = 0 if best else 1
+        nxt = [tree.nodes[c] for c in node.children if flags[c][side]]
+        if not nxt:
+            return sum(qs) / len(qs)
+        node = max(nxt, key=lambda n: (q_value(n, w), -n.id)) if best else min(nxt, key=lambda n: (q_value(n, w), n.id))
+        qs.append(q_value(node, w))
+
+
+def _apart(chosen: str, rejected: str, cfg: ExtractConfig) -> bool:
+    """rStar's pair filter (train/sample_rm_data.py): the two sides differ by >= min_edit_distance characters."""
+    return edit_distance(chosen, rejected, cfg.min_edit_distance) >= cfg.min_edit_distance
+
+
+def _sides(good: list, bad: list, cfg: ExtractConfig) -> tuple[list, list]:
+    """The top-k of each (sorted) side; the other side widens to ``pair_widen_k`` when one has a single
+    candidate (extra_rm_file.py: ``if len(chosen_nodes) == 1: rejected_nodes = rejected_candidates[:4]``,
+    then the same for the chosen side)."""
+    pos, neg = good[: cfg.pair_top_k], bad[: cfg.pair_top_k]
+    if len(pos) == 1:
+        neg = bad[: cfg.pair_widen_k]
+    if len(neg) == 1:
+        pos = good[: cfg.pair_widen_k]
+    return pos, neg
 
 
 def sft_records(tree: Tree, cfg: ExtractConfig) -> list[SFTRecord]:
@@ -144,15 +213,21 @@ def step_pairs(tree: Tree, cfg: ExtractConfig) -> list[PairRecord]:
             continue
         good.sort(key=lambda n: (-q_value(n, w), n.id))
         bad.sort(key=lambda n: (q_value(n, w), n.id))
+        chosen, rejected = _sides(good, bad, cfg)
         prefix = tree.render_path(node.id)
-        for pos in good[: cfg.pair_top_k]:
-            for neg in bad[: cfg.pair_top_k]:
+        for pos in chosen:
+            for neg in rejected:
                 qp, qn = q_value(pos, w), q_value(neg, w)
-                if qp - qn < cfg.min_margin:
+                if qp - qn <= 0 or qp - qn < cfg.min_margin:
+                    continue
+                if continuation_mean(tree, pos, flags, best=True) <= continuation_mean(tree, neg, flags, best=False):
+                    continue
+                pos_text, neg_text = render_node(pos), render_node(neg)
+                if not _apart(pos_text, neg_text, cfg):
                     continue
                 out.append(
-                    PairRecord(info.problem_id, info.round, info.question, prefix, render_node(pos), render_node(neg),
-                               qp, qn, qp - qn, "step", pos.depth, pos.id, neg.id)
+                    PairRecord(info.problem_id, info.round, info.question, prefix, pos_text, neg_text,
+                               qp, qn, qp - qn, "step", pos.depth, pos.id, neg.id, len(chosen), len(rejected))
                 )
     return out
 
@@ -160,15 +235,20 @@ def step_pairs(tree: Tree, cfg: ExtractConfig) -> list[PairRecord]:
 def final_pairs(tree: Tree, cfg: ExtractConfig) -> list[PairRecord]:
     good = sorted((trajectory(tree, n.id) for n in tree.terminals() if n.verdict == "correct"), key=_best_first)
     bad = sorted((trajectory(tree, n.id) for n in tree.terminals() if n.verdict == "wrong"), key=_worst_first)
+    chosen, rejected = good[: cfg.pair_top_k], bad[: cfg.pair_top_k]
     info = tree.info
     out: list[PairRecord] = []
-    for pos in good[: cfg.pair_top_k]:
-        for neg in bad[: cfg.pair_top_k]:
-            if pos.q_mean - neg.q_mean < cfg.min_margin:
+    for pos in chosen:
+        for neg in rejected:
+            if pos.q_mean - neg.q_mean <= 0 or pos.q_mean - neg.q_mean < cfg.min_margin:
+                continue
+            pos_text, neg_text = pos.text, neg.text
+            if not _apart(pos_text, neg_text, cfg):
                 continue
             out.append(
-                PairRecord(info.problem_id, info.round, info.question, "", pos.text, neg.text, pos.q_mean,
-                           neg.q_mean, pos.q_mean - neg.q_mean, "final", 0, pos.leaf_id, neg.leaf_id)
+                PairRecord(info.problem_id, info.round, info.question, "", pos_text, neg_text, pos.q_mean,
+                           neg.q_mean, pos.q_mean - neg.q_mean, "final", 0, pos.leaf_id, neg.leaf_id,
+                           len(chosen), len(rejected))
             )
     return out
 

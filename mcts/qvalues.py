@@ -3,9 +3,11 @@
     Q(s) = (W(s) + w * p(s)) / (N(s) + w)     with a prior p(s) (PPM modes), weight w = prior_weight
     Q(s) = W(s) / N(s)                         without one; 0 while N(s) = 0
 
-W(s) is the sum and N(s) the count of outcomes backed up through s. An outcome is a terminal's reward
-(+1 correct / -1 wrong from the grader; its PPM score in test-time search) or -1 for a dead end; each
-is added once to every node on the path from the root to where it happened. The prior enters as w
+W(s) is the sum and N(s) the count of outcomes recorded at or backed up through s. A terminal's reward
+(+1 correct / -1 wrong from the grader; its PPM score in test-time search) is added once to every node on
+the path from the root to the terminal (``backup``; rStar-Math's ``update_recursive``). A dead end's -1 is
+recorded at the dead node only (``record``; rStar-Math's ``node.update`` in rstar_deepthink/agents/mcts.py,
+``SearchConfig.dead_end_backup="node"``), so every ancestor's W is the sum of the W of the terminals below it. The prior enters as w
 virtual visits of value p(s), so rollouts outweigh it as N grows. Every value lies in [-1, 1].
 """
 
@@ -41,6 +43,13 @@ def check_unit(value: float, what: str) -> float:
     if math.isnan(v) or not (-1.0 <= v <= 1.0):
         raise ValueError(f"{what}={value!r}: must be a number in [-1, 1] (PPM scores are tanh outputs)")
     return v
+
+
+def record(node: Node, reward: float) -> None:
+    """Add one outcome ``reward`` to ``node`` alone (a dead end under rStar-Math's rule)."""
+    check_unit(reward, "reward")
+    node.visits += 1
+    node.value_sum += reward
 
 
 def backup(nodes: Mapping[int, Node], node_id: int, reward: float) -> int:

@@ -9,10 +9,13 @@ A rollout (rStar-Math's, kept simple):
    all of this tree's steps of one level in one ``ExecBatch``. A step identical to a sibling (same text
    and finality) is merged into it; a step whose code fails is recorded as a ``Failure`` and cuts its chain.
    Each kept final step is a terminal: graded at once (+1 / -1) and its reward backed up to the root.
-   A kept non-final step at ``max_depth`` is a dead end: -1 backed up. In PPM modes every new node is then
-   scored (``ScoreBatch``) and gets its prior; in test-time mode a terminal's score is its reward.
+   A kept non-final step at ``max_depth`` is a dead end: -1 recorded at that node only (rStar-Math;
+   ``dead_end_backup="path"`` backs it up like a terminal). In PPM modes every new non-terminal node is then
+   scored (``ScoreBatch``) and gets its prior; a graded terminal's Q stays exactly +1 / -1 (rStar-Math's
+   rstar_deepthink/agents/mcts.py scores only non-terminal nodes; ``prior_on_closed`` scores all). In
+   test-time mode a terminal is scored and its score is its reward.
    An expansion that keeps nothing counts against the node: ``max_consecutive_errors`` in a row make it
-   a dead end (-1 backed up); until then the rollout ends and later rollouts may retry it.
+   a dead end (-1, as above); until then the rollout ends and later rollouts may retry it.
 3. **Continue** down from the expanded node: through its open children by UCT (and along a multi-step
    chain) to an open node with no open child, and expand that one; the rollout ends when nothing open is
    left below (every new branch ended in a terminal or dead end, whose outcome is already backed up).
@@ -28,6 +31,7 @@ each tree on its own (async) with the same two calls.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +40,7 @@ from mcts.config import SearchConfig
 from mcts.expand import Chain, parse_proposal
 from mcts.node import ROOT_ID, Node, NodeStatus, Verdict
 from mcts.protocols import ExecOutcome, ExecRequest, Grader, Proposal, SearchState
-from mcts.qvalues import CORRECT_REWARD, DEAD_END_REWARD, WRONG_REWARD, backup, check_unit
+from mcts.qvalues import CORRECT_REWARD, DEAD_END_REWARD, WRONG_REWARD, backup, check_unit, record
 from mcts.seeds import proposal_seed
 from mcts.steps import Step
 from mcts.tree import Tree, TreeInfo, step_key
@@ -321,7 +325,7 @@ class TreeSearch:
         elif status == "dead":
             self.stats.dead_ends += 1
             node.reward = DEAD_END_REWARD
-            backup(tree.nodes, node.id, node.reward)
+            self._dead_end(node.id)
 
     def _grade(self, answer: str | None) -> Verdict:
         if self.config.mode == "test_time":
@@ -344,18 +348,33 @@ class TreeSearch:
             if leaf.errors >= self.config.max_consecutive_errors:
                 self.stats.dead_ends += 1
                 tree.make_dead(leaf.id, DEAD_END_REWARD)
-                backup(tree.nodes, leaf.id, DEAD_END_REWARD)
+                self._dead_end(leaf.id)
             self._start_rollout()
             return
         leaf.errors = 0
         tree.mark_expanded(leaf.id)
-        if self.config.uses_scorer and self._new:
+        scored = [i for i in self._new if self._gets_prior(tree.nodes[i])] if self.config.uses_scorer else []
+        self._new = []
+        if scored:
             states = tuple(
-                SearchState(self.tree_id, tree.info.question, tree.render_path(i), tree.info.seed) for i in self._new
+                SearchState(self.tree_id, tree.info.question, tree.render_path(i), tree.info.seed) for i in scored
             )
-            self._request = ScoreBatch(states, tuple(self._new))
+            self._request = ScoreBatch(states, tuple(scored))
             return
         self._continue_rollout()
+
+    def _gets_prior(self, node: Node) -> bool:
+        """Which new nodes the PPM scores: open ones, and test-time terminals (their score is their reward).
+        A graded terminal keeps Q = +1 / -1 and a dead end -1 unless ``prior_on_closed``."""
+        return node.status == "open" or node.verdict == "ungraded" or self.config.prior_on_closed
+
+    def _dead_end(self, node_id: int) -> None:
+        """Record a dead end's -1: at the node only (rStar-Math, rstar_deepthink/agents/mcts.py ``node.update``)
+        or along the path to the root (``dead_end_backup="path"``)."""
+        if self.config.dead_end_backup == "node":
+            record(self.tree.nodes[node_id], DEAD_END_REWARD)
+        else:
+            backup(self.tree.nodes, node_id, DEAD_END_REWARD)
 
     def _on_scores(self, req: ScoreBatch, scores: Sequence[float]) -> None:
         tree = self.tree
@@ -365,5 +384,27 @@ class TreeSearch:
             if node.verdict == "ungraded":
                 node.reward = node.prior
                 backup(tree.nodes, node_id, node.reward)
-        self._new = []
         self._continue_rollout()
+
+
+def solved(search: TreeSearch) -> bool:
+    """Whether some terminal of the search's tree was graded correct."""
+    return any(n.verdict == "correct" for n in search.tree.terminals())
+
+
+def escalate(search: TreeSearch, rollouts: int, seed: int) -> TreeSearch:
+    """The next escalation stage of a finished, unsolved search (round 4; ``RoundSpec.unsolved_rollouts``).
+
+    A tree with open nodes left is extended in place to ``rollouts`` in all (nothing searched is thrown away).
+    An exhausted tree (root closed: more rollouts would do nothing) is replaced by a fresh ``TreeSearch`` of the
+    same problem with ``rollouts`` and the new ``seed`` (rStar-Math re-searches unsolved problems with 64,
+    then 128 rollouts and new random seeds; paper arXiv 2501.04519, round 4). The caller releases the old
+    tree's executor states before running a fresh one: both have the same tree id.
+    """
+    if not search.done or solved(search):
+        raise ValueError(f"tree {search.tree_id}: escalate only a finished, unsolved search")
+    if not search.tree.root.closed:
+        search.extend(max(0, rollouts - search.tree.rollouts))
+        return search
+    cfg = dataclasses.replace(search.config, rollouts=rollouts)
+    return TreeSearch(search.problem, cfg, seed, search.grader, round_index=search.tree.info.round)

@@ -30,6 +30,11 @@ def tree_seed(run_seed: int, round_index: int, problem_id: str) -> int:
     return derive_seed("tree", run_seed, round_index, str(problem_id))
 
 
+def escalation_seed(run_seed: int, round_index: int, problem_id: str, stage: int) -> int:
+    """The seed of the fresh tree an unsolved problem gets at escalation ``stage`` (1-based; round 4)."""
+    return derive_seed("unsolved", run_seed, round_index, str(problem_id), stage)
+
+
 def proposal_seed(tree: int, node_id: int, attempt: int) -> int:
     """Sampling seed for expanding node ``node_id`` (``attempt`` counts earlier failed expansions of it)."""
     return derive_seed("propose", tree, node_id, attempt)

@@ -185,7 +185,7 @@ class WorkerSpec:
     search: SearchConfig  # the round's search (mode, rollouts, children from the round spec)
     run_seed: int
     round_no: int
-    extra_rollouts_unsolved: int = 0  # more rollouts for a tree with no correct terminal after its budget
+    unsolved_rollouts: tuple[int, ...] = ()  # escalation stages for a tree still unsolved (RoundSpec's)
     groups: int = 2  # tree groups advanced by separate threads, so generation and execution overlap
     engine_retries: int = 3
     retry_backoff_s: float = 0.5
@@ -352,6 +352,8 @@ class RolloutWorker:
                 close()
 
     def _run_group(self, searches: list[Any], executor: _TimedExecutor, clock: _Clock, out: queue.Queue) -> None:
+        from mcts.search import escalate, solved
+        from mcts.seeds import escalation_seed
         from mcts.wave import run_wave
 
         t0 = time.perf_counter()
@@ -359,18 +361,26 @@ class RolloutWorker:
             policy = _TimedPolicy(self.policy, clock)
             scorer = _TimedScorer(self.scorer, clock) if self.scorer is not None else None
             finished: set[str] = set()
-            extended: set[str] = set()
-            extra = self.spec.extra_rollouts_unsolved
+            spec = self.spec
+            stages = spec.unsolved_rollouts
+            stage: dict[str, int] = {}  # escalation stages a tree has entered
+            retired = 0  # expansions of exhausted trees replaced by fresh ones
 
             def collect() -> None:
-                for s in searches:
+                nonlocal retired
+                for i, s in enumerate(searches):
                     if not s.done or s.tree_id in finished:
                         continue
-                    if extra and s.tree_id not in extended and not _solved(s):
-                        extended.add(s.tree_id)
-                        s.extend(extra)
-                        if not s.done:
-                            continue
+                    # Round 4: an unsolved tree enters the next stage (extended, or a fresh tree if exhausted).
+                    while s.done and stage.get(s.tree_id, 0) < len(stages) and not solved(s):
+                        k = stage[s.tree_id] = stage.get(s.tree_id, 0) + 1
+                        if s.tree.root.closed:
+                            executor.release(s.tree_id)  # the fresh tree reuses the tree id
+                            retired += s.stats.expansions
+                        seed = escalation_seed(spec.run_seed, spec.round_no, s.tree_id, k)
+                        searches[i] = s = escalate(s, stages[k - 1], seed)
+                    if not s.done:
+                        continue
                     finished.add(s.tree_id)
                     executor.release(s.tree_id)
                     out.put(self._tree_done(s))
@@ -381,7 +391,7 @@ class RolloutWorker:
                     return
                 if run_wave(searches, policy, executor, scorer) == 0:
                     raise AssertionError(f"{len(searches) - len(finished)} searches neither done nor proposing")
-                clock.expansions = sum(s.stats.expansions for s in searches)
+                clock.expansions = retired + sum(s.stats.expansions for s in searches)
                 collect()
             clock.total = time.perf_counter() - t0  # before the report is built from it
             out.put(_GROUP_DONE)

@@ -1,4 +1,4 @@
-"""The single controller: for each round, rollouts -> export -> train PPM -> train policy -> evaluate.
+"""The single controller: for each round, rollouts -> export -> train policy -> train PPM -> evaluate.
 
 Each phase is a named step function over a ``RoundContext``; the loop runs the phases of a round in order and
 skips a phase whose completion marker exists (``RunDir.mark_done``), which is all that resume needs. Ray actors
@@ -8,6 +8,8 @@ Model lineage (every choice is config):
 - the policy that searches round n is the bootstrap model in a 'bootstrap' round, else the newest policy trained
   before round n (round n-1's, or earlier if a round trained none); the PPM guiding a 'ppm' round likewise;
 - training starts from the base weights each round (``training.from_base``, rStar-Math) or the newest policy;
+- the PPM of round n starts from round n's fine-tuned policy (``training.ppm_init="policy"``, rStar-Math paper,
+  training setup: the policy is trained first, then the PPM from it), or from the base PPM backbone (``"base"``);
 - round 0 is the untrained bootstrap policy, evaluated for comparison.
 """
 
@@ -66,6 +68,13 @@ class RoundContext:
             return self.bootstrap_model()
         return self.newest_policy(self.round_no - 1) or self.bootstrap_model()
 
+    def ppm_backbone(self) -> str:
+        """The model a new PPM head goes on: this round's fine-tuned policy (or the newest before it, or the base
+        model when none was trained) under ``training.ppm_init="policy"``; the base PPM backbone under "base"."""
+        if self.cfg.training.ppm_init == "policy":
+            return self.newest_policy(self.round_no) or self.cfg.engines.policy_model
+        return self.cfg.engines.ppm_model or self.cfg.engines.policy_model
+
     def search_ppm(self) -> str | None:
         return self.newest_ppm(self.round_no - 1) if self.spec.q_mode == "ppm" else None
 
@@ -91,11 +100,11 @@ def phase_rollouts(ctx: RoundContext) -> dict:
         spec = searched
     ctx.log.info("rollouts_start", round=ctx.round_no, policy=policy, ppm=ppm, problems=len(ctx.problems),
                  rollouts=spec.rollouts, children=spec.children, mode=spec.gen_mode,
-                 extra_rollouts_unsolved=spec.extra_rollouts_unsolved)
+                 unsolved_rollouts=list(spec.unsolved_rollouts))
     trees = ctx.run.trees(ctx.round_no)
     trees.collect_garbage()  # temp files of a killed run; their problems are simply redone
     trees.write_plan([p.id for p in ctx.problems])
-    # Unsolved trees get spec.extra_rollouts_unsolved more rollouts in place (round 4), inside the same call.
+    # Unsolved trees escalate through spec.unsolved_rollouts (round 4), inside the same call.
     stats = run_rollouts(ctx.cfg, ctx.round_no, spec, ctx.problems, policy, ppm, trees, ctx.log,
                          settings=ctx.cfg.rollouts)
     stored = trees.completed_problem_ids()
@@ -129,8 +138,8 @@ def phase_train_ppm(ctx: RoundContext) -> dict:
                         reason="fewer than 2 preference pairs: the search found no node with both a correct "
                                "and a wrong continuation")
         return {"skipped": f"{n} preference pairs"}
-    backbone = ctx.cfg.engines.ppm_model or ctx.cfg.engines.policy_model
-    init = init_checkpoint(ctx.cfg.training, backbone, ctx.newest_ppm(ctx.round_no - 1))
+    # Runs after phase_train_policy, so under ppm_init="policy" the backbone is this round's fine-tuned policy.
+    init = init_checkpoint(ctx.cfg.training, ctx.ppm_backbone(), ctx.newest_ppm(ctx.round_no - 1))
     result = _on_accelerators(ctx.cfg, train_ppm, init, pairs, ctx.run.ppm_dir(ctx.round_no), ctx.cfg.training)
     ctx.log.info("ppm_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps,
                  heldout_accuracy=result.pairwise_accuracy, heldout_pairs=result.heldout_pairs)
@@ -170,8 +179,8 @@ def phase_eval(ctx: RoundContext) -> dict:
 PHASES: list[tuple[str, Callable[[RoundContext], dict]]] = [
     ("rollouts", phase_rollouts),
     ("export", phase_export),
+    ("train_policy", phase_train_policy),  # first: the PPM of this round starts from this policy (rStar-Math)
     ("train_ppm", phase_train_ppm),
-    ("train_policy", phase_train_policy),
     ("eval", phase_eval),
 ]
 

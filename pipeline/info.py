@@ -58,7 +58,8 @@ def _schedule(config: dict) -> list[dict]:
 
 
 def _spec_line(spec: dict) -> str:
-    extra = f" (+{spec['extra_rollouts_unsolved']} for unsolved)" if spec.get("extra_rollouts_unsolved") else ""
+    stages = spec.get("unsolved_rollouts")
+    extra = f" (unsolved: {', '.join(str(n) for n in stages)})" if stages else ""
     return (f"spec: policy={spec.get('policy')} q={spec.get('q_mode')} gen={spec.get('gen_mode')} "
             f"rollouts={spec.get('rollouts')}{extra} children={spec.get('children')}")
 

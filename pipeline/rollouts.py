@@ -185,7 +185,7 @@ class _Phase:
         self.run_tag = uuid.uuid4().hex[:6]  # actor names must be unique on a shared cluster
         self.worker_spec = WorkerSpec(
             search=round_search_config(cfg, spec), run_seed=cfg.seed, round_no=round_no,
-            extra_rollouts_unsolved=spec.extra_rollouts_unsolved, groups=settings.groups,
+            unsolved_rollouts=tuple(spec.unsolved_rollouts), groups=settings.groups,
             engine_retries=settings.engine_retries, retry_backoff_s=settings.retry_backoff_s)
         self.engines: list[Any] = []
         self.scorers: list[Any] = []

@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 
 PPM_CONFIG_KEY = "open_rstar_ppm"
 PPM_FORMAT = {"version": 1, "score": "tanh", "pooling": "last_attended_token", "padding_side": "right"}
+# Tokens a PPM reads (longer texts keep their end). ONE length per PPM, used by training and scoring alike: the
+# trainer records ``training.ppm.max_length`` in the checkpoint (``PPM_FORMAT["max_length"]``) and every scorer
+# reads it back (``checkpoint_max_length``), so a PPM is never scored on text it was not trained to read.
+# rStar-Math likewise uses one ``max_length`` (train/rm.py ``preprocess_value_dataset``). This default applies
+# only to a checkpoint that records none (written before the length was recorded); it is TrainingConfig's.
+DEFAULT_PPM_MAX_LENGTH = 1024
 
 
 def is_ppm_checkpoint(path: str | Path) -> bool:
@@ -53,16 +59,26 @@ def _load_tokenizer(path: Path):
     return tok
 
 
-def _mark_as_ppm(model, tok) -> None:
+def checkpoint_max_length(path: str | Path) -> int:
+    """The truncation length a PPM checkpoint was trained with (``DEFAULT_PPM_MAX_LENGTH`` if it records none)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return int(config.get(PPM_CONFIG_KEY, {}).get("max_length") or DEFAULT_PPM_MAX_LENGTH)
+
+
+def _mark_as_ppm(model, tok, max_length: int | None = None) -> None:
     if model.config.num_labels != 1:
         raise ValueError(f"PPM head has num_labels={model.config.num_labels}: must be 1 (a scalar value head)")
-    setattr(model.config, PPM_CONFIG_KEY, dict(PPM_FORMAT))
+    fmt = dict(PPM_FORMAT)
+    previous = getattr(model.config, PPM_CONFIG_KEY, None) or {}
+    fmt["max_length"] = int(max_length or previous.get("max_length") or DEFAULT_PPM_MAX_LENGTH)
+    setattr(model.config, PPM_CONFIG_KEY, fmt)
     model.config.get_text_config().pad_token_id = tok.pad_token_id
 
 
-def init_ppm(init_model: str | Path, *, seed: int = 0, dtype: Any = None):
+def init_ppm(init_model: str | Path, *, seed: int = 0, dtype: Any = None, max_length: int | None = None):
     """(model, tokenizer) to train: a policy checkpoint gets a fresh scalar head (seeded); a PPM checkpoint
     (a previous round's, when training continues instead of restarting from base) keeps its trained head.
+    ``max_length``: the truncation length training uses, recorded in the checkpoint for the scorers.
 
     ``init_model`` is anything ``rounds.models.resolve_model`` accepts (a directory, 'tiny-random', ...).
     """
@@ -82,7 +98,7 @@ def init_ppm(init_model: str | Path, *, seed: int = 0, dtype: Any = None):
         with suppress_seqcls_warning():
             model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **kwargs)
     tok = _load_tokenizer(path)
-    _mark_as_ppm(model, tok)
+    _mark_as_ppm(model, tok, max_length)
     return model, tok
 
 

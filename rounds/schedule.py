@@ -2,8 +2,8 @@
 
 Round 1 bootstraps (the base model few-shot prompted writing whole solutions, or a stronger model),
 terminal-guided. Round 2 uses the round-1 SFT policy, terminal-guided, more rollouts. Round 3 adds the
-round-2 PPM to the search (PPM-augmented Q). Round 4 uses policy and PPM r3 and spends extra rollouts
-on problems still unsolved. Every number is config; presets change them in YAML.
+round-2 PPM to the search (PPM-augmented Q). Round 4 uses policy and PPM r3 and escalates the rollouts
+of problems still unsolved (rStar-Math paper, round 4: 64, then 128 rollouts, with new random seeds). Every number is config; presets change them in YAML.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ class RoundSpec:
     q_mode: Literal["terminal", "ppm"] = "terminal"
     rollouts: int = 16
     children: int = 8
-    # Extra rollouts for problems that no rollout solved yet (round 4 in rStar-Math: 64 in all).
-    extra_rollouts_unsolved: int = 0
+    # Escalation stages for problems that no rollout solved yet: rollout budgets, each larger than the last
+    # (rStar-Math round 4: (64, 128)). At stage i an unsolved tree that still has open nodes is extended to
+    # unsolved_rollouts[i] rollouts in all; an exhausted one (nothing left to select) is replaced by a fresh
+    # tree with a new derived seed and that many rollouts (``mcts.search.escalate``). () = no escalation.
+    unsolved_rollouts: tuple[int, ...] = ()
     # "solution": one proposal is a whole solution, cut into steps (a weak bootstrap policy needs it);
     # "step": one proposal is one step (the MCTS way, once SFT has taught the format).
     gen_mode: Literal["step", "solution"] = "step"
@@ -37,8 +40,11 @@ class RoundSpec:
             raise ValueError(f"rollouts={self.rollouts}: must be >= 1")
         if self.children < 1:
             raise ValueError(f"children={self.children}: must be >= 1")
-        if self.extra_rollouts_unsolved < 0:
-            raise ValueError(f"extra_rollouts_unsolved={self.extra_rollouts_unsolved}: must be >= 0")
+        budgets = (self.rollouts, *self.unsolved_rollouts)
+        for prev, nxt in zip(budgets, budgets[1:], strict=False):
+            if not isinstance(nxt, int) or isinstance(nxt, bool) or nxt <= prev:
+                raise ValueError(f"unsolved_rollouts={list(self.unsolved_rollouts)}: each stage must be an integer "
+                                 f"larger than the one before (rollouts={self.rollouts} first), e.g. [64, 128]")
         if self.problems < 0:
             raise ValueError(f"problems={self.problems}: must be >= 0 (0 = all)")
 
@@ -48,7 +54,7 @@ def _default_schedule() -> list[RoundSpec]:
         RoundSpec(policy="bootstrap", q_mode="terminal", rollouts=8, children=5, gen_mode="solution", few_shot=True),
         RoundSpec(policy="previous", q_mode="terminal", rollouts=16, children=8),
         RoundSpec(policy="previous", q_mode="ppm", rollouts=16, children=8),
-        RoundSpec(policy="previous", q_mode="ppm", rollouts=16, children=8, extra_rollouts_unsolved=48),
+        RoundSpec(policy="previous", q_mode="ppm", rollouts=16, children=8, unsolved_rollouts=(64, 128)),
     ]
 
 

@@ -64,6 +64,15 @@ class TrainingConfig:
     # True: every round starts from the base weights (rStar-Math's choice); False: from the previous round's
     # checkpoint (a previous PPM keeps its trained head). See ``init_checkpoint``.
     from_base: bool = True
+    # Where a new PPM head goes (rStar-Math, paper arXiv 2501.04519, training setup: each round's PPM is initialised from that
+    # round's fine-tuned policy, so the driver trains the policy first): "policy" = this round's SFT policy;
+    # "base" = engines.ppm_model or the base policy model (this project's earlier rule; pick it for a PPM
+    # backbone that differs from the policy). With from_base false a previous PPM is continued either way.
+    ppm_init: Literal["policy", "base"] = "policy"
+    # PPM loss per pair: "uniform" (every pair the same, the mean over the batch) or "inverse_count"
+    # (rStar-Math, train/rm.py ``preprocess_value_dataset`` / ``RMTrainer.compute_loss``): pair i weighs
+    # 1 / (pos_count_i * neg_count_i), so every tree node contributes one unit however many pairs it yields.
+    ppm_pair_weight: Literal["uniform", "inverse_count"] = "uniform"
     # Fraction of PPM pairs held out (whole problems, so none is on both sides) to measure
     # pairwise accuracy after training; 0 = no held-out measurement.
     heldout_fraction: float = 0.1
@@ -79,6 +88,10 @@ class TrainingConfig:
     keep_checkpoints: bool = False  # keep the trainer checkpoints (optimizer state included) after success
 
     def __post_init__(self) -> None:
+        if self.ppm_pair_weight not in ("uniform", "inverse_count"):
+            raise ValueError(f"ppm_pair_weight={self.ppm_pair_weight!r}: must be 'uniform' or 'inverse_count' (rStar-Math)")
+        if self.ppm_init not in ("policy", "base"):
+            raise ValueError(f"ppm_init={self.ppm_init!r}: must be 'policy' (rStar-Math) or 'base'")
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction={self.heldout_fraction}: must be in [0, 1)")
         if self.seed < 0:

@@ -7,6 +7,13 @@ the last token), computed by ``rounds.ppm_model.ppm_rewards``: the very function
 The export's ``margin`` column is not used: TRL would subtract it inside the sigmoid, and with r in [-1, 1]
 a Q-value margin of up to 2 would leave nothing for the model to learn.
 
+``training.ppm_pair_weight="inverse_count"`` weighs pair i by w_i = 1 / (pos_count_i * neg_count_i), the sizes
+of the two sides it was drawn from (rStar-Math, train/rm.py): loss = mean_i(w_i * l_i). rStar sums w_i * l_i
+over the batch instead; the two differ by the constant batch size, which the learning rate absorbs.
+
+Truncation: ``training.ppm.max_length`` is the one PPM length; it is recorded in the checkpoint and every
+scorer reads it back (``ppm_model.checkpoint_max_length``), so training and scoring read the same tokens.
+
 Pairs are tokenized here with ``ppm_model.encode_texts`` (the same ids inference builds: no EOS appended,
 over-long texts keep their end) and handed to the trainer pre-tokenized, so TRL's own preprocessing
 (which appends EOS) never runs. A slice of pairs, grouped by problem (``problem_id``; by ``prompt`` in files
@@ -69,21 +76,48 @@ def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> flo
     return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(chosen)
 
 
+def pair_weights(pos_count: Sequence[int], neg_count: Sequence[int]) -> list[float]:
+    """rStar-Math's per-pair loss weight 1 / (pos x neg) (train/rm.py; 1 / (pos + neg) when a side is 0)."""
+    out = []
+    for p, n in zip(pos_count, neg_count, strict=True):
+        if p < 0 or n < 0 or p + n == 0:
+            raise ValueError(f"pos_count={p}, neg_count={n}: counts must be >= 0 and not both 0")
+        out.append(1.0 / (p * n) if p and n else 1.0 / (p + n))
+    return out
+
+
 def _tanh_reward_trainer_class():
     # Built on first use so importing this module does not import trl/torch.
     import torch
     import torch.nn.functional as F
     from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    class WeightedPreferenceCollator(DataCollatorForPreference):
+        """TRL's preference collator, plus each pair's loss weight (``weight``) when the rows carry one."""
+
+        def torch_call(self, examples):
+            out = super().torch_call(examples)
+            if "weight" in examples[0]:
+                out["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float)
+            return out
 
     class TanhRewardTrainer(RewardTrainer):
         """RewardTrainer whose reward is ``ppm_rewards`` (tanh at the last attended token)."""
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "weight" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "weight"]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
             rewards = ppm_rewards(model, inputs["input_ids"], inputs["attention_mask"])  # [2 * pairs]
             # The collator stacks all chosen rows first, then all rejected rows.
             chosen, rejected = rewards.chunk(2)
-            loss = -F.logsigmoid(chosen - rejected).mean()
+            per_pair = -F.logsigmoid(chosen - rejected)  # [pairs]
+            weight = inputs.get("weight")
+            loss = (per_pair * weight.to(per_pair.dtype)).mean() if weight is not None else per_pair.mean()
             with torch.no_grad():
                 gathered = self.accelerator.gather_for_metrics
                 self._metrics[mode]["accuracy"].append(gathered((chosen > rejected).float().mean()).mean().item())
@@ -91,7 +125,7 @@ def _tanh_reward_trainer_class():
                 self._metrics[mode]["mean_reward"].append(gathered(rewards.mean()).mean().item())
             return (loss, {"rewards": rewards}) if return_outputs else loss
 
-    return TanhRewardTrainer
+    return TanhRewardTrainer, WeightedPreferenceCollator
 
 
 def train_ppm(init_model: str | Path, pairs_path: Path, out_dir: Path, cfg: TrainingConfig,
@@ -117,23 +151,36 @@ def train_ppm(init_model: str | Path, pairs_path: Path, out_dir: Path, cfg: Trai
     if "problem_id" in column_names(pairs_path):
         groups = read_columns(pairs_path, ("problem_id",), "ppm_pairs")["problem_id"]
     train_idx, held_idx = split_heldout(groups, cfg.heldout_fraction, cfg.seed)
-    model, tok = init_ppm(init_model, seed=cfg.seed)
-
     stage = cfg.ppm
+    # stage.max_length is THE PPM length: recorded in the checkpoint, read back by every scorer.
+    model, tok = init_ppm(init_model, seed=cfg.seed, max_length=stage.max_length)
 
     def texts(column: str, idx: list[int]) -> list[str]:
         return [data["prompt"][i] + data[column][i] for i in idx]
 
     chosen_ids, cut_c = encode_texts(tok, texts("chosen", train_idx), stage.max_length)
     rejected_ids, cut_r = encode_texts(tok, texts("rejected", train_idx), stage.max_length)
-    train_set = Dataset.from_dict({"chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+    columns = {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+    if cfg.ppm_pair_weight == "inverse_count":
+        missing = {"pos_count", "neg_count"} - set(column_names(pairs_path))
+        if missing:
+            raise ValueError(f"{pairs_path}: training.ppm_pair_weight='inverse_count' needs columns {sorted(missing)}; "
+                             f"re-export the round (python -m pipeline export) or use ppm_pair_weight='uniform'")
+        import pyarrow.parquet as pq
+
+        counts = pq.read_table(pairs_path, columns=["pos_count", "neg_count"])
+        weights = pair_weights(counts.column("pos_count").to_pylist(), counts.column("neg_count").to_pylist())
+        columns["weight"] = [weights[i] for i in train_idx]
+    train_set = Dataset.from_dict(columns)
     args = RewardConfig(
         **trainer_arguments(cfg, stage, work_dir_for(out_dir), **device_flags()),
         max_length=None,  # already cut by encode_texts (keeping the end); TRL would drop the pair instead
         disable_dropout=True,
     )
-    trainer = _tanh_reward_trainer_class()(model=model, args=args, train_dataset=train_set, processing_class=tok,
-                                           callbacks=list(callbacks))
+    trainer_class, collator_class = _tanh_reward_trainer_class()
+    collator = collator_class(pad_token_id=tok.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
+    trainer = trainer_class(model=model, args=args, train_dataset=train_set, processing_class=tok,
+                            data_collator=collator, callbacks=list(callbacks))
 
     def make_result(train_output, resumed_from: str) -> TrainResult:
         accuracy = -1.0

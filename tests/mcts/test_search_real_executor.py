@@ -76,9 +76,11 @@ def test_search_with_the_real_sandbox_and_grader():
         # mean step Q = (Q(good) + Q(answer)) / 2 = (0 + 1) / 2
         assert (sft.q_mean, sft.q_min) == (0.5, 0.0)
         steps = sorted((x.depth, x.q_chosen, x.q_rejected) for x in ex.pairs if x.kind == "step")
-        # root: good (Q 0) vs bad (Q -1), margin 1; under good: right (+1) vs wrong (-1), margin 2
-        assert steps == [(1, 0.0, -1.0), (2, 1.0, -1.0)]
+        # root: good (Q 0) vs bad (Q -1), margin 1. Under good: right (+1) vs wrong (-1), margin 2, but the
+        # two final steps differ only in the boxed number (< 20 characters): rStar's filter drops the pair.
+        assert steps == [(1, 0.0, -1.0)]
         finals = [x for x in ex.pairs if x.kind == "final"]
-        # right trajectory (mean .5) vs the two wrong ones: bad -> wrong (mean -1), good -> wrong (mean -.5)
-        assert sorted(round(x.margin, 6) for x in finals) == [1.0, 1.5]
+        # right trajectory (mean .5) vs the two wrong ones: bad -> wrong (mean -1, margin 1.5) is kept;
+        # good -> wrong (mean -.5, margin 1.0) shares the first step, so it is < 20 characters away: dropped
+        assert sorted(round(x.margin, 6) for x in finals) == [1.5]
         assert all(f"\\boxed{{{p.answer}}}" in x.chosen and WRONG in x.rejected for x in finals)

@@ -67,7 +67,7 @@ def test_a_node_whose_expansions_keep_nothing_twice_is_a_dead_end():
     run_one(s, policy, NamespaceExecutor())
     t = s.tree
     # rollout 1: the root's only candidate fails -> errors = 1, nothing backed up;
-    # rollout 2: fails again -> errors = 2 = max -> dead end, -1 backed up: root N = 1, W = -1; tree closed.
+    # rollout 2: fails again -> errors = 2 = max -> dead end, -1 recorded at the root itself: N = 1, W = -1.
     assert (t.root.status, t.root.errors, t.root.visits, t.root.value_sum) == ("dead", 2, 1, -1.0)
     assert t.rollouts == 2 and s.done and len(policy.batches) == 2
     assert [f.error for f in t.failures] == ["ZeroDivisionError: division by zero"] * 2
@@ -75,15 +75,44 @@ def test_a_node_whose_expansions_keep_nothing_twice_is_a_dead_end():
     assert policy.batches[0][0].seed != policy.batches[1][0].seed
 
 
-def test_a_non_final_step_at_max_depth_is_a_dead_end():
+def test_a_non_final_step_at_max_depth_is_a_dead_end_updating_only_itself():
     policy = ScriptedPolicy(lambda st: [step(f"# next\nx = {len(st.history)}")])
     s = TreeSearch(P, SearchConfig(rollouts=3, children=1, max_depth=2), seed=0, grader=exact_grader)
     run_one(s, policy, InstantExecutor())
     t = s.tree
-    # one rollout: root -> node 1 (depth 1) -> node 2 (depth 2 = max, not final) = dead end, -1 backed up:
-    # node 2: N=1, W=-1; node 1: N=1, W=-1; root: N=1, W=-1; everything closed, so the search stops.
-    assert _nv(t) == {0: (1, -1.0), 1: (1, -1.0), 2: (1, -1.0)}
+    # one rollout: root -> node 1 (depth 1) -> node 2 (depth 2 = max, not final) = dead end. rStar-Math records
+    # its -1 at node 2 only: node 2: N=1, W=-1; node 1 and root: N=0, W=0. Everything closed: the search stops.
+    assert _nv(t) == {0: (0, 0.0), 1: (0, 0.0), 2: (1, -1.0)}
     assert t.nodes[2].status == "dead" and t.root.closed and t.rollouts == 1
+    # dead_end_backup="path" (the project's earlier rule): -1 on every node of the path.
+    s = TreeSearch(P, SearchConfig(rollouts=3, children=1, max_depth=2, dead_end_backup="path"), seed=0,
+                   grader=exact_grader)
+    run_one(s, policy, InstantExecutor())
+    assert _nv(s.tree) == {0: (1, -1.0), 1: (1, -1.0), 2: (1, -1.0)}
+
+
+def test_root_w_is_the_sum_of_the_terminals_w_when_dead_ends_update_only_themselves():
+    script = TableScript({
+        "": [step(A2), step(A3)],
+        A2: [step(DOUBLE), final("# The answer is \\boxed{5}")],
+        DOUBLE: [step("# again\nb = a"), final("# The answer is \\boxed{4}")],  # "again" is at max depth 3
+        A3: [step("# fail\n1 / 0")],  # A3's expansions keep nothing twice: a dead end
+    })
+    s = TreeSearch(P, SearchConfig(rollouts=10, children=2, max_depth=3), seed=1, grader=exact_grader)
+    run_one(s, ScriptedPolicy(script), NamespaceExecutor())
+    t = s.tree
+    dead = [n for n in t.nodes.values() if n.status == "dead"]
+    assert sorted(n.text for n in dead) == ["# a is 3\na = 3", "# again\nb = a"]
+    assert all((n.visits, n.value_sum) == (1, -1.0) for n in dead)
+    # terminals: \boxed{5} wrong (W = -1) and \boxed{4} correct (W = +1): root W = -1 + 1 = 0, N = 2;
+    # the two dead ends (-1 each) are not in it.
+    terminals = list(t.terminals())
+    assert sorted(n.value_sum for n in terminals) == [-1.0, 1.0]
+    assert (t.root.visits, t.root.value_sum) == (2, sum(n.value_sum for n in terminals))
+    # and at every node: W = the sum of the W of the terminals below it (plus its own -1 if it is dead)
+    for n in t.nodes.values():
+        below = [x for x in terminals if n.id in {p.id for p in t.path(x.id)} or n.id == 0]
+        assert n.value_sum == sum(x.value_sum for x in below) + (n.reward if n.status == "dead" else 0.0), n.id
 
 
 def test_solution_chains_execute_level_by_level_and_merge_identical_steps():
@@ -123,23 +152,29 @@ def test_a_proposal_cut_by_the_token_limit_keeps_its_good_steps_as_non_terminal(
     assert [(f.parent, f.stage) for f in t.failures] == [(1, "exec")] and "SyntaxError" in t.failures[0].error
 
 
-def test_ppm_mode_initialises_q_from_the_scorer_and_selects_by_it():
+def test_ppm_mode_initialises_q_of_non_terminal_nodes_only():
     script = TableScript({"": [step("# a\na = 1"), step("# b\nb = 1")], "# a\na = 1": [final("# \\boxed{4}")]})
-    scorer = TableScorer({"# a\na = 1": 0.6, "# b\nb = 1": -0.2, "# \\boxed{4}": 0.0})
+    scorer = TableScorer({"# a\na = 1": 0.6, "# b\nb = 1": -0.2, "# \\boxed{4}": -0.9})
     cfg = SearchConfig(mode="ppm", rollouts=1, children=2)
     s = TreeSearch(P, cfg, seed=0, grader=exact_grader)
     run_one(s, ScriptedPolicy(script), InstantExecutor(), scorer)
     t = s.tree
     a, b, ans = t.nodes[1], t.nodes[2], t.nodes[3]
-    assert (a.prior, b.prior, ans.prior) == (0.6, -0.2, 0.0) and [len(x) for x in scorer.batches] == [2, 1]
+    # rStar-Math: the PPM scores the two open steps; the graded final step is never sent to it.
+    assert (a.prior, b.prior, ans.prior) == (0.6, -0.2, None) and [len(x) for x in scorer.batches] == [2]
     # After the root's expansion the root has no visits (ln term 0), so UCT = Q = prior: a (0.6) over b (-0.2).
     # a's child is correct: +1 backed up. Q(a) = (W + w*p) / (N + w) = (1 + 0.6) / (1 + 1) = 0.8
     from mcts.qvalues import q_value
 
     assert ans.verdict == "correct" and q_value(a, 1.0) == pytest.approx(0.8)
-    assert q_value(ans, 1.0) == pytest.approx(0.5)  # (1 + 1*0.0) / (1 + 1)
+    assert q_value(ans, 1.0) == 1.0  # exactly +1: W / N = 1 / 1, no PPM score mixed in
     assert q_value(b, 1.0) == pytest.approx(-0.2)  # never visited: its prior
     assert q_value(a, 3.0) == pytest.approx(0.7)  # with w = 3: (1 + 3*0.6) / (1 + 3) = 2.8 / 4
+    # prior_on_closed=True (the project's earlier rule) mixes the terminal's score -0.9 into its Q:
+    # (1 + 1*(-0.9)) / (1 + 1) = 0.05
+    s = TreeSearch(P, dataclasses.replace(cfg, prior_on_closed=True), seed=0, grader=exact_grader)
+    run_one(s, ScriptedPolicy(script), InstantExecutor(), scorer)
+    assert q_value(s.tree.nodes[3], 1.0) == pytest.approx(0.05)
 
 
 def test_test_time_mode_backs_up_the_terminal_ppm_score_and_picks_the_best_answer():
@@ -212,7 +247,9 @@ def test_ppm_waves_send_one_scorer_batch_per_wave():
     policy = ScriptedPolicy(random_script)
     run_search(waved, policy, NamespaceExecutor(), scorer)
     assert len(scorer.batches) <= len(policy.batches)
-    assert all(n.prior == 0.25 for s in waved for n in s.tree.nodes.values() if n.id != 0)
+    # non-terminal nodes carry the PPM's score; terminals and dead ends never do (rStar-Math)
+    assert all(n.prior == (0.25 if n.status == "open" or n.expanded else None)
+               for s in waved for n in s.tree.nodes.values() if n.id != 0)
     with pytest.raises(ValueError, match="needs a PPM scorer"):
         run_search(_searches(mode="ppm"), ScriptedPolicy(random_script), NamespaceExecutor())
 
@@ -248,3 +285,27 @@ def test_a_chain_through_an_exhausted_node_reopens_it():
     assert s.stats.merged == 1 and t.nodes[5].verdict == "correct" and t.root.closed and t.rollouts == 2
     # outcomes -1 (node 3) and +1 (node 5): s2 N = 2, W = 0
     assert (t.nodes[2].visits, t.nodes[2].value_sum) == (2, 0.0)
+
+
+def test_escalate_extends_an_open_tree_and_restarts_an_exhausted_one_with_a_new_seed():
+    from mcts.search import escalate, solved
+
+    # Open: every expansion leaves two open steps, never an answer; a rollout ends at a depth-4 dead end.
+    policy = ScriptedPolicy(lambda st: [step(f"# s\nx = {len(st.history)}"), step(f"# t\ny = {len(st.history)}")])
+    cfg = SearchConfig(rollouts=2, children=2, max_depth=4)
+    s = run_one(TreeSearch(P, cfg, seed=0, grader=exact_grader), policy, InstantExecutor())
+    assert s.done and not solved(s) and not s.tree.root.closed and s.tree.rollouts == 2
+    same = escalate(s, 5, seed=99)
+    assert same is s and not s.done  # extended in place to 5 in all: 3 more rollouts
+    run_one(s, policy, InstantExecutor())
+    assert s.tree.rollouts == 5 and s.tree.info.seed == 0
+    # Exhausted: one wrong answer and nothing else, so the root closes after 1 of 4 rollouts.
+    wrong = ScriptedPolicy(lambda st: [final("# so \\boxed{5}")])
+    e = run_one(TreeSearch(P, SearchConfig(rollouts=4, children=1), seed=0, grader=exact_grader), wrong,
+                InstantExecutor())
+    assert e.tree.root.closed and e.tree.rollouts == 1
+    fresh = escalate(e, 8, seed=99)
+    assert fresh is not e and fresh.tree.info.seed == 99 and fresh.config.rollouts == 8 and len(fresh.tree) == 1
+    assert fresh.next_request().state.seed != e.tree.info.seed  # sampling seeds derive from the new tree seed
+    with pytest.raises(ValueError, match="escalate only a finished, unsolved search"):
+        escalate(fresh, 16, seed=1)

@@ -18,9 +18,10 @@ from pipeline.export import ExportConfig, export_round, export_trees, load_expor
 from pipeline.storage import RunDir, StorageError
 
 ADD = "# Add the numbers.\nx = 2 + 3\nprint(x)"
-MUL = "# Multiply them.\nx = 2 * 3\nprint(x)"
+MUL = "# Multiply them instead of adding.\nx = 2 * 3\nprint(x)"
 ANS5 = "# The answer is \\boxed{5}"
-ANS6 = "# The answer is \\boxed{6}"
+# ADD vs MUL and ANS5 vs ANS6 are >= 20 characters apart (rendered), so rStar's pair filter keeps their pairs.
+ANS6 = "# Multiplying would give six, so \\boxed{6}"
 
 
 def prompt_fn(question: str, prefix: str) -> str:

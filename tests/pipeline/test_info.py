@@ -144,27 +144,12 @@ CONFIG = {
     "seed": 7,
     "problems": {"source": "builtin:arith", "n": 4},
     "engines": {"backend": "transformers", "policy_model": "tiny-random"},
-    "rounds": {
-        "from_base": True,
-        "schedule": [
-            {
-                "policy": "bootstrap",
-                "q_mode": "terminal",
-                "gen_mode": "solution",
-                "rollouts": 8,
-                "children": 5,
-                "extra_rollouts_unsolved": 0,
-            },
-            {
-                "policy": "previous",
-                "q_mode": "terminal",
-                "gen_mode": "step",
-                "rollouts": 16,
-                "children": 8,
-                "extra_rollouts_unsolved": 48,
-            },
-        ],
-    },
+    "rounds": {"from_base": True, "schedule": [
+        {"policy": "bootstrap", "q_mode": "terminal", "gen_mode": "solution", "rollouts": 8, "children": 5,
+         "unsolved_rollouts": []},
+        {"policy": "previous", "q_mode": "terminal", "gen_mode": "step", "rollouts": 16, "children": 8,
+         "unsolved_rollouts": [64, 128]},
+    ]},
 }
 
 
@@ -210,7 +195,7 @@ def test_info_summarises_a_partial_run(tmp_path):
     assert "  checkpoints: policy=yes ppm=incomplete" in lines
     assert "  eval: greedy.pass@1=0.25, maj@8=0.5, n=40" in lines
     assert "round 2: not started" in lines
-    assert "  spec: policy=previous q=terminal gen=step rollouts=16 (+48 for unsolved) children=8" in lines
+    assert "  spec: policy=previous q=terminal gen=step rollouts=16 (unsolved: 64, 128) children=8" in lines
     assert "report: report.md=no, rounds.png=no" in lines
     err = lines.index("last warnings/errors:")
     assert "engine.died actor=engine-0 reason=OOM" in lines[err + 1]

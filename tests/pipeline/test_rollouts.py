@@ -306,17 +306,20 @@ def test_ppm_round_scores_new_nodes_through_the_scorer_actor(cluster, tmp_path):
     rows = [r for rs in rows_by_problem(store).values() for r in rs if r["record"] == "node" and r["depth"] > 0]
     # A node's prefix is the rendered path root -> node, itself included: a non-final depth-1 node shows one
     # '<end_of_step>', so FixedScorer gives it 0.5 - 0.1 * 1 = 0.4.
-    assert rows and all(r["prior"] is not None for r in rows)
+    # Only non-terminal nodes are scored (rStar-Math): a graded terminal has no prior, its Q is exactly +1 / -1.
+    assert rows and all((r["prior"] is None) == (r["status"] == "terminal") for r in rows if r["status"] != "dead")
+    assert all(r["q"] in (1.0, -1.0) for r in rows if r["status"] == "terminal")
     assert {round(r["prior"], 6) for r in rows if r["depth"] == 1 and r["status"] != "terminal"} == {0.4}
 
 
-def test_unsolved_trees_get_extra_rollouts(cluster, tmp_path):
+def test_unsolved_trees_escalate_through_the_stages(cluster, tmp_path):
     never = {"p0", "p1"}
-    spec = make_spec(extra_rollouts_unsolved=2, rollouts=2)
+    spec = make_spec(unsolved_rollouts=(4, 6), rollouts=2)
     stats, store = rollouts(tmp_path, "extra", spec=spec, be=backends(never_solve=never))
     per_tree = {pid: rows[0]["rollouts"] for pid, rows in rows_by_problem(store).items()}
-    # Unsolved trees ran 2 + 2 rollouts (unless the root closed first); solved ones stopped at 2.
-    assert all(per_tree[p] == 4 for p in never), per_tree
+    # Unsolved trees (never exhausted: every expansion leaves open steps) were extended in place to 4, then
+    # to 6 rollouts in all; solved ones stopped at 2.
+    assert all(per_tree[p] == 6 for p in never), per_tree
     assert all(n <= 2 for p, n in per_tree.items() if p not in never), per_tree
     assert stats.solved == 6
 

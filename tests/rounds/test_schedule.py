@@ -10,8 +10,8 @@ def test_default_schedule_matches_design_table():
     assert [r.policy for r in s] == ["bootstrap", "previous", "previous", "previous"]
     assert [r.q_mode for r in s] == ["terminal", "terminal", "ppm", "ppm"]
     assert [(r.rollouts, r.children) for r in s] == [(8, 5), (16, 8), (16, 8), (16, 8)]
-    # round 4: 16 + 48 extra = 64 rollouts for problems still unsolved
-    assert s[3].rollouts + s[3].extra_rollouts_unsolved == 64
+    # round 4: unsolved problems escalate to 64, then 128 rollouts (rStar-Math)
+    assert s[3].unsolved_rollouts == (64, 128) and all(not r.unsolved_rollouts for r in s[:3])
     assert s[0].gen_mode == "solution" and s[0].few_shot
 
 
@@ -27,6 +27,13 @@ def test_default_schedule_matches_design_table():
 def test_impossible_schedules(schedule, match):
     with pytest.raises(ValueError, match=match):
         RoundsConfig(schedule=schedule)
+
+
+@pytest.mark.parametrize("stages", [(16,), (64, 64), (128, 64), (8,)])
+def test_escalation_stages_must_grow(stages):
+    with pytest.raises(ValueError, match=r"unsolved_rollouts=\[.*\]: each stage must be an integer larger"):
+        RoundSpec(rollouts=16, unsolved_rollouts=stages)
+    assert RoundSpec(rollouts=16, unsolved_rollouts=(64, 128)).unsolved_rollouts == (64, 128)
 
 
 def test_round_spec_ranges():

@@ -157,3 +157,39 @@ def test_gpu_bf16_training_scores_like_the_cpu(tmp_path):
     cpu_model, _ = load_ppm(tmp_path / "ppm")
     on_gpu = ppm_scores(gpu_model, tok, texts)
     assert on_gpu == pytest.approx(ppm_scores(cpu_model, tok, texts), abs=1e-2)  # TF32 matmuls on the GPU
+
+
+def test_the_checkpoint_records_the_one_truncation_length_scorers_use(run):
+    from rounds.ppm_model import checkpoint_max_length
+
+    _, out, _, _ = run
+    assert checkpoint_max_length(out) == 64  # tiny_cfg's training.ppm.max_length, read back for scoring
+
+
+def test_pair_weights_by_hand():
+    from rounds.train_ppm import pair_weights
+
+    # 2 x 2 sides -> 1/4; 1 x 4 (a widened side) -> 1/4; 1 x 1 -> 1; a side of 0 -> 1 / (0 + 3) (train/rm.py)
+    assert pair_weights([2, 1, 1, 0], [2, 4, 1, 3]) == [0.25, 0.25, 1.0, pytest.approx(1 / 3)]
+    with pytest.raises(ValueError, match="pos_count=0, neg_count=0"):
+        pair_weights([0], [0])
+
+
+def test_inverse_count_weighting_scales_each_pair_loss(tmp_path):
+    import dataclasses
+
+    path, rows = write_pairs(tmp_path / "pairs.parquet")
+    table = pq.read_table(path)
+    weighted_path = tmp_path / "weighted.parquet"
+    n = table.num_rows
+    pq.write_table(table.append_column("pos_count", pa.array([2] * n, pa.int32()))
+                        .append_column("neg_count", pa.array([2] * n, pa.int32())), weighted_path)
+    stage = StageConfig(epochs=1, lr=3e-3, batch_size=4, max_steps=1, max_length=64, warmup_ratio=0.0)
+    cfg = TrainingConfig(ppm=stage, logging_steps=1, save_steps=3, heldout_fraction=0.0)
+    uniform = train_ppm("tiny-random", weighted_path, tmp_path / "u", cfg)
+    weighted = train_ppm("tiny-random", weighted_path, tmp_path / "w",
+                         dataclasses.replace(cfg, ppm_pair_weight="inverse_count"))
+    # Same seed, data order and first batch: every pair weighs 1 / (2 x 2), so the first loss is a quarter.
+    assert weighted.losses[0] == pytest.approx(uniform.losses[0] / 4, rel=1e-4)
+    with pytest.raises(ValueError, match=r"needs columns \['neg_count', 'pos_count'\]"):
+        train_ppm("tiny-random", path, tmp_path / "x", dataclasses.replace(cfg, ppm_pair_weight="inverse_count"))
