@@ -21,7 +21,7 @@ from pipeline.confload import ConfigError, apply_override, build, diff, to_plain
 from pipeline.engines.config import EngineConfig
 from pipeline.rollouts import RolloutConfig
 from pipeline.sandbox import SandboxConfig
-from rounds.schedule import RoundsConfig
+from rounds.schedule import RoundsConfig, RoundSpec
 from rounds.train_config import TrainingConfig
 
 
@@ -124,6 +124,36 @@ def check_paths(cfg: RunConfig) -> None:
                 raise ConfigError(f"problems.{key}={spec!r}: file not found")
 
 
+def upgrade_legacy_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Rewrite keys that earlier versions wrote into a run's config.yaml, so an old run still resumes.
+
+    - ``rounds.schedule[i].extra_rollouts_unsolved: N`` (N more rollouts for an unsolved problem, once) is the
+      one-stage escalation ``unsolved_rollouts: [rollouts + N]`` (nothing when N is 0);
+    - ``engines.ppm_max_length`` (the scorers' own truncation) is gone: the PPM's training length, recorded in
+      its checkpoint, is the one truncation both training and scoring use now.
+    Each rewrite is reported as a warning naming the file.
+    """
+    import warnings
+
+    schedule = (data.get("rounds") or {}).get("schedule") or []
+    for i, spec in enumerate(schedule):
+        if isinstance(spec, dict) and "extra_rollouts_unsolved" in spec and "unsolved_rollouts" not in spec:
+            extra = spec.pop("extra_rollouts_unsolved")
+            base = spec.get("rollouts", RoundSpec.__dataclass_fields__["rollouts"].default)
+            if isinstance(extra, int) and isinstance(base, int):
+                spec["unsolved_rollouts"] = [base + extra] if extra > 0 else []
+                warnings.warn(f"{where}: rounds.schedule[{i}].extra_rollouts_unsolved={extra} read as "
+                              f"unsolved_rollouts={spec['unsolved_rollouts']} (the key was renamed)", stacklevel=2)
+            else:  # not a number: leave it for validation to name
+                spec["extra_rollouts_unsolved"] = extra
+    engines = data.get("engines")
+    if isinstance(engines, dict) and "ppm_max_length" in engines:
+        old = engines.pop("ppm_max_length")
+        warnings.warn(f"{where}: engines.ppm_max_length={old} dropped: the PPM scores with the length it was "
+                      "trained with (training.ppm.max_length)", stacklevel=2)
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML preset (None = defaults), apply ``KEY=VALUE`` overrides, validate, check paths."""
     import yaml
@@ -139,7 +169,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
-        data = loaded or {}
+        data = upgrade_legacy_keys(loaded or {}, str(path))
     if overrides:
         # Overrides address the resolved tree so list items that only exist as defaults can be set.
         data = _merge(to_plain(build(RunConfig, data)), data)

@@ -130,3 +130,21 @@ def test_entry_points_answer_help_without_heavy_imports(entry):
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
     assert "HEAVY []" in proc.stdout, proc.stdout
+
+
+def test_a_config_written_before_the_renames_still_loads(tmp_path):
+    """A run directory from an earlier version resumes: its config.yaml's renamed keys are read as the new ones."""
+    import warnings
+
+    old = {"rounds": {"schedule": [{"policy": "bootstrap", "rollouts": 2, "extra_rollouts_unsolved": 0},
+                                   {"policy": "previous", "rollouts": 2, "extra_rollouts_unsolved": 1}]},
+           "engines": {"policy_model": "tiny-random", "ppm_max_length": 2048}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(path)
+    # extra_rollouts_unsolved: N meant N more rollouts once: one stage of rollouts + N = 2 + 1 = 3 in all.
+    assert [s.unsolved_rollouts for s in cfg.rounds.schedule] == [(), (3,)]
+    said = " ".join(str(w.message) for w in caught)
+    assert "extra_rollouts_unsolved=1 read as unsolved_rollouts=[3]" in said and "ppm_max_length=2048 dropped" in said
