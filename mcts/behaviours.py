@@ -262,6 +262,42 @@ def behaviours_of(tags: Iterable[Tag] | Iterable[str]) -> list[str]:
     return [b for b in BEHAVIOURS if b in names]
 
 
+def path_behaviours(nodes: Sequence, question: str = "") -> list[str]:
+    """The behaviours of a trajectory given as tree nodes (anything with ``.text`` and ``.stdout``)."""
+    return behaviours_of(tag_trajectory([StepText(n.text, n.stdout) for n in nodes], question))
+
+
+def tree_row_behaviours(tree) -> tuple[dict[int, list[str]], list[list[str]]]:
+    """Per-step behaviours of a whole ``mcts.tree.Tree``: (node id -> its step's behaviours read after its
+    ancestors' steps, [] for the root; each recorded failure's, read after its parent's path, in order)."""
+    steps: dict[int, list[StepText]] = {0: []}  # node id -> the steps root -> node (ids grow with depth)
+    nodes: dict[int, list[str]] = {}
+    for i in sorted(tree.nodes):
+        node = tree.nodes[i]
+        if node.parent < 0:
+            steps[i], nodes[i] = [], []
+            continue
+        steps[i] = [*steps[node.parent], StepText(node.text, node.stdout)]
+        nodes[i] = behaviours_of(tag_step(steps[i], len(steps[i]) - 1, tree.info.question))
+    failures = []
+    for f in tree.failures:
+        path = [*steps.get(f.parent, []), StepText(f.text)]
+        failures.append(behaviours_of(tag_step(path, len(path) - 1, tree.info.question)))
+    return nodes, failures
+
+
+def prefer_behaviours(trajectories: Sequence, behaviours_fn, prefer: Sequence[str]) -> list:
+    """``trajectories`` (best first) with those showing any of ``prefer`` moved ahead, each group keeping its
+    order: behaviour-aware SFT selection. ``behaviours_fn(t)`` gives a trajectory's behaviours. With ``prefer``
+    empty the order is unchanged."""
+    if not prefer:
+        return list(trajectories)
+    wanted = set(prefer)
+    shows = [bool(wanted.intersection(behaviours_fn(t))) for t in trajectories]
+    return [t for t, s in zip(trajectories, shows, strict=True) if s] + \
+        [t for t, s in zip(trajectories, shows, strict=True) if not s]
+
+
 def check_behaviours(names: Iterable[str], where: str) -> tuple[str, ...]:
     """``names`` as a tuple, or ValueError naming ``where`` and the unknown ones."""
     names = tuple(names)
@@ -271,5 +307,5 @@ def check_behaviours(names: Iterable[str], where: str) -> tuple[str, ...]:
     return names
 
 
-__all__ = ["BEHAVIOURS", "StepText", "Tag", "behaviours_of", "check_behaviours", "question_target", "tag_step",
-           "tag_trajectory"]
+__all__ = ["BEHAVIOURS", "StepText", "Tag", "behaviours_of", "check_behaviours", "path_behaviours",
+           "prefer_behaviours", "question_target", "tag_step", "tag_trajectory", "tree_row_behaviours"]
