@@ -162,3 +162,12 @@ def test_priming_file_errors_name_the_file_and_line(tmp_path):
     bad.write_text(json.dumps({"question": Q}) + "\n")
     with pytest.raises(PrimingError, match=r"prime.jsonl:1: needs non-empty string fields"):
         load_priming(bad, ("verification",), prompt_fn)
+
+
+def test_the_shipped_countdown_priming_file_loads_and_every_trajectory_qualifies():
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "configs" / "countdown_priming.jsonl"
+    primed = load_priming(path, ("verification", "backtracking"), prompt_fn)
+    assert primed.read == 8 and len(primed.rows) == 8 and primed.skipped == {}
+    assert all(r["completion"].endswith("<end_of_answer>\n") for r in primed.rows)
