@@ -34,6 +34,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mcts.tree import Tree
 
 VERIFICATION = "verification"
 BACKTRACKING = "backtracking"
@@ -63,7 +67,7 @@ def _rx(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern, re.IGNORECASE)
 
 
-# (rule name, pattern) over one lower-cased reasoning line at a time.
+# (rule name, pattern), matched against one reasoning line at a time, case-insensitively.
 _VERIFICATION_WORDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("check_word", _rx(r"\bverif(?:y|ies|ied|ying|ication)\b|\bdouble[- ]?check|\bsanity\b|\bcross[- ]check"
                        r"|\b(?:let'?s|let me|to) see (?:if|whether)\b")),
@@ -267,7 +271,7 @@ def path_behaviours(nodes: Sequence, question: str = "") -> list[str]:
     return behaviours_of(tag_trajectory([StepText(n.text, n.stdout) for n in nodes], question))
 
 
-def tree_row_behaviours(tree) -> tuple[dict[int, list[str]], list[list[str]]]:
+def tree_row_behaviours(tree: Tree) -> tuple[dict[int, list[str]], list[list[str]]]:
     """Per-step behaviours of a whole ``mcts.tree.Tree``: (node id -> its step's behaviours read after its
     ancestors' steps, [] for the root; each recorded failure's, read after its parent's path, in order)."""
     steps: dict[int, list[StepText]] = {0: []}  # node id -> the steps root -> node (ids grow with depth)

@@ -148,3 +148,13 @@ def test_behaviours_of_orders_and_check_behaviours_names_the_bad_one():
     assert check_behaviours(["verification"], "x") == ("verification",)
     with pytest.raises(ValueError, match=r"search.extract.prefer_behaviours=\['verify'\]: unknown behaviour"):
         check_behaviours(["verify"], "search.extract.prefer_behaviours")
+
+
+def test_prefer_behaviours_moves_matches_ahead_and_keeps_each_groups_order():
+    from mcts.behaviours import prefer_behaviours
+
+    shown = {"a": [], "b": ["subgoal_setting"], "c": ["verification"], "d": ["backtracking", "verification"]}
+    best_first = ["a", "b", "c", "d"]
+    assert prefer_behaviours(best_first, shown.get, ("verification", "backtracking")) == ["c", "d", "a", "b"]
+    assert prefer_behaviours(best_first, shown.get, ("backtracking",)) == ["d", "a", "b", "c"]
+    assert prefer_behaviours(best_first, shown.get, ()) == best_first  # off: unchanged
