@@ -7,7 +7,12 @@ Column names are the ones ``datasets`` and TRL already accept, so a file loads w
 - ``ppm_pairs``: ``prompt`` / ``chosen`` / ``rejected`` (TRL RewardTrainer, explicit-prompt preference format);
 - ``steps``:     ``prompt`` / ``completions`` / ``labels`` (TRL stepwise supervision; labels are the steps'
                  Q-values as float32 in [-1, 1], not booleans);
-- ``trees``:     the node table of ``mcts.serialize``, one row per kept node or rejected candidate.
+- ``trees``:     the node table of ``mcts.serialize``, one row per kept node or rejected candidate, plus
+                 ``behaviours`` (the export adds it; the stored shards under ``trees/`` are ``TREES_SCHEMA``).
+
+``behaviours`` (``sft`` and ``trees``) lists the cognitive behaviours ``mcts.behaviours`` tags, in its
+``BEHAVIOURS`` order: for an ``sft`` row the whole trajectory's, for a ``trees`` row that one step's, read after
+the steps above it (a trajectory's behaviours are the union of its steps').
 
 ``prompt`` is the chat-templated question (+ shared step prefix), built by the pipeline's export from the
 records' separate ``question`` and ``prefix`` with the policy's prompt builder. The other columns are
@@ -19,12 +24,16 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sft and the trees export gained ``behaviours``
 VERSION_KEY = b"open_rstar.schema_version"
 
 
 def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
     return pa.schema(fields, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode(), b"open_rstar.table": name.encode()})
+
+
+# Tags from mcts.behaviours.BEHAVIOURS ('verification', 'backtracking', 'subgoal_setting', 'backward_chaining').
+BEHAVIOURS_FIELD = pa.field("behaviours", pa.list_(pa.string()), nullable=False)
 
 
 SFT_SCHEMA = _schema(
@@ -38,7 +47,8 @@ SFT_SCHEMA = _schema(
         pa.field("q_mean", pa.float64(), nullable=False),  # mean step Q of the trajectory
         pa.field("q_min", pa.float64(), nullable=False),
         pa.field("n_steps", pa.int32(), nullable=False),
-        pa.field("leaf_id", pa.int32(), nullable=False),  # the terminal's node id in the trees table
+        pa.field("leaf_id", pa.int32(), nullable=False),  # the terminal's node id in the trees table; -1: primed
+        BEHAVIOURS_FIELD,  # the trajectory's
     ],
 )
 
@@ -113,8 +123,11 @@ TREES_SCHEMA = _schema(
     ],
 )
 
+# The exported trees table: the node table and each row's step behaviours (failed candidates' too; root: []).
+TREES_EXPORT_SCHEMA = _schema("trees", [*TREES_SCHEMA, BEHAVIOURS_FIELD])
+
 SCHEMAS: dict[str, pa.Schema] = {"sft": SFT_SCHEMA, "ppm_pairs": PPM_PAIRS_SCHEMA, "steps": STEPS_SCHEMA,
-                                 "trees": TREES_SCHEMA}
+                                 "trees": TREES_EXPORT_SCHEMA}
 
 
 def schema_version(schema: pa.Schema) -> int | None:

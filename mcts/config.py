@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mcts.behaviours import check_behaviours
+
 # terminal:  terminal-guided Q (rounds 1-2): reward +1 / -1 from the grader, backed up to the root.
 # ppm:       PPM-augmented Q (rounds 3-4): as terminal, and every new non-terminal node's Q starts at its PPM score.
 # test_time: no reference answer: PPM-initialised Q, and a terminal's reward is its own PPM score.
@@ -44,6 +46,13 @@ class ExtractConfig:
     # (rStar: 20), so near-identical steps (``\boxed{7}`` vs ``\boxed{8}``) never become a pair. 0 = off.
     min_edit_distance: int = 20
     final_pairs: bool = True  # also whole-trajectory pairs (top correct vs bottom wrong by mean Q)
+    # Behaviour-aware SFT selection, off when empty: among a problem's correct trajectories those showing any of
+    # these behaviours (mcts.behaviours) are picked first, best mean Q first within each group.
+    prefer_behaviours: tuple[str, ...] = ()
+    # Priming (Gandhi et al. 2025): a .jsonl of {"question", "completion"} trajectories in the step format added to
+    # round 1's SFT rows by the export, keeping those that show one of priming_behaviours. '' = off.
+    priming_file: str = ""
+    priming_behaviours: tuple[str, ...] = ("verification", "backtracking")
 
     def __post_init__(self) -> None:
         if self.sft_top_n < 0:
@@ -56,6 +65,10 @@ class ExtractConfig:
             raise ValueError(f"min_margin={self.min_margin}: must be in [0, 2] (Q-values lie in [-1, 1])")
         if self.min_edit_distance < 0:
             raise ValueError(f"min_edit_distance={self.min_edit_distance}: must be >= 0 (0 = no filter)")
+        check_behaviours(self.prefer_behaviours, "prefer_behaviours")
+        check_behaviours(self.priming_behaviours, "priming_behaviours")
+        if self.priming_file and not self.priming_behaviours:
+            raise ValueError("priming_behaviours=[]: priming keeps trajectories showing one of them; name at least one")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from mcts.behaviours import path_behaviours, prefer_behaviours
 from mcts.config import ExtractConfig
 from mcts.node import ROOT_ID, Node
 from mcts.qvalues import q_value
@@ -49,6 +50,7 @@ class SFTRecord:
     q_min: float
     n_steps: int
     leaf_id: int
+    behaviours: tuple[str, ...] = ()  # mcts.behaviours tags of the trajectory
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,11 @@ def _sides(good: list, bad: list, cfg: ExtractConfig) -> tuple[list, list]:
 def sft_records(tree: Tree, cfg: ExtractConfig) -> list[SFTRecord]:
     trajs = sorted((trajectory(tree, n.id) for n in tree.terminals() if n.verdict == "correct"), key=_best_first)
     info = tree.info
+    tags = {t.leaf_id: tuple(path_behaviours(t.nodes, info.question)) for t in trajs}
+    trajs = prefer_behaviours(trajs, lambda t: tags[t.leaf_id], cfg.prefer_behaviours)  # no-op unless configured
     return [
-        SFTRecord(info.problem_id, info.round, info.question, "", t.text, t.q_mean, t.q_min, len(t.nodes), t.leaf_id)
+        SFTRecord(info.problem_id, info.round, info.question, "", t.text, t.q_mean, t.q_min, len(t.nodes), t.leaf_id,
+                  tags[t.leaf_id])
         for t in trajs[: cfg.sft_top_n]
     ]
 

@@ -9,6 +9,11 @@ prompts rendered with ``prompt_fn(question, prefix)`` and the rows handed to one
 which writes a row group whenever ``row_group_rows`` are buffered. Memory is one tree plus one row group per
 table, whatever the number of trees.
 
+Behaviours (``mcts.behaviours``): ``sft`` rows carry their trajectory's, ``trees`` rows their step's (a column the
+stored node table does not have). ``behaviours.json`` beside the files counts them per graded trajectory - every
+path root -> terminal graded 'correct' or 'wrong' - for the report and ``pipeline info`` (format in
+``rounds.behaviour_report``). Round 1 also gets the priming file's rows (``pipeline.priming``) when configured.
+
 Files are written under temporary names and renamed only when all four are complete, so a crash mid-export
 leaves the previous export (or none) in place, never a truncated file. Schemas are ``data.schemas``'; every
 file loads with ``datasets.load_dataset("parquet", data_files=...)`` and ``sft`` / ``ppm_pairs`` feed TRL's
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.storage import EXPORT_TABLES, RunDir, StorageError, TreeStore, atomic_path
+from pipeline.storage import EXPORT_TABLES, RunDir, StorageError, TreeStore, atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -115,10 +120,37 @@ class _Sink:
         self.writer.close()
 
 
+BEHAVIOURS_FILE = "behaviours.json"
+
+
+def _behaviour_column(table: pa.Table, node_tags: dict[int, list[str]], failure_tags: dict[int, list[str]]):
+    import pyarrow as pa
+
+    from data.schemas import BEHAVIOURS_FIELD
+
+    tags = [node_tags[i] if rec == "node" else failure_tags[i]
+            for rec, i in zip(table.column("record").to_pylist(), table.column("id").to_pylist(), strict=True)]
+    return table.append_column(BEHAVIOURS_FIELD, pa.array(tags, BEHAVIOURS_FIELD.type))
+
+
+def _count_trajectories(tree, node_tags: dict[int, list[str]], counts: dict) -> None:
+    """Add each graded trajectory's behaviours (the union of its steps') to ``counts`` (behaviours.json)."""
+    for leaf in tree.terminals():
+        if leaf.verdict not in ("correct", "wrong"):
+            continue
+        shown = {b for n in tree.path(leaf.id) for b in node_tags[n.id]}
+        counts["trajectories"][leaf.verdict] += 1
+        for b in shown:
+            counts["with_behaviour"][leaf.verdict][b] += 1
+
+
 def export_trees(store: TreeStore, out_dir: str | Path, prompt_fn: PromptFn,
-                 extract_config: ExtractConfig | None = None, config: ExportConfig = ExportConfig()) -> ExportResult:
-    """Export every committed tree of ``store`` into ``out_dir/<table>.parquet`` (see module doc)."""
+                 extract_config: ExtractConfig | None = None, config: ExportConfig = ExportConfig(),
+                 extra_sft: list[dict] | None = None) -> ExportResult:
+    """Export every committed tree of ``store`` into ``out_dir/<table>.parquet`` (see module doc); ``extra_sft``
+    rows (priming) are written to ``sft`` after the trees' rows."""
     from data.schemas import SCHEMAS
+    from mcts.behaviours import BEHAVIOURS, tree_row_behaviours
     from mcts.config import ExtractConfig
     from mcts.extract import export_row, extract
     from mcts.serialize import tree_from_rows
@@ -138,6 +170,8 @@ def export_trees(store: TreeStore, out_dir: str | Path, prompt_fn: PromptFn,
         return prompts[key]
 
     problems = solved = 0
+    counts = {"tagger": "rules", "trajectories": {"correct": 0, "wrong": 0},
+              "with_behaviour": {v: dict.fromkeys(BEHAVIOURS, 0) for v in ("correct", "wrong")}}
     with contextlib.ExitStack() as stack:
         # All temp files are renamed when the stack unwinds cleanly, and all are removed on an exception.
         tmps = {t: stack.enter_context(atomic_path(p)) for t, p in paths.items()}
@@ -155,8 +189,14 @@ def export_trees(store: TreeStore, out_dir: str | Path, prompt_fn: PromptFn,
                     if name in sinks:
                         for rec in records:
                             sinks[name].add_row(export_row(rec, prompt(rec.question, rec.prefix)))
+                node_tags, failure_tags = tree_row_behaviours(tree)
+                _count_trajectories(tree, node_tags, counts)
                 if "trees" in sinks:
-                    sinks["trees"].add_table(table)
+                    by_id = {f.id: t for f, t in zip(tree.failures, failure_tags, strict=True)}
+                    sinks["trees"].add_table(_behaviour_column(table, node_tags, by_id))
+            if "sft" in sinks:
+                for row in extra_sft or ():
+                    sinks["sft"].add_row(row)
         except BaseException:
             for sink in sinks.values():
                 sink.writer.close()  # release the file; atomic_path then removes it, the old export stays
@@ -164,7 +204,8 @@ def export_trees(store: TreeStore, out_dir: str | Path, prompt_fn: PromptFn,
         for sink in sinks.values():
             sink.close()
         rows = {t: s.written for t, s in sinks.items()}
-    summary = {"problems": problems, "solved": solved, "rows": rows, "out_dir": str(out)}
+    atomic_write_json(out / BEHAVIOURS_FILE, counts)
+    summary = {"problems": problems, "solved": solved, "rows": rows, "out_dir": str(out), "behaviours": counts}
     return ExportResult(out, paths, rows, problems, solved, summary)
 
 
@@ -173,7 +214,16 @@ def export_round(run: RunDir | str | Path, round: int, prompt_fn: PromptFn, out_
     """Export ``round`` of ``run`` into ``out_dir`` (default: the round directory, the run's own copy)."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     target = Path(out_dir) if out_dir is not None else run.round_dir(round)
-    return export_trees(run.trees(round), target, prompt_fn, extract_config, config)
+    primed = None
+    if round == 1 and extract_config is not None and extract_config.priming_file:
+        from pipeline.priming import load_priming
+
+        primed = load_priming(extract_config.priming_file, extract_config.priming_behaviours, prompt_fn, round)
+    result = export_trees(run.trees(round), target, prompt_fn, extract_config, config,
+                          extra_sft=primed.rows if primed else None)
+    if primed is not None:
+        result.summary["priming"] = primed.summary()
+    return result
 
 
 def load_export(path: str | Path | Sequence[str | Path]):

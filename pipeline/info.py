@@ -12,6 +12,8 @@ from typing import Any
 
 from pipeline.runlog import format_event, read_log
 from pipeline.storage import EXPORT_TABLES, PHASES, RunDir, StorageError
+from rounds.behaviour_report import PLOT_FILE as BEHAVIOUR_PLOT
+from rounds.behaviour_report import behaviour_lines
 
 _WIDTH = 110  # a summary line longer than this is cut with '...'
 _LOG_WIDTH = 170  # log lines carry counters and rates at the end: keep more of them
@@ -129,6 +131,7 @@ def _round_block(run: RunDir, rnd: int, spec: dict | None) -> list[str]:
             body += got if isinstance(got, list) else [got]
         except StorageError as e:
             body.append(f"error ({name}): {e}")
+    body += behaviour_lines(run.round_dir(rnd))  # rounds.behaviour_report: from behaviours.json
     body.append(f"checkpoints: policy={_checkpoint_state(run.policy_dir(rnd))} "
                 f"ppm={_checkpoint_state(run.ppm_dir(rnd))}")
     try:
@@ -166,6 +169,8 @@ def info(run_dir: str | Path, log_lines: int = 8) -> str:
     out.append("")
     out.append("report: " + ", ".join(f"{p.name}={'yes' if p.is_file() else 'no'}"
                                       for p in (run.report_path, run.plot_path)))
+    if (run.root / BEHAVIOUR_PLOT).is_file():
+        out.append(f"behaviour plot: {run.root / BEHAVIOUR_PLOT} (correct vs wrong trajectories per round)")
     errors = read_log(run.log_path, last=3, min_level="warning")
     if errors:
         out.append("last warnings/errors:")

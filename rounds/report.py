@@ -251,6 +251,9 @@ def write_report(run_dir: str | Path, rounds: list[int]) -> str:
           "'train solved by search' is the fraction of that round's training problems with at least one\n"
           "correct rollout. '-' marks a number that was not measured; the footnote says why.\n\n"
           f"{table}\n\n![metrics across rounds]({PLOT_FILE})\n")
+    from rounds.behaviour_report import behaviour_section  # behaviours.json per round -> table + behaviours.png
+
+    md += behaviour_section(run_dir, rounds)
     tmp = run_dir / f".{REPORT_FILE}.tmp"
     tmp.write_text(md)
     os.replace(tmp, run_dir / REPORT_FILE)
