@@ -59,6 +59,9 @@ class SearchConfig:
     # PPM modes: a new node starts with Q = its PPM score, worth this many visits. Q = (W + w*p) / (N + w):
     # w = 1 is rStar-Math's one visit; larger w trusts the PPM longer against rollout outcomes.
     prior_weight: float = 1.0
+    # A non-final step without code (comments only) is rejected like failing code (``mcts.expand``): steps
+    # must be code-augmented. False accepts prose-only steps.
+    require_code: bool = True
     extract: ExtractConfig = field(default_factory=ExtractConfig)
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-from mcts.expand import parse_proposal
+from mcts.expand import COMMENT_ONLY, parse_proposal
 from mcts.protocols import Proposal
 from mcts.steps import ANSWER_END, STEP_END
 
@@ -52,3 +52,27 @@ def test_finality_of_the_last_step():
     assert len(chain.steps) == 2 and not chain.final
     chain = parse_proposal(Proposal("", STEP_END), room=3)
     assert chain.steps == () and (chain.rejected.stage, chain.rejected.error) == ("parse", "empty proposal")
+
+
+def test_a_comment_only_step_is_rejected_like_failing_code():
+    # step mode: a step of prose only computes nothing
+    chain = parse_proposal(Proposal("# Tom has 3 apples and buys 5 more.", STEP_END), room=4)
+    assert chain.steps == () and not chain.final
+    assert (chain.rejected.stage, chain.rejected.error) == ("exec", COMMENT_ONLY)
+    # solution mode: the chain keeps the code steps before it and is cut there
+    text = "# a\nx = 3\n<end_of_step>\n# now think about it\n<end_of_step>\n# y\ny = x + 5\n<end_of_step>\n# \\boxed{8}"
+    chain = parse_proposal(Proposal(text, ANSWER_END), room=16)
+    assert [s.code for s in chain.steps] == ["x = 3"] and not chain.final
+    assert chain.rejected.error == COMMENT_ONLY + " (2 later step(s) dropped)"
+    assert chain.rejected.text.startswith("# now think about it")
+
+
+def test_the_final_step_may_be_comment_only_and_the_check_can_be_turned_off():
+    chain = parse_proposal(Proposal(SOLUTION, ANSWER_END), room=16)  # its final step is '# The answer is ...'
+    assert chain.final and chain.rejected is None and chain.steps[-1].code == ""
+    # a proposal the model closed with <end_of_answer> and no answer is final (graded wrong), not rejected
+    chain = parse_proposal(Proposal("# x\nx = 1\n<end_of_step>\n# I am done", ANSWER_END), room=16)
+    assert chain.final and chain.rejected is None and len(chain.steps) == 2
+    # require_code=False keeps prose-only steps (the old behaviour)
+    chain = parse_proposal(Proposal("# Tom has 3 apples and buys 5 more.", STEP_END), room=4, require_code=False)
+    assert len(chain.steps) == 1 and chain.rejected is None
