@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from mcts.node import FailureStage
 from mcts.protocols import Proposal
-from mcts.steps import ANSWER_END, Step, StepFormatError, parse_step, prose_to_comments, split_steps
+from mcts.steps import ANSWER_END, BRACE_STOP, Step, StepFormatError, parse_step, prose_to_comments, split_steps
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ def parse_proposal(proposal: Proposal, room: int, require_code: bool = True) -> 
     """Cut ``proposal`` into a chain of at most ``room`` (>= 1) steps, as described in the module doc."""
     if room < 1:
         raise ValueError(f"room={room}: a node at max_depth cannot be expanded")
-    pieces = split_steps(prose_to_comments(proposal.text))
+    text = proposal.text + "}" if proposal.stop == BRACE_STOP else proposal.text  # the engine cut the '}' off
+    pieces = split_steps(prose_to_comments(text))
     if not pieces:
         return Chain((), False, Rejected(proposal.text, "parse", "empty proposal"))
     steps: list[Step] = []

@@ -11,7 +11,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def test_an_untrained_previous_policy_keeps_the_bootstrap_prompt():
     cfg = load_config(CONFIGS / "embedded.yaml")
     boot, second = cfg.rounds.schedule[0], cfg.rounds.schedule[1]
-    assert (boot.gen_mode, boot.few_shot) == ("solution", True) and (second.gen_mode, second.few_shot) == ("step", False)
+    # the SFT policy keeps its few-shot examples (it is trained on that prompt), but searches step by step
+    assert (boot.gen_mode, boot.few_shot) == ("solution", True) and (second.gen_mode, second.few_shot) == ("step", True)
     kept = search_spec(cfg, second, policy_trained=False)
     assert (kept.gen_mode, kept.few_shot) == ("solution", True)
     assert (kept.rollouts, kept.children, kept.q_mode) == (second.rollouts, second.children, second.q_mode)
