@@ -457,7 +457,9 @@ def _write_metrics(ctx: RoundContext) -> None:
     acc = ppm.get("pairwise_accuracy") if ppm.get("heldout_pairs") else None
     solved, searched = train_coverage(ctx.run, ctx.round_no)
     update_metrics(ctx.dir, ppm_pairwise_acc=acc, ppm_heldout_pairs=ppm.get("heldout_pairs"),
-                   sft_final_loss=pol.get("final_loss"), sft_rows=export.get("sft"), ppm_pairs=export.get("ppm_pairs"),
+                   sft_final_loss=pol.get("final_loss"), ppm_pairs=export.get("ppm_pairs"),
+                   # the rows the policy trained on: the pool over rounds so far (this round's export without one)
+                   sft_rows=(pol.get("data") or {}).get("rows", export.get("sft")),
                    coverage_solved=solved, coverage_problems=searched)
 
 
