@@ -97,6 +97,9 @@ class SearchConfig:
     # ``select_next_step`` skips terminals when sampling) scores only non-terminal nodes: a graded terminal's
     # Q is exactly +1 or -1, a dead end's -1.
     prior_on_closed: bool = False
+    # A non-final step without code (comments only) is rejected like failing code (``mcts.expand``): steps
+    # must be code-augmented. False accepts prose-only steps.
+    require_code: bool = True
     extract: ExtractConfig = field(default_factory=ExtractConfig)
 
     def __post_init__(self) -> None:

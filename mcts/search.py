@@ -234,7 +234,7 @@ class TreeSearch:
         leaf = self.tree.nodes[self._leaf]
         room = self.config.max_depth - leaf.depth
         self._new = []
-        self._live = [_LiveChain(parse_proposal(p, room), self._leaf) for p in proposals]
+        self._live = [_LiveChain(parse_proposal(p, room, self.config.require_code), self._leaf) for p in proposals]
         self._next_level()
 
     def _next_level(self) -> None:

@@ -48,8 +48,13 @@ ANSWER_END = "<end_of_answer>"
 OUTPUT_PREFIX = "# output: "
 OUTPUT_STOP = OUTPUT_PREFIX.rstrip()  # the model starting to write an output line itself
 STOP_STRINGS: tuple[str, ...] = (STEP_END, ANSWER_END, OUTPUT_STOP)
-# A whole solution runs on past step delimiters, but still stops where the model wants to see an output.
-SOLUTION_STOP_STRINGS: tuple[str, ...] = (ANSWER_END, OUTPUT_STOP)
+# A whole solution runs on past step delimiters, but still stops where the model wants to see an output, and at
+# the end of the line that closes a brace: after '\\boxed{8}' a weak model mostly repeats its answer until the
+# token budget runs out, and everything after the first answer is dropped anyway (``mcts.expand``). The engines
+# cut the stop string off, so ``mcts.expand`` puts the '}' back (the same text either way: a code line that
+# closes a dict just ends the proposal there, and the next expansion continues from it).
+BRACE_STOP = "}\n"
+SOLUTION_STOP_STRINGS: tuple[str, ...] = (ANSWER_END, OUTPUT_STOP, BRACE_STOP)
 MAX_OUTPUT_LINES = 4  # rendered output lines per step; longer output is cut with a marker
 
 

@@ -3,6 +3,7 @@
     python -m pipeline info RUN_DIR
     python -m pipeline export RUN_DIR --round 2 --out exported/
     python -m pipeline eval RUN_DIR --round 2
+    python -m pipeline eval RUN_DIR --round 0 --problems my_benchmark.jsonl --json
     python -m pipeline config configs/embedded.yaml --set search.rollouts=4
 """
 
@@ -34,7 +35,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.driver import eval_round_cli
 
-    return eval_round_cli(Path(args.run_dir), args.round)
+    return eval_round_cli(Path(args.run_dir), args.round, Path(args.problems) if args.problems else None,
+                          as_json=args.json, greedy_only=args.greedy_only)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -63,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output directory (default: the round directory)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("eval", help="(re-)evaluate a round's policy and PPM on the held-out set")
+    p = sub.add_parser("eval", help="(re-)evaluate a round's policy and PPM on the held-out set or a problem file")
     p.add_argument("run_dir")
-    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--round", type=int, required=True, help="0 = the base model in its bootstrap prompt")
+    p.add_argument("--problems", metavar="FILE",
+                   help="a .jsonl/.json/.parquet/.csv problem file (default: the run's held-out set); the results "
+                        "go to round_N/eval_<file stem>/eval.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object of the metrics as the last line")
+    p.add_argument("--greedy-only", action="store_true", help="greedy pass@1 only (no sampling, no PPM)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("config", help="validate a preset and print the resolved config")

@@ -77,11 +77,16 @@ class EvalConfig:
     best_of_n: int = 8  # samples scored by the PPM for best-of-N
     mcts_rollouts: int = 8  # PPM-guided test-time MCTS rollouts per problem
     mcts_children: int = 4
+    # Rounds (0 = the base model) that get the full evaluation (maj@k, PPM best-of-N, PPM-guided MCTS);
+    # every other round measures greedy pass@1 only. None: every round. A CPU preset sets [0, 4].
+    full_rounds: list[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.full_rounds is not None and any(r < 0 for r in self.full_rounds):
+            raise ValueError(f"full_rounds={self.full_rounds}: round numbers must be >= 0 (0 = the base model)")
 
 
 @dataclass(frozen=True)

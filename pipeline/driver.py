@@ -152,17 +152,51 @@ def phase_train_policy(ctx: RoundContext) -> dict:
 
     if not ctx.spec.train_policy:
         return {"skipped": "train_policy is false for this round"}
-    sft = ctx.run.export_path(ctx.round_no, "sft")
-    n = _rows(sft)
+    sft, data = policy_sft_data(ctx)
+    n = data["rows"]
     if n == 0:
         ctx.log.warning("policy_not_trained", round=ctx.round_no,
                         reason="no correct trajectory was found, so there is no SFT data; the next round "
                                "keeps the current policy")
-        return {"skipped": "0 SFT rows"}
+        return {"skipped": "0 SFT rows", "data": data}
+    same = _same_data_round(ctx, data["digest"])
+    if same is not None and ctx.cfg.training.from_base:
+        # From the base weights on the same rows with the same seed: the same model as round `same`'s.
+        ctx.log.info("policy_not_retrained", round=ctx.round_no, same_as_round=same,
+                     reason="the SFT pool is unchanged since that round (no new correct trajectory)")
+        return {"skipped": f"SFT data unchanged since round {same}", "same_as_round": same, "data": data}
     init = init_checkpoint(ctx.cfg.training, ctx.cfg.engines.policy_model, ctx.newest_policy(ctx.round_no - 1))
     result = _on_accelerators(ctx.cfg, train_policy, init, sft, ctx.run.policy_dir(ctx.round_no), ctx.cfg.training)
-    ctx.log.info("policy_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps, rows=n)
-    return dataclasses.asdict(result) | {"out_dir": str(result.out_dir)}
+    ctx.log.info("policy_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps, rows=n,
+                 problems=data["problems"], pooled=ctx.cfg.training.policy_pool)
+    return dataclasses.asdict(result) | {"out_dir": str(result.out_dir), "data": data}
+
+
+def policy_sft_data(ctx: RoundContext) -> tuple[Path, dict]:
+    """round_N/sft_train.parquet: what the round's policy trains on (``rounds.sft_pool``): the best correct
+    trajectories of every problem over rounds 1..N (``training.policy_pool``) or this round's only, with
+    prompts as the trained policy will be searched with (``training.sft_prompt``)."""
+    from rounds.sft_pool import build_sft_data
+
+    t = ctx.cfg.training
+    first = 1 if t.policy_pool else ctx.round_no
+    paths = [ctx.run.export_path(r, "sft") for r in range(first, ctx.round_no + 1)]
+    few_shot = _policy_settings(ctx.cfg, trained=True)[1] if t.sft_prompt == "search" else False
+    out = ctx.dir / "sft_train.parquet"
+    top_n = max(1, ctx.cfg.search.extract.sft_top_n)
+    return out, build_sft_data(paths, out, top_n, _prompt_builder(ctx.cfg, few_shot).build)
+
+
+def _same_data_round(ctx: RoundContext, digest: str) -> int | None:
+    """The latest earlier round whose policy trained on exactly these rows, if its checkpoint exists."""
+    for r in range(ctx.round_no - 1, 0, -1):
+        info = (ctx.run.marker(r, "train_policy") or {}).get("info", {})
+        trained = (ctx.run.policy_dir(r) / "config.json").is_file()
+        if (info.get("data") or {}).get("digest") == digest:
+            return r if trained else info.get("same_as_round")
+        if trained:
+            return None  # a policy on other data was trained since
+    return None
 
 
 def phase_eval(ctx: RoundContext) -> dict:
@@ -172,8 +206,54 @@ def phase_eval(ctx: RoundContext) -> dict:
     solved = len(ctx.run.trees(ctx.round_no).solved_problem_ids())
     trained = ctx.newest_policy(ctx.round_no)
     policy = trained or ctx.bootstrap_model()
-    return evaluate_model(ctx.cfg, ctx.run, ctx.round_no, policy, ctx.newest_ppm(ctx.round_no), ctx.eval_problems,
-                          ctx.log, trained=trained is not None, train_solved=(solved, len(ctx.problems)))
+    ppm = ctx.newest_ppm(ctx.round_no)
+    full = full_eval(ctx.cfg, ctx.round_no)
+    same = _same_models_eval(ctx.run, ctx.round_no, {"policy": policy, "ppm": ppm}, full)
+    if same is not None:
+        # Nothing this round trained changed what is evaluated: the earlier numbers stand, re-measuring costs minutes.
+        ctx.log.info("eval_reused", round=ctx.round_no, same_as_round=same,
+                     reason="the policy and PPM are the ones an earlier round evaluated")
+        return reuse_eval(ctx.run, ctx.round_no, same, (solved, len(ctx.problems)))
+    return evaluate_model(ctx.cfg, ctx.run, ctx.round_no, policy, ppm, ctx.eval_problems,
+                          ctx.log, trained=trained is not None, train_solved=(solved, len(ctx.problems)), full=full)
+
+
+def full_eval(cfg: RunConfig, round_no: int) -> bool:
+    """Whether ``round_no`` gets maj@k and the PPM metrics besides greedy pass@1 (``eval.full_rounds``)."""
+    return cfg.eval.full_rounds is None or round_no in cfg.eval.full_rounds
+
+
+def _same_models_eval(run: RunDir, round_no: int, models: dict, full: bool) -> int | None:
+    """The previous evaluated round when it evaluated exactly ``models`` (and fully, if this round is full)."""
+    from rounds.report import read_json
+
+    for r in range(round_no - 1, -1, -1):
+        ev, _ = read_json(run.root / f"round_{r}" / "eval.json")
+        if ev is None:
+            continue
+        if ev.get("models") == models and (ev.get("full", True) or not full):
+            return ev.get("same_as_round", r)
+        return None
+    return None
+
+
+def reuse_eval(run: RunDir, round_no: int, same: int, train_solved: tuple[int, int]) -> dict:
+    """round_N/eval.json as a copy of round ``same``'s held-out numbers, with this round's own search coverage."""
+    from rounds.report import read_json, write_json_atomic
+
+    ev, reason = read_json(run.root / f"round_{same}" / "eval.json")
+    if ev is None:
+        raise RuntimeError(f"round {round_no}: cannot reuse round {same}'s evaluation ({reason})")
+    solved, n = train_solved
+    ev = dict(ev, round=round_no, same_as_round=same)
+    ev["metrics"] = dict(ev["metrics"], train_solved=solved / n if n else None)
+    ev["counts"] = dict(ev.get("counts") or {})
+    ev["skipped"] = dict(ev.get("skipped") or {})
+    if n:
+        ev["counts"]["train"] = {"solved": solved, "problems": n}
+        ev["skipped"].pop("train_solved", None)
+    write_json_atomic(run.root / f"round_{round_no}" / "eval.json", ev)
+    return {"metrics": ev["metrics"], "skipped": ev["skipped"], "same_as_round": same}
 
 
 PHASES: list[tuple[str, Callable[[RoundContext], dict]]] = [
@@ -204,7 +284,7 @@ def start(cfg: RunConfig, run_dir: str | None, rounds: list[int], force: bool = 
     problems, eval_problems = _load_problems(cfg, run, log)
     with connect(cfg.ray, log=log):
         if cfg.eval.enabled and cfg.eval.base_model and not _round0_done(run):
-            evaluate_model(cfg, run, 0, _bootstrap(cfg), None, eval_problems, log)
+            evaluate_model(cfg, run, 0, _bootstrap(cfg), None, eval_problems, log, full=full_eval(cfg, 0))
         for r in rounds:
             ctx = RoundContext(cfg, run, r, log, _round_problems(cfg, r, problems), eval_problems)
             run_round(ctx)
@@ -281,6 +361,13 @@ def _rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
+def _prompt_builder(cfg: RunConfig, few_shot: bool):
+    from pipeline.engines import prompt_builder
+
+    return prompt_builder(cfg.engines.policy_model, few_shot=few_shot, n_examples=cfg.engines.few_shot_examples,
+                          cache_dir=_cache_dir(cfg))
+
+
 def _prompt_fn(model: str, few_shot: bool) -> Callable[[str, str], str]:
     from pipeline.engines import prompt_builder
 
@@ -320,20 +407,24 @@ def _policy_settings(cfg: RunConfig, trained: bool) -> tuple[str, bool]:
 
 
 def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm: str | None, problems: list,
-                   log: RunLog, trained: bool = False, train_solved: tuple[int, int] | None = None) -> dict:
-    """Evaluate one policy (+ PPM) on the held-out problems; writes round_N/eval.json (round 0 = base model)."""
-    out_dir = run.root / f"round_{round_no}"
-    args = (cfg, out_dir, round_no, policy, ppm, problems, trained, train_solved)
+                   log: RunLog, trained: bool = False, train_solved: tuple[int, int] | None = None,
+                   full: bool = True, out_dir: Path | None = None) -> dict:
+    """Evaluate one policy (+ PPM) on ``problems``; writes eval.json into ``out_dir`` (default round_N/; round 0 =
+    the base model). ``full`` False: greedy pass@1 only."""
+    out_dir = out_dir if out_dir is not None else run.root / f"round_{round_no}"
+    args = (cfg, out_dir, round_no, policy, ppm, problems, trained, train_solved, full)
     log.info("eval_start", round=round_no, policy=policy, ppm=ppm, problems=len(problems))
     # Progress lines reach the run log only in-process; a Ray task's output goes to the job log instead.
     say = None if cfg.ray.gpus_per_engine else (lambda msg: log.info("eval_progress", message=msg))
     result = _on_accelerators(cfg, _evaluate, *args, say=say)
     log.info("eval_done", round=round_no, **{k: v for k, v in result["metrics"].items() if v is not None})
-    return {"metrics": result["metrics"], "skipped": result.get("skipped", {})}
+    return {"metrics": result["metrics"], "skipped": result.get("skipped", {}), "counts": result.get("counts", {}),
+            "n": result.get("n_problems")}
 
 
 def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: str | None, problems: list,
-              trained: bool, train_solved: tuple[int, int] | None, say: Callable[[str], None] | None = None) -> dict:
+              trained: bool, train_solved: tuple[int, int] | None, full: bool = True,
+              say: Callable[[str], None] | None = None) -> dict:
     import data
     from pipeline.engines import make_policy, make_scorer, with_generation
     from pipeline.sandbox import SandboxPool
@@ -355,7 +446,9 @@ def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: st
                         search=cfg.search, seed=cfg.seed, train_solved=solved,
                         no_ppm_reason=None if ppm else "no PPM trained yet at this round",
                         no_train_reason="round 0 is the base model: no search of its own" if round_no == 0 else None,
-                        out_dir=out_dir, log=say)
+                        greedy_only_reason=None if full else f"greedy only at round {round_no} (eval.full_rounds="
+                                                             f"{cfg.eval.full_rounds})",
+                        models={"policy": policy, "ppm": ppm}, out_dir=out_dir, log=say)
 
 
 def _cache_dir(cfg: RunConfig) -> Path | None:
@@ -371,8 +464,24 @@ def _write_metrics(ctx: RoundContext) -> None:
     export = (ctx.run.marker(ctx.round_no, "export") or {}).get("info", {}).get("rows", {})
     # pairwise_accuracy is -1.0 when no pair was held out: that is "not measured", never a figure to show.
     acc = ppm.get("pairwise_accuracy") if ppm.get("heldout_pairs") else None
+    solved, searched = train_coverage(ctx.run, ctx.round_no)
     update_metrics(ctx.dir, ppm_pairwise_acc=acc, ppm_heldout_pairs=ppm.get("heldout_pairs"),
-                   sft_final_loss=pol.get("final_loss"), sft_rows=export.get("sft"), ppm_pairs=export.get("ppm_pairs"))
+                   sft_final_loss=pol.get("final_loss"), ppm_pairs=export.get("ppm_pairs"),
+                   # the rows the policy trained on: the pool over rounds so far (this round's export without one)
+                   sft_rows=(pol.get("data") or {}).get("rows", export.get("sft")),
+                   coverage_solved=solved, coverage_problems=searched)
+
+
+def train_coverage(run: RunDir, upto: int) -> tuple[int, int]:
+    """(training problems with a correct trajectory in any of rounds 1..upto, problems searched in any of them).
+    A union over rounds, so it never falls: a problem solved once stays in the policy's SFT pool."""
+    solved: set[str] = set()
+    searched: set[str] = set()
+    for r in range(1, upto + 1):
+        trees = run.trees(r)
+        solved |= trees.solved_problem_ids()
+        searched |= trees.completed_problem_ids()
+    return len(solved), len(searched)
 
 
 def _report(run: RunDir, log: RunLog) -> str:
@@ -406,22 +515,79 @@ def export_round_cli(run_dir: Path, round_no: int, out: Path | None) -> int:
     return 0
 
 
-def eval_round_cli(run_dir: Path, round_no: int) -> int:
-    """``python -m pipeline eval``: evaluate a round's policy and PPM (round 0 = the bootstrap model)."""
-    from pipeline.cluster import connect
+def eval_round_cli(run_dir: Path, round_no: int, problems_file: Path | None = None, as_json: bool = False,
+                   greedy_only: bool = False) -> int:
+    """``python -m pipeline eval``: evaluate a round's policy and PPM (round 0 = the bootstrap model in its
+    bootstrap prompt) on the run's held-out set or on ``problems_file``. Returns the exit status."""
+    import json
 
+    from pipeline.cluster import connect
+    from rounds.report import fraction_text
+
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        print(f"error: {run_dir}: not a run directory (no config.yaml); pass the directory a run wrote",
+              file=sys.stderr)
+        return 2
+    if round_no < 0:
+        print(f"error: --round {round_no}: must be >= 0 (0 = the base model)", file=sys.stderr)
+        return 2
     cfg, run = _stored_run(run_dir)
     log = RunLog(run.log_path)
-    _, eval_problems = _load_problems(cfg, run, log)
-    ctx = RoundContext(cfg, run, max(round_no, 1), log, [], eval_problems)
+    if problems_file is None:
+        _, problems = _load_problems(cfg, run, log)
+        out_dir = None
+    else:
+        problems, error = _problems_file(problems_file)
+        if error:
+            print(f"error: --problems {problems_file}: {error}", file=sys.stderr)
+            return 2
+        out_dir = run.root / f"round_{round_no}" / f"eval_{Path(problems_file).stem}"
+    ctx = RoundContext(cfg, run, max(round_no, 1), log, [], problems)
     trained = ctx.newest_policy(round_no) if round_no else None
+    if round_no and trained is None and not run.round_dir(round_no).is_dir():
+        print(f"error: {run_dir}: round {round_no} was never run; rounds present: {run.rounds()}", file=sys.stderr)
+        return 2
+    policy = trained or ctx.bootstrap_model()
+    ppm = ctx.newest_ppm(round_no) if round_no else None
+    full = not greedy_only and full_eval(cfg, round_no)
     with connect(cfg.ray, log=log):
-        result = evaluate_model(cfg, run, round_no, trained or ctx.bootstrap_model(),
-                                ctx.newest_ppm(round_no) if round_no else None, eval_problems, log,
-                                trained=trained is not None)
-    for key, value in result["metrics"].items():
-        print(f"{key:15s} {'-' if value is None else f'{value:.3f}'}")
+        result = evaluate_model(cfg, run, round_no, policy, ppm, problems, log, trained=trained is not None,
+                                full=full, out_dir=out_dir)
+    counts = result.get("counts", {})
+    for key, counts_key in (("greedy_pass1", "greedy"), ("maj_at_k", "maj"), ("ppm_best_of_n", "best_of_n"),
+                            ("ppm_mcts", "mcts")):
+        c = counts.get(counts_key) or {}
+        value = result["metrics"].get(key)
+        text = fraction_text(c["correct"], c["problems"]) if value is not None and "correct" in c else "-"
+        print(f"{key:15s} {text}")
+    print(f"policy {policy}; ppm {ppm or '-'}; {len(problems)} problems; "
+          f"eval.json in {out_dir or run.root / f'round_{round_no}'}")
+    if as_json:
+        g = counts.get("greedy") or {}
+        summary = {"round": round_no, "n": len(problems), "policy": policy, "ppm": ppm,
+                   **{k: v for k, v in result["metrics"].items() if k != "train_solved"},
+                   "greedy_correct": g.get("correct"), "skipped": result.get("skipped", {})}
+        print(json.dumps(summary))
     return 0
+
+
+def _problems_file(path: Path) -> tuple[list, str | None]:
+    """(problems, None) from a user's jsonl/json/parquet/csv file, or ([], why it cannot be used)."""
+    from data.loaders import FILE_FORMATS, ProblemSourceError, load_problems_with_report
+
+    path = Path(path)
+    if not path.is_file():
+        return [], "no such file" if not path.exists() else "not a file"
+    if not str(path).lower().endswith(FILE_FORMATS):
+        return [], f"unsupported file type {path.suffix!r}; use one of {', '.join(FILE_FORMATS)}"
+    try:
+        result = load_problems_with_report(str(path))
+    except ProblemSourceError as e:
+        return [], str(e).removeprefix(f"{path}: ")
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # a corrupt parquet, undecodable bytes
+        return [], f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return result.problems, None
 
 
 __all__ = ["start", "run_round", "RoundContext", "PHASES", "evaluate_model"]

@@ -162,6 +162,8 @@ def evaluate(
     train_solved: TrainSolved | None = None,
     no_ppm_reason: str | None = None,
     no_train_reason: str | None = None,
+    greedy_only_reason: str | None = None,
+    models: dict[str, str | None] | None = None,
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -170,7 +172,9 @@ def evaluate(
     ``greedy`` decodes greedily; ``sampler`` samples (it is also the MCTS policy). ``search`` supplies the
     search settings the chains and the test-time MCTS share (c_puct, max_depth, unvisited, ...); mode,
     rollouts and children are set here. ``no_ppm_reason`` / ``no_train_reason`` say why ``scorer`` /
-    ``train_solved`` are absent (defaults name the round). Returns the ``eval.json`` content as a dict and
+    ``train_solved`` are absent (defaults name the round). ``greedy_only_reason``: measure greedy pass@1 only
+    and skip the sampled and PPM metrics with this reason (a CPU run's budget). ``models`` (policy and PPM paths)
+    is stored in the result, so a later round with the same models can reuse it. Returns the ``eval.json`` content as a dict and
     writes it to ``out_dir/eval.json`` (temp file + rename) when ``out_dir`` is given.
     """
     problems = list(problems)
@@ -204,6 +208,51 @@ def evaluate(
                         "answered": sum(c[0].answer is not None for c in greedy_runs)}
     say(f"eval round {round_index}: greedy pass@1 {correct}/{n} ({wall['greedy']:.1f}s)")
 
+    if greedy_only_reason is not None:
+        for key in ("maj_at_k", "ppm_best_of_n", "ppm_mcts"):
+            skipped[key] = greedy_only_reason
+    else:
+        _sampled_metrics(problems, per_problem, metrics, counts, skipped, wall, sampler=sampler, executor=executor,
+                         grade=grade, equivalent=equivalent, scorer=scorer, params=params, search=search, seed=seed,
+                         round_index=round_index, no_ppm_reason=no_ppm_reason, say=say)
+
+    if train_solved is None:
+        skipped["train_solved"] = no_train_reason or (
+            "no training search (round 0 is the base model)" if round_index == 0
+            else "the round's rollout stats were not given")
+    else:
+        metrics["train_solved"] = train_solved.solved / train_solved.problems
+        counts["train"] = {"solved": train_solved.solved, "problems": train_solved.problems}
+
+    wall["total"] = time.perf_counter() - t_start
+    result: dict[str, Any] = {
+        "round": round_index,
+        "n_problems": n,
+        "metrics": metrics,
+        "counts": counts,
+        "skipped": skipped,
+        "wall_s": {k_: round(v_, 3) for k_, v_ in wall.items()},
+        "params": asdict(params),
+        "search": {"c_puct": search.c_puct, "max_depth": search.max_depth, "unvisited": search.unvisited,
+                   "max_consecutive_errors": search.max_consecutive_errors, "prior_weight": search.prior_weight},
+        "seed": seed,
+        "full": greedy_only_reason is None,
+        "models": models or {},
+        "problems": per_problem,
+    }
+    if out_dir is not None:
+        write_json_atomic(Path(out_dir) / EVAL_FILE, result)
+    return result
+
+
+def _sampled_metrics(problems: Sequence[object], per_problem: list[dict[str, Any]], metrics: dict[str, Any],
+                     counts: dict[str, Any], skipped: dict[str, str], wall: dict[str, float], *, sampler: Policy,
+                     executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
+                     params: EvalParams, search: SearchConfig, seed: int, round_index: int,
+                     no_ppm_reason: str | None, say: Callable[[str], None]) -> None:
+    """maj@k over sampled chains and, with a scorer, PPM best-of-N over the same samples and PPM-guided MCTS;
+    fills ``metrics``, ``counts``, ``skipped``, ``wall`` and the per-problem rows in place."""
+    n = len(problems)
     # --- sampled chains: maj@k, and best-of-N when there is a PPM ---
     n_samples = max(params.maj_k, params.best_of_n if scorer is not None else 0)
     t = time.perf_counter()
@@ -243,32 +292,6 @@ def evaluate(
         wall["mcts"] = time.perf_counter() - t
         metrics["ppm_mcts"] = counts["mcts"]["correct"] / n
         say(f"eval round {round_index}: PPM MCTS {counts['mcts']['correct']}/{n} ({wall['mcts']:.1f}s)")
-
-    if train_solved is None:
-        skipped["train_solved"] = no_train_reason or (
-            "no training search (round 0 is the base model)" if round_index == 0
-            else "the round's rollout stats were not given")
-    else:
-        metrics["train_solved"] = train_solved.solved / train_solved.problems
-        counts["train"] = {"solved": train_solved.solved, "problems": train_solved.problems}
-
-    wall["total"] = time.perf_counter() - t_start
-    result: dict[str, Any] = {
-        "round": round_index,
-        "n_problems": n,
-        "metrics": metrics,
-        "counts": counts,
-        "skipped": skipped,
-        "wall_s": {k_: round(v_, 3) for k_, v_ in wall.items()},
-        "params": asdict(params),
-        "search": {"c_puct": search.c_puct, "max_depth": search.max_depth, "unvisited": search.unvisited,
-                   "max_consecutive_errors": search.max_consecutive_errors, "prior_weight": search.prior_weight},
-        "seed": seed,
-        "problems": per_problem,
-    }
-    if out_dir is not None:
-        write_json_atomic(Path(out_dir) / EVAL_FILE, result)
-    return result
 
 
 def _best_of_n(problems: Sequence[object], per_problem: list[dict[str, Any]], sampled: list[list[ChainResult]],

@@ -15,7 +15,13 @@ Inputs per round (round 0 = the base model, evaluation only):
   ``sft_final_loss``    policy SFT training loss at the last logged step
   ``sft_rows``          SFT rows trained on (the round's ``sft`` export)
   ``ppm_pairs``         PPM pairs trained on (the round's ``ppm_pairs`` export)
+  ``coverage_solved``   training problems with a correct trajectory in any round so far
+  ``coverage_problems`` training problems searched in any round so far
   ==================  ==========================================================
+
+Every fraction is shown with its count and a 95% Wilson score interval (``wilson_interval``), e.g.
+``23.3% (14/60) [14-35]``: with 50-odd held-out problems one problem is ~2 points, and a reader needs the
+interval to tell a gain from noise.
 
 Honesty rule: a number that is not there is shown as ``-`` with a footnote that says why (file missing,
 metric skipped and the evaluator's reason, no training in round 0). Nothing is interpolated.
@@ -35,6 +41,33 @@ EVAL_FILE = "eval.json"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 PLOT_FILE = "rounds.png"
+
+# z of a two-sided 95% normal interval
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (lo, hi) of a binomial proportion ``k`` successes out of ``n``.
+
+    centre = (k + z^2/2) / (n + z^2);  half = z * sqrt(k(n-k)/n + z^2/4) / (n + z^2). Unlike the normal
+    approximation it stays inside [0, 1] and is not empty at k = 0 or k = n, which matters for the small
+    counts of a CPU run.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"wilson_interval: n={n!r}, must be an integer >= 1")
+    if not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"wilson_interval: k={k!r}, must be an integer in [0, n={n}]")
+    z2 = z * z
+    centre = (k + z2 / 2) / (n + z2)
+    half = z * math.sqrt(k * (n - k) / n + z2 / 4) / (n + z2)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def fraction_text(k: int, n: int) -> str:
+    """``k/n`` as the report writes it: percent, count, 95% Wilson interval in whole percent."""
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * k / n:.1f}% ({k}/{n}) [{100 * lo:.0f}-{100 * hi:.0f}]"
+
 
 # (key in eval.json "metrics", key of its counts in eval.json "counts", column title, plot label)
 _EVAL_COLUMNS = (
@@ -68,13 +101,13 @@ def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
 def update_metrics(round_path: str | Path, **values: Any) -> dict[str, Any]:
     """Merge ``values`` into ``round_path/metrics.json`` (created if absent), atomically; returns the result."""
     path = Path(round_path) / METRICS_FILE
-    current = _read_json(path)[0] or {}
+    current = read_json(path)[0] or {}
     current.update(values)
     write_json_atomic(path, current)
     return current
 
 
-def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+def read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(content, None) or (None, reason it could not be read)."""
     if not path.is_file():
         return None, f"no {path.name}"
@@ -99,8 +132,9 @@ def _fraction_cell(metrics: dict, counts: dict, skipped: dict, key: str, counts_
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         c = counts.get(counts_key) or {}
         num, den = c.get("correct", c.get("solved")), c.get("problems")
-        frac = f" ({num}/{den})" if isinstance(num, int) and isinstance(den, int) else ""
-        return _Cell(float(value), f"{100 * value:.1f}%{frac}")
+        if isinstance(num, int) and isinstance(den, int) and 0 <= num <= den and den > 0:
+            return _Cell(float(value), fraction_text(num, den))
+        return _Cell(float(value), f"{100 * value:.1f}%")
     return _Cell(None, "-", skipped.get(key) or "not in eval.json")
 
 
@@ -125,9 +159,18 @@ def _no_accuracy_reason(tm: dict) -> str | None:
     return None
 
 
+def _coverage_cell(tm: dict | None, reason: str | None) -> _Cell:
+    if tm is None:
+        return _Cell(None, "-", reason)
+    k, n = tm.get("coverage_solved"), tm.get("coverage_problems")
+    if isinstance(k, int) and isinstance(n, int) and 0 <= k <= n and n > 0:
+        return _Cell(k / n, fraction_text(k, n))
+    return _Cell(None, "-", f"coverage_solved/coverage_problems not recorded in {METRICS_FILE}")
+
+
 def _round_cells(run_dir: Path, r: int) -> tuple[dict[str, _Cell], dict[str, Any]]:
     rd = round_dir(run_dir, r)
-    ev, ev_reason = _read_json(rd / EVAL_FILE)
+    ev, ev_reason = read_json(rd / EVAL_FILE)
     cells: dict[str, _Cell] = {}
     for key, counts_key, _, _ in _EVAL_COLUMNS:
         if ev is None:
@@ -135,14 +178,18 @@ def _round_cells(run_dir: Path, r: int) -> tuple[dict[str, _Cell], dict[str, Any
         else:
             cells[key] = _fraction_cell(ev.get("metrics") or {}, ev.get("counts") or {}, ev.get("skipped") or {},
                                         key, counts_key)
-    tm, tm_reason = _read_json(rd / METRICS_FILE)
+    tm, tm_reason = read_json(rd / METRICS_FILE)
     if tm is None:
         tm_reason = "round 0 is the base model: nothing is trained" if r == 0 else f"{tm_reason} in {rd.name}/"
     cells["ppm_pairwise_acc"] = _number_cell(tm, tm_reason, "ppm_pairwise_acc", ".3f")
-    if cells["ppm_pairwise_acc"].value is not None and isinstance(tm.get("ppm_heldout_pairs"), int):
-        cells["ppm_pairwise_acc"].text += f" (n={tm['ppm_heldout_pairs']})"
+    pairs = tm.get("ppm_heldout_pairs") if tm is not None else None
+    if cells["ppm_pairwise_acc"].value is not None and isinstance(pairs, int) and pairs > 0:
+        # accuracy = right/pairs, so the count is recovered exactly by rounding
+        right = round(cells["ppm_pairwise_acc"].value * pairs)
+        cells["ppm_pairwise_acc"].text = fraction_text(right, pairs)
     elif tm is not None and cells["ppm_pairwise_acc"].value is None:
         cells["ppm_pairwise_acc"].note = _no_accuracy_reason(tm) or cells["ppm_pairwise_acc"].note
+    cells["train_coverage"] = _coverage_cell(tm, tm_reason)
     cells["sft_final_loss"] = _number_cell(tm, tm_reason, "sft_final_loss", ".4f")
     cells["sft_rows"] = _number_cell(tm, tm_reason, "sft_rows", "d")
     cells["ppm_pairs"] = _number_cell(tm, tm_reason, "ppm_pairs", "d")
@@ -162,21 +209,30 @@ def build_table(run_dir: str | Path, rounds: list[int]) -> tuple[str, dict[int, 
     run_dir = Path(run_dir)
     per_round: dict[int, dict[str, _Cell]] = {}
     evals: list[dict] = []
+    reused: dict[int, int] = {}  # round -> the earlier round whose held-out numbers it carries
     for r in rounds:
         per_round[r], ev = _round_cells(run_dir, r)
         evals.append(ev)
+        if isinstance(ev.get("same_as_round"), int):
+            reused[r] = ev["same_as_round"]
     titles = ["round"]
     for _, counts_key, title, label in _EVAL_COLUMNS:
         if "{" in title:  # maj@{k}, best-of-{n}: the budget goes into the title when all rounds share it
             title = _budget_title(evals, counts_key, title[title.index("{") + 1 : title.index("}")], title, label)
         titles.append(title)
-    titles += ["PPM pairwise acc", "SFT final loss", "SFT rows", "PPM pairs"]
-    keys = [c[0] for c in _EVAL_COLUMNS] + ["ppm_pairwise_acc", "sft_final_loss", "sft_rows", "ppm_pairs"]
+    titles += ["train coverage", "PPM pairwise acc", "SFT final loss", "SFT rows", "PPM pairs"]
+    keys = [c[0] for c in _EVAL_COLUMNS] + ["train_coverage", "ppm_pairwise_acc", "sft_final_loss", "sft_rows",
+                                            "ppm_pairs"]
 
     notes: list[str] = []  # one footnote per distinct (round, reason)
     rows = []
     for r in rounds:
         row = [f"{r} (base)" if r == 0 else str(r)]
+        if r in reused:
+            note = (f"round {r}: trained no new model, so its held-out numbers are round {reused[r]}'s "
+                    f"(not measured again)")
+            notes.append(note)
+            row[0] += f" [{len(notes)}]"
         for key in keys:
             cell = per_round[r][key]
             if cell.value is None:
@@ -211,6 +267,7 @@ def plot_rounds(per_round: dict[int, dict[str, _Cell]], path: str | Path) -> Non
     rounds = sorted(per_round)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     series = [(key, label, "-") for key, _, _, label in _EVAL_COLUMNS]
+    series.append(("train_coverage", "train coverage (any round so far)", ":"))
     series.append(("ppm_pairwise_acc", "PPM pairwise acc (held-out)", "--"))
     for key, label, style in series:
         ys = [per_round[r][key].value for r in rounds]
@@ -247,9 +304,11 @@ def write_report(run_dir: str | Path, rounds: list[int]) -> str:
     table, per_round = build_table(run_dir, rounds)
     md = (f"# open-rstar report: {run_dir.name}\n\n"
           "Held-out evaluation per round (round 0 = the base model before any training) and the training\n"
-          "numbers of each round. Percentages are fractions of the held-out problems (counts in brackets);\n"
-          "'train solved by search' is the fraction of that round's training problems with at least one\n"
-          "correct rollout. '-' marks a number that was not measured; the footnote says why.\n\n"
+          "numbers of each round. Percentages are fractions of the held-out problems, with the count in\n"
+          "parentheses and the 95% Wilson interval in square brackets (whole percent). 'train solved by\n"
+          "search' is the fraction of that round's training problems with at least one correct rollout;\n"
+          "'train coverage' counts training problems with a correct trajectory in any round so far.\n"
+          "'-' marks a number that was not measured; the footnote says why.\n\n"
           f"{table}\n\n![metrics across rounds]({PLOT_FILE})\n")
     from rounds.behaviour_report import behaviour_section  # behaviours.json per round -> table + behaviours.png
 

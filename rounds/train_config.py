@@ -86,6 +86,12 @@ class TrainingConfig:
     save_steps: int = 50  # trainer checkpoint interval (optimizer steps): what a crash can lose
     save_total_limit: int = 2  # >= 2 so a checkpoint cut short by a crash always leaves a complete older one
     keep_checkpoints: bool = False  # keep the trainer checkpoints (optimizer state included) after success
+    # Policy SFT data. True: the best correct trajectories found so far for each problem, over all rounds
+    # (``rounds.sft_pool``); False: only this round's export.
+    policy_pool: bool = True
+    # The prompt of each SFT row. "search": the prompt the trained policy will be searched and evaluated with
+    # (the later rounds' few-shot setting: a 135M model still needs its examples); "plain": no examples.
+    sft_prompt: Literal["search", "plain"] = "search"
 
     def __post_init__(self) -> None:
         if self.ppm_pair_weight not in ("uniform", "inverse_count"):
@@ -99,6 +105,8 @@ class TrainingConfig:
         for name in ("logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.sft_prompt not in ("search", "plain"):
+            raise ValueError(f"sft_prompt={self.sft_prompt!r}: must be 'search' or 'plain'")
         if self.save_total_limit < 2:
             raise ValueError(f"save_total_limit={self.save_total_limit}: must be >= 2 (a crash mid-save must "
                              f"leave one complete checkpoint to resume from)")

@@ -1,6 +1,6 @@
-from mcts.expand import parse_proposal
+from mcts.expand import COMMENT_ONLY, parse_proposal
 from mcts.protocols import Proposal
-from mcts.steps import ANSWER_END, STEP_END
+from mcts.steps import ANSWER_END, BRACE_STOP, SOLUTION_STOP_STRINGS, STEP_END, STOP_STRINGS
 
 SOLUTION = "# Tom has 3 apples.\na = 3\n# He buys 5 more.\nb = a + 5\nprint(b)\n# The answer is \\boxed{8}"
 
@@ -52,3 +52,40 @@ def test_finality_of_the_last_step():
     assert len(chain.steps) == 2 and not chain.final
     chain = parse_proposal(Proposal("", STEP_END), room=3)
     assert chain.steps == () and (chain.rejected.stage, chain.rejected.error) == ("parse", "empty proposal")
+
+
+def test_a_comment_only_step_is_rejected_like_failing_code():
+    # step mode: a step of prose only computes nothing
+    chain = parse_proposal(Proposal("# Tom has 3 apples and buys 5 more.", STEP_END), room=4)
+    assert chain.steps == () and not chain.final
+    assert (chain.rejected.stage, chain.rejected.error) == ("exec", COMMENT_ONLY)
+    # solution mode: the chain keeps the code steps before it and is cut there
+    text = "# a\nx = 3\n<end_of_step>\n# now think about it\n<end_of_step>\n# y\ny = x + 5\n<end_of_step>\n# \\boxed{8}"
+    chain = parse_proposal(Proposal(text, ANSWER_END), room=16)
+    assert [s.code for s in chain.steps] == ["x = 3"] and not chain.final
+    assert chain.rejected.error == COMMENT_ONLY + " (2 later step(s) dropped)"
+    assert chain.rejected.text.startswith("# now think about it")
+
+
+def test_the_final_step_may_be_comment_only_and_the_check_can_be_turned_off():
+    chain = parse_proposal(Proposal(SOLUTION, ANSWER_END), room=16)  # its final step is '# The answer is ...'
+    assert chain.final and chain.rejected is None and chain.steps[-1].code == ""
+    # a proposal the model closed with <end_of_answer> and no answer is final (graded wrong), not rejected
+    chain = parse_proposal(Proposal("# x\nx = 1\n<end_of_step>\n# I am done", ANSWER_END), room=16)
+    assert chain.final and chain.rejected is None and len(chain.steps) == 2
+    # require_code=False keeps prose-only steps (the old behaviour)
+    chain = parse_proposal(Proposal("# Tom has 3 apples and buys 5 more.", STEP_END), room=4, require_code=False)
+    assert len(chain.steps) == 1 and chain.rejected is None
+
+
+def test_a_solution_stopped_after_its_boxed_answer_gets_the_brace_back():
+    # the model wrote '...\\boxed{12}\n# The answer is \\boxed{12}...'; the engine stopped at the first '}\n'
+    # and returned the text before it (pipeline.engines.common.cut_at_stop)
+    text = "# 4 pens at 3 dollars\ncost = 4 * 3\nprint(cost)\n# The answer is \\boxed{12"
+    chain = parse_proposal(Proposal(text, BRACE_STOP), room=16)
+    assert chain.final and chain.steps[-1].answer == "12" and chain.rejected is None
+    assert chain.steps[-1].text == "# The answer is \\boxed{12}"
+    # a dict literal that closes a line ends the proposal there, intact, not final: the next expansion goes on
+    chain = parse_proposal(Proposal("# prices\np = {\n  'pen': 3,\n", BRACE_STOP), room=16)
+    assert [s.code for s in chain.steps] == ["p = {\n  'pen': 3,\n}"] and not chain.final and chain.rejected is None
+    assert BRACE_STOP in SOLUTION_STOP_STRINGS and BRACE_STOP not in STOP_STRINGS  # step mode never stops there

@@ -11,10 +11,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def test_an_untrained_previous_policy_keeps_the_bootstrap_prompt():
     cfg = load_config(CONFIGS / "embedded.yaml")
     boot, second = cfg.rounds.schedule[0], cfg.rounds.schedule[1]
-    assert (boot.gen_mode, boot.few_shot) == ("solution", True) and (second.gen_mode, second.few_shot) == (
-        "step",
-        False,
-    )
+    # the SFT policy keeps its few-shot examples (it is trained on that prompt), but searches step by step
+    assert (boot.gen_mode, boot.few_shot) == ("solution", True) and (second.gen_mode, second.few_shot) == ("step", True)
     kept = search_spec(cfg, second, policy_trained=False)
     assert (kept.gen_mode, kept.few_shot) == ("solution", True)
     assert (kept.rollouts, kept.children, kept.q_mode) == (second.rollouts, second.children, second.q_mode)
@@ -43,3 +41,84 @@ def test_the_policy_trains_before_the_ppm_which_starts_from_it(tmp_path):
     base = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, ppm_init="base"))
     ctx = RoundContext(base, run, 2, log=None, problems=[], eval_problems=[])
     assert ctx.ppm_backbone() == (cfg.engines.ppm_model or cfg.engines.policy_model)  # the earlier rule
+
+
+def _store_trees(run, round_no, solved, unsolved):
+    import pyarrow as pa
+
+    schema = pa.schema([("problem_id", pa.string()), ("node", pa.int32())])  # the manifest is what counts here
+    with run.trees(round_no, schema=schema, id_column="problem_id").writer(shard_problems=100) as w:
+        for pid in solved + unsolved:
+            w.append(pid, [{"problem_id": pid, "node": 0}], solved=pid in solved)
+
+
+def test_train_coverage_is_a_union_over_rounds_and_never_falls(tmp_path):
+    from pipeline.driver import train_coverage
+    from pipeline.storage import RunDir
+
+    run = RunDir(tmp_path / "run")
+    _store_trees(run, 1, solved=["a", "b"], unsolved=["c", "d"])
+    _store_trees(run, 2, solved=["c"], unsolved=["a", "b", "d"])  # round 2 re-solves neither a nor b
+    _store_trees(run, 3, solved=[], unsolved=["e"])  # a new problem, unsolved
+    # round 1: {a, b} of {a, b, c, d}; round 2: {a, b} | {c} of the same 4; round 3 adds e unsolved: 3 of 5
+    assert [train_coverage(run, r) for r in (1, 2, 3)] == [(2, 4), (3, 4), (3, 5)]
+    assert train_coverage(run, 0) == (0, 0)
+
+
+def _eval_json(run, r, policy, ppm, full, greedy=(3, 10), extra=None):
+    from rounds.report import write_json_atomic
+
+    write_json_atomic(run.root / f"round_{r}" / "eval.json", {
+        "round": r, "metrics": {"greedy_pass1": greedy[0] / greedy[1], "train_solved": None},
+        "counts": {"greedy": {"correct": greedy[0], "problems": greedy[1]}}, "skipped": {"train_solved": "x"},
+        "full": full, "models": {"policy": policy, "ppm": ppm}, **(extra or {})})
+
+
+def test_a_round_that_changed_no_model_reuses_the_earlier_evaluation(tmp_path):
+    from pipeline.driver import _same_models_eval, reuse_eval
+    from pipeline.storage import RunDir
+    from rounds.report import write_report
+
+    run = RunDir(tmp_path / "run")
+    _eval_json(run, 0, "base", None, full=True)
+    _eval_json(run, 1, "r1/policy", None, full=False, greedy=(5, 10))
+    # round 2 trained nothing new: same models as round 1, greedy-only both -> reuse round 1
+    assert _same_models_eval(run, 2, {"policy": "r1/policy", "ppm": None}, full=False) == 1
+    # a full evaluation is not replaced by round 1's greedy-only numbers
+    assert _same_models_eval(run, 2, {"policy": "r1/policy", "ppm": None}, full=True) is None
+    # a new PPM is a new evaluation
+    assert _same_models_eval(run, 2, {"policy": "r1/policy", "ppm": "r2/ppm"}, full=False) is None
+    # round 1 that trained nothing: the base model again, round 0 was full
+    assert _same_models_eval(run, 1, {"policy": "base", "ppm": None}, full=False) == 0
+
+    out = reuse_eval(run, 2, 1, (4, 8))
+    assert out["same_as_round"] == 1 and out["metrics"]["greedy_pass1"] == 0.5
+    assert out["metrics"]["train_solved"] == 0.5  # round 2's own search: 4/8
+    # a chain of reuses points at the round that was measured
+    assert _same_models_eval(run, 3, {"policy": "r1/policy", "ppm": None}, full=False) == 1
+    table = write_report(run.root, [0, 1, 2])
+    r2 = [c.strip() for c in table.splitlines()[4].strip("|").split("|")]
+    # 5/10 -> Wilson [24-76]; 4/8 -> centre (4 + 1.92) / 11.84 = 0.5, half 1.96 * sqrt(2 + 0.96) / 11.84 = 0.285
+    assert r2[0].startswith("2 [") and r2[1] == "50.0% (5/10) [24-76]" and r2[5] == "50.0% (4/8) [22-78]"
+    note = r2[0][len("2 "):]
+    assert f"{note} round 2: trained no new model, so its held-out numbers are round 1's" in table
+
+
+def test_unchanged_sft_data_is_not_retrained(tmp_path):
+    from pipeline.driver import RoundContext, _same_data_round
+    from pipeline.storage import RunDir
+
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    run = RunDir(tmp_path / "run")
+    run.mark_done(1, "train_policy", {"data": {"digest": "d1"}})
+    (run.policy_dir(1)).mkdir(parents=True)
+    (run.policy_dir(1) / "config.json").write_text("{}")
+    run.mark_done(2, "train_policy", {"data": {"digest": "d1"}, "same_as_round": 1})
+    ctx3 = RoundContext(cfg, run, 3, None, [], [])
+    assert _same_data_round(ctx3, "d1") == 1  # round 2 skipped as round 1's; round 3 the same again
+    assert _same_data_round(ctx3, "d2") is None  # new trajectories: train
+    run.mark_done(3, "train_policy", {"data": {"digest": "d3"}})
+    (run.policy_dir(3)).mkdir(parents=True)
+    (run.policy_dir(3) / "config.json").write_text("{}")
+    ctx4 = RoundContext(cfg, run, 4, None, [], [])
+    assert _same_data_round(ctx4, "d1") is None  # round 3 trained other data since: round 1's model is not newest

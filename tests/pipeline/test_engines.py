@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mcts.protocols import Proposal, SearchState
-from mcts.steps import ANSWER_END, OUTPUT_STOP, STEP_END, parse_step, split_steps
+from mcts.steps import ANSWER_END, BRACE_STOP, OUTPUT_STOP, STEP_END, parse_step, split_steps
 from pipeline.confload import ConfigError, build
 from pipeline.engines import EngineConfig, GenerationConfig, PromptBuilder, make_policy, with_generation
 from pipeline.engines.common import cut_at_stop, sample_seed, stop_strings
@@ -58,7 +58,7 @@ def test_config_defaults_are_valid_and_bad_values_name_the_field():
 
 def test_stop_strings_per_mode_and_cutting():
     assert stop_strings("step") == (STEP_END, ANSWER_END, OUTPUT_STOP)
-    assert stop_strings("solution") == (ANSWER_END, OUTPUT_STOP)
+    assert stop_strings("solution") == (ANSWER_END, OUTPUT_STOP, BRACE_STOP)
     with pytest.raises(ValueError, match="mode='steps'"):
         stop_strings("steps")
     # The earliest stop wins, text before it is kept as is.
@@ -271,3 +271,10 @@ def test_budget_cuts_a_row_and_reports_no_stop(scripted):
     tok = load_tokenizer(scripted)
     pol = _policy(scripted, tok, few_shot=False, gen=GenerationConfig(temperature=0.0, max_new_tokens_step=1))
     assert pol.propose([SearchState("a", Q1, "", 0)], 1) == [[Proposal("#", None)]]
+
+
+def test_solution_mode_stops_after_the_line_that_closes_the_boxed_answer():
+    raw = "# cost\ncost = 4 * 3\nprint(cost)\n# The answer is \\boxed{12}\n# The answer is \\boxed{12}\n# The"
+    p = cut_at_stop(raw, stop_strings("solution"))
+    assert (p.text, p.stop) == ("# cost\ncost = 4 * 3\nprint(cost)\n# The answer is \\boxed{12", BRACE_STOP)
+    assert cut_at_stop(raw, stop_strings("step")).stop is None  # step mode runs on to its own delimiters

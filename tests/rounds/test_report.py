@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from rounds.report import METRICS_FILE, update_metrics, write_json_atomic, write_report
+from rounds.report import METRICS_FILE, fraction_text, update_metrics, wilson_interval, write_json_atomic, write_report
 
 
 def _eval(greedy, maj, bon, mcts, train, *, skipped=None, k=4, n=4):
@@ -30,6 +30,7 @@ def run_dir(tmp_path):
     write_json_atomic(tmp_path / "round_1" / "eval.json", _eval(2 / 3, 2 / 3, 1.0, 2 / 3, 0.5))
     update_metrics(tmp_path / "round_1", ppm_pairwise_acc=0.75, ppm_heldout_pairs=8, sft_final_loss=0.41234)
     update_metrics(tmp_path / "round_1", sft_rows=20, ppm_pairs=64)  # merges, keeps earlier keys
+    update_metrics(tmp_path / "round_1", coverage_solved=6, coverage_problems=10)
     # round_2 has neither file: the run stopped before it
     return tmp_path
 
@@ -37,7 +38,7 @@ def run_dir(tmp_path):
 def test_update_metrics_merges(run_dir):
     data = json.loads((run_dir / "round_1" / METRICS_FILE).read_text())
     assert data == {"ppm_pairwise_acc": 0.75, "ppm_heldout_pairs": 8, "sft_final_loss": 0.41234, "sft_rows": 20,
-                    "ppm_pairs": 64}
+                    "ppm_pairs": 64, "coverage_solved": 6, "coverage_problems": 10}
 
 
 def test_write_report_table_numbers_and_footnotes(run_dir):
@@ -46,18 +47,21 @@ def test_write_report_table_numbers_and_footnotes(run_dir):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     # k and N are the same in every round that has them, so they go into the titles
     assert header == ["round", "greedy pass@1", "maj@4", "PPM best-of-4", "PPM MCTS", "train solved by search",
-                      "PPM pairwise acc", "SFT final loss", "SFT rows", "PPM pairs"]
+                      "train coverage", "PPM pairwise acc", "SFT final loss", "SFT rows", "PPM pairs"]
     r0 = [c.strip() for c in lines[2].strip("|").split("|")]
     r1 = [c.strip() for c in lines[3].strip("|").split("|")]
     r2 = [c.strip() for c in lines[4].strip("|").split("|")]
+    # Wilson intervals, whole percent (see test_wilson_interval_hand_computed for the arithmetic):
+    # 1/3 -> [6-79], 2/3 -> [21-94], 3/3 -> [44-100], 5/10 -> [24-76], 6/10 -> [31-83], 6/8 -> [41-93]
     # round 0: 1/3 = 33.3%; PPM columns skipped with the evaluator's reason (one footnote shared by both)
-    assert r0[:3] == ["0 (base)", "33.3% (1/3)", "33.3% (1/3)"]
+    assert r0[:3] == ["0 (base)", "33.3% (1/3) [6-79]", "33.3% (1/3) [6-79]"]
     assert r0[3] == r0[4] == "- [1]"
     assert r0[5] == "- [2]"
-    assert r0[6] == r0[9] == "- [3]"
-    # round 1: 2/3 = 66.7%, 3/3 = 100.0%, train 5/10 = 50.0%, accuracy 0.750 over 8 pairs, loss 4 decimals
-    assert r1 == ["1", "66.7% (2/3)", "66.7% (2/3)", "100.0% (3/3)", "66.7% (2/3)", "50.0% (5/10)",
-                  "0.750 (n=8)", "0.4123", "20", "64"]
+    assert r0[6] == r0[7] == r0[10] == "- [3]"
+    # round 1: 2/3 = 66.7%, 3/3 = 100.0%, train 5/10 = 50.0%, coverage 6/10, accuracy 0.75 of 8 pairs = 6/8
+    assert r1 == ["1", "66.7% (2/3) [21-94]", "66.7% (2/3) [21-94]", "100.0% (3/3) [44-100]",
+                  "66.7% (2/3) [21-94]", "50.0% (5/10) [24-76]", "60.0% (6/10) [31-83]", "75.0% (6/8) [41-93]",
+                  "0.4123", "20", "64"]
     # round 2: nothing there
     assert r2[1] == "- [4]" and r2[6] == "- [5]"
     assert "[1] round 0: no PPM: round 0 is the base model" in table
@@ -71,6 +75,28 @@ def test_write_report_table_numbers_and_footnotes(run_dir):
     png = (run_dir / "rounds.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert not list(run_dir.glob(".*tmp*")), "temp files must be renamed away"
+
+
+def test_wilson_interval_hand_computed():
+    # z = 1.959964, z2 = z * z = 3.841459
+    # 0/10: centre = (0 + z2/2) / (10 + z2) = 1.920729 / 13.841459 = 0.138767;
+    #       half = z * sqrt(0 + z2/4) / (10 + z2) = 1.96 * 0.98 / 13.841459 = 0.138767 -> [0, 0.277533]
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.277533, abs=1e-5)
+    # 5/10: centre 0.5; half = 1.96 * sqrt(2.5 + 0.960365) / 13.841459 = 1.96 * 1.860206 / 13.841459 = 0.263407
+    assert wilson_interval(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-5)
+    # 1/3: centre = (1 + 1.920729) / 6.841459 = 0.426917; half = 1.96 * sqrt(2/3 + 0.960365) / 6.841459
+    #      = 1.96 * 1.275556 / 6.841459 = 0.365425 -> [0.061492, 0.792342]
+    assert wilson_interval(1, 3) == pytest.approx((0.061492, 0.792340), abs=1e-5)
+    # 3/3: centre = 4.920729 / 6.841459 = 0.719253; half = 1.96 * 0.98 / 6.841459 = 0.280747 -> [0.438503, 1.0]
+    assert wilson_interval(3, 3) == pytest.approx((0.438503, 1.0), abs=1e-5)
+    # 12/59 (the base model's score on the team's 59 easy problems): [0.1204, 0.3227]
+    assert wilson_interval(12, 59) == pytest.approx((0.120363, 0.322680), abs=1e-5)
+    assert fraction_text(12, 59) == "20.3% (12/59) [12-32]"
+    with pytest.raises(ValueError, match="n=0"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="k=4"):
+        wilson_interval(4, 3)
 
 
 def test_missing_ppm_accuracy_says_why(tmp_path):
