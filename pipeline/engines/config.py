@@ -97,9 +97,9 @@ class EngineConfig:
     # Rows (prompts x samples) decoded together by the transformers backend's running batch, all callers
     # together; see bench/bench_generation.py.
     max_batch_rows: int = 64
-    # CPU numeric path of the transformers backend: 'auto' times fp32, bf16 (where the CPU has it natively) and
-    # int8 dynamic quantization of the linear layers at start and keeps the fastest (pipeline/engines/fastpath.py);
-    # or name one. Greedy text can differ from fp32's: the README's generation section says how often.
+    # CPU numeric path of the transformers backend: 'auto' times fp32 and bf16 (where the CPU has it natively) at
+    # start and keeps the faster (pipeline/engines/fastpath.py); or name one, including 'int8' (dynamic
+    # quantization of the linear layers: faster at small batches, but greedy text differs from fp32's; README).
     cpu_fast_path: CpuFastPath = "auto"
     # KV of prompts already prefilled (instruction prefix, every node's question + history), kept for the
     # prompts that extend them; least recently used entries beyond this bound are evicted. 0 turns it off.
