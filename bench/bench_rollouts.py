@@ -159,8 +159,10 @@ def main() -> None:
     finally:
         disconnect(cluster)
 
+    engine = (f"embedded SmolLM2-135M engine, <= {args.new_tokens} tokens per step" if args.engine == "embedded" else
+              f"engine {args.ms_per_token} ms per token, {args.tokens_per_step} tokens per step")
     print(f"\nrollouts: {args.problems} problems x {args.rollouts} rollouts, k={args.children}, "
-          f"{args.workers} worker(s), engine {args.ms_per_token} ms per token, {args.tokens_per_step} tokens per step")
+          f"{args.workers} worker(s), {engine}")
     print(f"{'groups':>6} {'wall s':>8} {'expansions':>10} {'engine util':>11} {'exec s':>7} "
           f"{'overhead/exp ms':>15} {'tokens/s':>9}")
     for g, st in results.items():
