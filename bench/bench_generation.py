@@ -1,15 +1,21 @@
-"""Generation throughput of the transformers backend on the embedded model, at several batch sizes.
+"""Generation throughput of the transformers backend on the embedded model, against the machine's matmul roofline.
 
-    .venv/bin/python bench/bench_generation.py                      # batches 1 8 32 64, ~4 min on 2 cores
-    .venv/bin/python bench/bench_generation.py --batches 1 8 --baseline-max 8 --new-tokens 16
+    .venv/bin/python bench/bench_generation.py                         # batches 1 8 32 64, fp32 and the probe's pick
+    .venv/bin/python bench/bench_generation.py --batches 1 8 --paths fp32 bf16 int8 --new-tokens 16
 
 A batch of B rows is B/k distinct few-shot prompts x k samples each (k = min(B, 8): one MCTS expansion asks
-for 5-8 children), i.e. what one search wave sends. Throughput = sampled tokens / wall seconds of the
-whole call, prefill included (the engine's shared instruction+examples prefix is computed before timing:
-it is computed once per engine lifetime). The baseline is plain ``model.generate`` on the same prompts
-(left padding, ``num_return_sequences=k``, stop strings): it prefills every prompt k times. Both run side
-by side in this one process, alternating, ``--repeats`` times each; the best (least disturbed) run of each
-is reported, since the machine is shared and absolute numbers swing with load.
+for 5-8 children), i.e. what one search wave sends. Throughput = sampled tokens / wall seconds of the whole
+call, prefill included (the engine's shared instruction+examples prefix is computed before timing: it is
+computed once per engine lifetime).
+
+Roofline: the model's decode cost is 2 FLOPs per weight of its linear layers (lm_head included) per token,
+so achieved FLOP/s = tok/s x that; the roofline ratio divides it by the machine's fp32 matmul FLOP/s
+(a 1024^3 fp32 matmul, best of several), measured in this same run, before and after the engines, best
+kept. The machine is shared: absolute numbers swing with load, the ratios in one run are what to compare.
+
+Fast paths (``--paths``): each is its own engine on the same model, run side by side, alternating, best of
+``--repeats``. 'auto' is what the engine's start-up probe picks. Each path's greedy outputs on a fixed
+prompt set are compared with fp32's: 'greedy=fp32' counts the prompts whose text is identical.
 """
 
 from __future__ import annotations
@@ -18,31 +24,26 @@ import argparse
 import time
 
 
-def _states(n: int):
+def _states(n: int, seed0: int = 0):
     from mcts.protocols import SearchState
 
     return [SearchState(f"p{i}", f"Tom has {i + 3} apples and buys {2 * i + 5} more. How many apples does he have?",
-                        "", i) for i in range(n)]
+                        "", seed0 + i) for i in range(n)]
 
 
-def _baseline(policy, states, k: int, new_tokens: int) -> tuple[int, float]:
+def matmul_flops(dtype_name: str = "float32", n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul in ``dtype_name`` on this CPU (best of ``repeats``)."""
     import torch
 
-    tok = policy.tokenizer
-    tok.padding_side = "left"
-    prompts = [policy.builder.build(s.question, s.history) for s in states]
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = policy.model.generate(
-            **enc, do_sample=True, temperature=policy.gen.temperature, top_p=policy.gen.top_p,
-            max_new_tokens=new_tokens, num_return_sequences=k, stop_strings=list(policy.stops), tokenizer=tok,
-            pad_token_id=policy.pad_id,
-        )
-    seconds = time.perf_counter() - t0
-    generated = out[:, enc.input_ids.shape[1]:]
-    return int((generated != policy.pad_id).sum()), seconds
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def main() -> None:
@@ -50,42 +51,59 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="rows per call")
     ap.add_argument("--new-tokens", type=int, default=32, help="max new tokens per row")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per batch size; the best is kept")
-    ap.add_argument("--baseline-max", type=int, default=32, help="run model.generate only up to this batch")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--paths", nargs="+", default=["fp32", "auto"], help="cpu fast paths to compare (fp32 first)")
+    ap.add_argument("--agree-prompts", type=int, default=6, help="prompts of the greedy agreement check")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     args = ap.parse_args()
 
     import torch
 
-    from pipeline.engines import EngineConfig, GenerationConfig, make_policy
+    from pipeline.engines import EngineConfig, GenerationConfig, make_policy, with_generation
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     gen = GenerationConfig(temperature=0.7, top_p=0.95, max_new_tokens_step=args.new_tokens)
-    policy = make_policy(EngineConfig(device="cpu", max_batch_rows=max(args.batches), generation=gen),
-                         mode="step", few_shot=True)
-    prompt_len = len(policy.tokenizer(policy.builder.build(_states(1)[0].question))["input_ids"])
-    policy.propose(_states(1), 1)  # computes the shared prefix once, as a long-lived engine would
-    print(f"embedded SmolLM2-135M, CPU, torch threads={torch.get_num_threads()}, prompt ~{prompt_len} tokens "
-          f"(shared prefix {len(policy._prefix_ids)}), <= {args.new_tokens} new tokens per row, step mode")
-    print(f"{'batch':>5} {'prompts x k':>11} {'tokens':>6} {'engine tok/s':>12} "
-          f"{'generate tok/s':>14} {'speedup':>7}")
+    policies = {}
+    for path in dict.fromkeys(args.paths):
+        cfg = EngineConfig(device="cpu", max_batch_rows=max(args.batches), generation=gen, cpu_fast_path=path,
+                           cpu_threads=args.threads)
+        policies[path] = pol = make_policy(cfg, mode="step", few_shot=True)
+        pol.propose(_states(1), 1)  # computes the shared prefix once, as a long-lived engine would
+        if path == "auto":
+            print(f"auto: {pol.probe.summary()}")
+    first = next(iter(policies.values()))
+    ftok = first.flops_per_token
+    peak = matmul_flops("float32")
+    peak_bf16 = matmul_flops("bfloat16")
+    prompt_len = len(first.tokenizer(first.builder.build(_states(1)[0].question))["input_ids"])
+    print(f"embedded SmolLM2-135M, CPU, torch threads={torch.get_num_threads()}, prompt ~{prompt_len} tokens, "
+          f"<= {args.new_tokens} new tokens per row, step mode; machine shared with other work (load varies)")
+
+    print(f"{'batch':>5} {'prompts x k':>11} " + " ".join(f"{p + ' tok/s':>11} {'roofline':>8}" for p in policies))
     for batch in args.batches:
         k = min(batch, 8)
         states = _states(max(1, batch // k))
-        best, base_best = 0.0, 0.0
+        best = dict.fromkeys(policies, 0.0)
         for _ in range(args.repeats):
-            before = policy.stats.new_tokens
-            t0 = time.perf_counter()
-            policy.propose(states, k)
-            seconds = time.perf_counter() - t0
-            tokens = policy.stats.new_tokens - before
-            best = max(best, tokens / seconds)
-            if batch <= args.baseline_max:
-                b_tokens, b_seconds = _baseline(policy, states, k, args.new_tokens)
-                base_best = max(base_best, b_tokens / b_seconds)
-        base = f"{base_best:14.1f}" if base_best else ""
-        ratio = f"{best / base_best:6.1f}x" if base_best else ""
-        print(f"{batch:>5} {f'{len(states)} x {k}':>11} {tokens:>6} {best:>12.1f} {base:>14} {ratio:>7}", flush=True)
+            for path, pol in policies.items():
+                before = pol.stats.new_tokens
+                t0 = time.perf_counter()
+                pol.propose(states, k)
+                best[path] = max(best[path], (pol.stats.new_tokens - before) / (time.perf_counter() - t0))
+        peak = max(peak, matmul_flops("float32", repeats=2))
+        cells = " ".join(f"{best[p]:>11.1f} {best[p] * ftok / peak:>8.1%}" for p in policies)
+        print(f"{batch:>5} {f'{len(states)} x {k}':>11} {cells}", flush=True)
+    print(f"roofline = tok/s x {ftok / 1e6:.0f} MFLOP/token / fp32 matmul {peak / 1e9:.0f} GFLOP/s "
+          f"(bf16 matmul {peak_bf16 / 1e9:.0f} GFLOP/s), measured in this run")
+
+    greedy = GenerationConfig(temperature=0.0, max_new_tokens_step=args.new_tokens)
+    states = _states(args.agree_prompts, seed0=100)
+    ref = None
+    for path, pol in policies.items():
+        texts = [p[0].text for p in with_generation(pol, greedy).propose(states, 1)]
+        if ref is None:
+            ref = texts
+        same = sum(a == b for a, b in zip(texts, ref, strict=True))
+        print(f"greedy={path}: {same}/{len(states)} prompts give fp32's exact text ({args.new_tokens} tokens)")
+
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,12 @@ pipeline's own overhead per expansion (worker time outside engine waits and sand
 bookkeeping, parsing, serialisation, Ray glue).
 
     .venv/bin/python bench/bench_rollouts.py [--problems 16] [--ms-per-token 2]
+
+With ``--engine embedded`` the engine is the real transformers backend on the embedded SmolLM2-135M (CPU),
+and the run also prints the rollout phase's tokens/s over the engine's own batch-64 tokens/s, measured in
+this process just before the rollouts (bench_generation's batch: 8 prompts x 8 samples):
+
+    .venv/bin/python bench/bench_rollouts.py --engine embedded --groups 2 --problems 8 --rollouts 2
 """
 
 from __future__ import annotations
@@ -90,13 +96,39 @@ def run_once(groups: int, args: argparse.Namespace, problems: list[Problem]):
                                   cpus_per_worker=0.5))
     spec = RoundSpec(policy="bootstrap", q_mode="terminal", rollouts=args.rollouts, children=args.children)
     answers = {p.id: p.answer for p in problems}
-    backends = Backends(policy=functools.partial(SimulatedEngine, answers, args.ms_per_token, args.tokens_per_step),
-                        executor=functools.partial(SandboxPool, cfg.sandbox), grader=exact_grade)
+    if args.engine == "embedded":
+        from pipeline.engines import make_policy
+
+        policy = functools.partial(make_policy, _embedded_cfg(args), mode="step", few_shot=True)
+    else:
+        policy = functools.partial(SimulatedEngine, answers, args.ms_per_token, args.tokens_per_step)
+    backends = Backends(policy=policy, executor=functools.partial(SandboxPool, cfg.sandbox), grader=exact_grade)
     with tempfile.TemporaryDirectory() as d:
         store = TreeStore(Path(d) / "trees")
         log = RunLog(Path(d) / "log.jsonl", RunLogConfig(console=False))
         return run_rollouts(cfg, 1, spec, problems, "simulated", None, store, log,
                             settings=RolloutConfig(groups=groups), backends=backends)
+
+
+def _embedded_cfg(args: argparse.Namespace):
+    from pipeline.engines import EngineConfig, GenerationConfig
+
+    return EngineConfig(device="cpu", generation=GenerationConfig(max_new_tokens_step=args.new_tokens))
+
+
+def engine_batch64_tokens_per_s(args: argparse.Namespace) -> float:
+    """The embedded engine's tokens/s on one batch of 8 prompts x 8 samples (bench_generation's batch 64)."""
+    from mcts.protocols import SearchState
+    from pipeline.engines import make_policy
+
+    pol = make_policy(_embedded_cfg(args), mode="step", few_shot=True)
+    states = [SearchState(f"p{i}", f"Tom has {i + 3} apples and buys {2 * i + 5} more. How many apples?", "", i)
+              for i in range(8)]
+    pol.propose(states[:1], 1)  # the shared prefix, computed once per engine lifetime
+    before = pol.stats.new_tokens
+    t0 = time.perf_counter()
+    pol.propose(states, 8)
+    return (pol.stats.new_tokens - before) / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -109,6 +141,8 @@ def main() -> None:
     parser.add_argument("--ms-per-token", type=float, default=0.5, help="simulated engine time per generated token")
     parser.add_argument("--tokens-per-step", type=int, default=40)
     parser.add_argument("--groups", default="1,2", help="comma-separated tree-group counts to compare (1 first)")
+    parser.add_argument("--engine", choices=["simulated", "embedded"], default="simulated")
+    parser.add_argument("--new-tokens", type=int, default=96, help="embedded engine: max new tokens per step")
     args = parser.parse_args()
 
     import ray
@@ -118,19 +152,26 @@ def main() -> None:
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     problems = [Problem(f"b{i}", f"Compute {i} + {i}.", str(2 * i)) for i in range(args.problems)]
+    batch64 = engine_batch64_tokens_per_s(args) if args.engine == "embedded" else 0.0
     cluster = connect(RayConfig(num_cpus=2))
     try:
         results = {g: run_once(g, args, problems) for g in sorted({int(x) for x in args.groups.split(",")})}
     finally:
         disconnect(cluster)
 
+    engine = (f"embedded SmolLM2-135M engine, <= {args.new_tokens} tokens per step" if args.engine == "embedded" else
+              f"engine {args.ms_per_token} ms per token, {args.tokens_per_step} tokens per step")
     print(f"\nrollouts: {args.problems} problems x {args.rollouts} rollouts, k={args.children}, "
-          f"{args.workers} worker(s), engine {args.ms_per_token} ms per token, {args.tokens_per_step} tokens per step")
+          f"{args.workers} worker(s), {engine}")
     print(f"{'groups':>6} {'wall s':>8} {'expansions':>10} {'engine util':>11} {'exec s':>7} "
           f"{'overhead/exp ms':>15} {'tokens/s':>9}")
     for g, st in results.items():
         print(f"{g:>6} {st.wall_s:>8.2f} {st.expansions:>10} {st.engine_utilisation:>11.1%} {st.exec_s:>7.2f} "
               f"{st.overhead_per_expansion_s * 1000:>15.2f} {st.tokens / st.wall_s:>9.0f}")
+    if batch64:
+        for g, st in results.items():
+            print(f"groups={g}: rollout {st.tokens / st.wall_s:.1f} tok/s over the engine's batch-64 {batch64:.1f} tok/s "
+                  f"= {st.tokens / st.wall_s / batch64:.0%} (machine shared with other work)")
     base_g = min(results)
     base = results[base_g]
     for g, st in results.items():

@@ -1,8 +1,10 @@
 """The Ray actors of the rollout phase, thin wrappers around library objects.
 
 * ``PolicyEngine``: holds one policy backend (``mcts.protocols.Policy``, built in the actor by a factory so
-  the model loads where the GPU is) and serves ``propose`` batches one at a time, the way a GPU would. It
-  measures its own busy time, the numerator of engine utilisation.
+  the model loads where the GPU is). It serves ``propose`` calls concurrently (a threaded actor) when the
+  backend batches concurrent callers itself (``concurrent_calls``: the transformers backend's running batch
+  takes every tree group's and worker's requests into one batch), else one at a time. It measures its own
+  busy time (time with at least one call in progress), the numerator of engine utilisation.
 * ``ScorerEngine``: the same for the PPM (``mcts.protocols.Scorer``).
 * ``RolloutWorker``: owns a shard of problems and its own sandbox executor, runs MCTS over all of them
   (``mcts.search.TreeSearch`` driven by ``mcts.wave.run_wave``) and streams each finished tree back as
@@ -39,11 +41,18 @@ class EngineUnavailable(RuntimeError):
     """Every attempt at an engine request failed because engine actors died; the message says how often."""
 
 
+# Calls a policy engine actor serves at once: every tree group of every worker on it (their requests share
+# one running batch when the backend allows; see PolicyEngine).
+ENGINE_CONCURRENCY = 64
+
+
 @functools.cache
 def actor_class(cls: type) -> Any:
     """The Ray actor class of ``cls`` (``PolicyEngine``, ``ScorerEngine`` or ``RolloutWorker``)."""
     import ray
 
+    if cls is PolicyEngine:
+        return ray.remote(max_concurrency=ENGINE_CONCURRENCY)(cls)
     return ray.remote(cls)
 
 
@@ -71,20 +80,31 @@ class _Metered:
         self._busy = 0.0
         self._calls = self._items = self._outputs = 0
         self._started = time.time()
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._busy_since = 0.0
 
     def _tokens(self) -> int:
         # The transformers backend keeps cumulative counters in ``stats`` (pipeline.engines.hf_policy.GenStats).
         return int(getattr(getattr(self.backend, "stats", None), "new_tokens", 0) or 0)
 
     def _timed(self, fn: Callable[[], list], n_items: int) -> list:
-        t0 = time.perf_counter()
+        # Busy time is the union of the calls' intervals: concurrent calls share one batch, not add up.
+        with self._lock:
+            if not self._inflight:
+                self._busy_since = time.perf_counter()
+            self._inflight += 1
         try:
             out = fn()
         finally:
-            self._busy += time.perf_counter() - t0
-            self._calls += 1
-            self._items += n_items
-        self._outputs += sum(len(o) for o in out) if out and isinstance(out[0], list) else len(out)
+            with self._lock:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._busy += time.perf_counter() - self._busy_since
+                self._calls += 1
+                self._items += n_items
+        with self._lock:
+            self._outputs += sum(len(o) for o in out) if out and isinstance(out[0], list) else len(out)
         return out
 
     def ready(self) -> int:
@@ -101,9 +121,14 @@ class PolicyEngine(_Metered):
 
     def __init__(self, factory: Callable[[], Policy]):
         super().__init__(factory())
+        # A backend that does not batch concurrent callers itself gets them one at a time.
+        self._serial = None if getattr(self.backend, "concurrent_calls", False) else threading.Lock()
 
     def propose(self, states: Sequence[SearchState], k: int) -> list[list[Proposal]]:
-        return self._timed(lambda: self.backend.propose(states, k), len(states))
+        if self._serial is None:
+            return self._timed(lambda: self.backend.propose(states, k), len(states))
+        with self._serial:
+            return self._timed(lambda: self.backend.propose(states, k), len(states))
 
 
 class ScorerEngine(_Metered):

@@ -42,7 +42,8 @@ def _transformers(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: s
     _cpu_threads(cfg)
 
     return TransformersPolicy(path, builder, cfg.generation, mode, device=cfg.device, dtype=cfg.dtype,
-                              max_batch_rows=cfg.max_batch_rows)
+                              max_batch_rows=cfg.max_batch_rows, cpu_fast_path=cfg.cpu_fast_path,
+                              prefix_cache_mb=cfg.prefix_cache_mb)
 
 
 def _vllm(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: str, seed: int) -> Policy:

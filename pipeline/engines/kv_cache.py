@@ -1,12 +1,22 @@
-"""A KV cache that grows in place: ``DynamicCache`` semantics without a ``torch.cat`` per token.
+"""KV caches of the transformers policy: a cache that grows in place, batch joins, and a bounded prefix store.
 
-transformers' ``DynamicLayer`` concatenates the whole cache with each new token, copying every layer's
-keys and values once per decoded token (measured: ~20% of CPU decode time on the embedded model at
-batch 1). This layer keeps a buffer with spare room (doubling when full), writes new states into it
-and hands attention a view of the filled part. Imports transformers at module level: import it lazily.
+* ``GrowingLayer``: ``DynamicCache`` semantics without a ``torch.cat`` per token. transformers'
+  ``DynamicLayer`` concatenates the whole cache with each new token, copying every layer's keys and values
+  once per decoded token (measured: ~20% of CPU decode time on the embedded model at batch 1). This layer
+  keeps a buffer with spare room (doubling when full), writes new states into it and hands attention a
+  view of the filled part.
+* ``join_left_padded``: two running batches in one (continuous batching admits new rows this way).
+* ``PrefixStore``: the KV of prompts already prefilled (the instruction prefix, and every tree node's
+  question + history), so a child's prompt prefills only what its parent's lacks. Bounded in bytes,
+  least recently used entries evicted first, pinned entries never.
+
+Imports transformers at module level: import it lazily.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -77,6 +87,14 @@ class GrowingLayer(DynamicLayer):
         self._n = 0
         super().reset()
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
+        """Take ``keys``/``values`` (``[batch, heads, capacity, head_dim]``, first ``n`` positions filled) as
+        this layer's buffers, without a copy."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self._k, self._v, self._n = keys, values, n
+        self._refresh()
+
 
 def growing_cache(config) -> DynamicCache:
     """A ``DynamicCache`` for ``config`` whose full-attention layers grow in place; other layer kinds
@@ -84,3 +102,114 @@ def growing_cache(config) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def _growing_layers(cache: DynamicCache) -> list[GrowingLayer]:
+    if not all(isinstance(layer, GrowingLayer) for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise TypeError(f"continuous batching joins full-attention caches only; this model's cache has {kinds}: "
+                        f"set engines.continuous_batching: false for it")
+    return cache.layers  # type: ignore[return-value]
+
+
+def cache_of(config, kvs: Sequence[tuple[torch.Tensor, torch.Tensor]], spare: int = _MIN_CAPACITY) -> DynamicCache:
+    """A growing cache holding ``kvs`` (one ``(keys, values)`` per layer, ``[batch, heads, seq, head_dim]``)."""
+    cache = growing_cache(config)
+    for layer, (k, v) in zip(_growing_layers(cache), kvs, strict=True):
+        b, h, n, d = k.shape
+        bk, bv = k.new_empty((b, h, n + spare, d)), v.new_empty((b, h, n + spare, v.shape[-1]))
+        bk[..., :n, :], bv[..., :n, :] = k, v
+        layer.adopt(bk, bv, n)
+    return cache
+
+
+def _first_used(mask: torch.Tensor) -> int:
+    used = mask.any(0).nonzero()
+    return int(used[0]) if len(used) else mask.shape[1]
+
+
+def join_left_padded(config, a: DynamicCache | None, mask_a: torch.Tensor | None, b: DynamicCache,
+                     mask_b: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """Rows of ``a`` then rows of ``b`` in one cache. Both are left padded (``mask`` 0 = padding, shape
+    ``[rows, seq]``): the narrower is padded further on the left, and columns that are padding in every row
+    of a side are dropped first, so the width is the longest row's, not the sum of past paddings."""
+    if a is None or mask_a is None:
+        return b, mask_b
+    ta, tb = _first_used(mask_a), _first_used(mask_b)
+    wa, wb = mask_a.shape[1] - ta, mask_b.shape[1] - tb
+    w = max(wa, wb)
+    ra, rb = mask_a.shape[0], mask_b.shape[0]
+    mask = mask_a.new_zeros((ra + rb, w))
+    mask[:ra, w - wa :] = mask_a[:, ta:]
+    mask[ra:, w - wb :] = mask_b[:, tb:]
+    kvs = []
+    for la, lb in zip(_growing_layers(a), _growing_layers(b), strict=True):
+        pair = []
+        for xa, xb in ((la.keys, lb.keys), (la.values, lb.values)):
+            out = xa.new_zeros((ra + rb, xa.shape[1], w, xa.shape[-1]))
+            out[:ra, :, w - wa :] = xa[:, :, ta:]
+            out[ra:, :, w - wb :] = xb[:, :, tb:]
+            pair.append(out)
+        kvs.append((pair[0], pair[1]))
+    return cache_of(config, kvs), mask
+
+
+def row_kv(cache: DynamicCache, row: int, cols: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Row ``row``'s keys/values at sequence columns ``cols``, as ``[1, heads, len(cols), head_dim]`` copies."""
+    return [(layer.keys[row : row + 1, :, cols].clone(), layer.values[row : row + 1, :, cols].clone())
+            for layer in _growing_layers(cache)]
+
+
+class PrefixStore:
+    """KV of token prefixes, looked up by longest match. At most ``max_bytes`` of tensors (pinned entries
+    count too); adding beyond it evicts the least recently used unpinned entries; an entry larger than what
+    eviction can free is not stored. Not thread safe: the caller serialises (the running batch's lock)."""
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes}: must be >= 0 (0 stores nothing)")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[tuple[int, ...], tuple[list, int, bool]] = OrderedDict()  # kv, bytes, pinned
+        self._lengths: dict[int, int] = {}  # prefix length -> entries of that length
+        self.hits = self.lookups = self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, ids: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]], pinned: bool = False) -> bool:
+        """Stores ``kv`` (per layer, batch 1, ``len(ids)`` positions) for ``ids``; False when it cannot fit."""
+        key = tuple(ids)
+        size = sum(k.nbytes + v.nbytes for k, v in kv)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return True
+        pinned_bytes = sum(b for _, b, p in self._entries.values() if p)
+        if pinned_bytes + size > self.max_bytes:
+            return False
+        while self.bytes + size > self.max_bytes:
+            victim = next(k for k, (_, _, p) in self._entries.items() if not p)
+            self._drop(victim)
+            self.evictions += 1
+        self._entries[key] = (kv, size, pinned)
+        self._lengths[len(key)] = self._lengths.get(len(key), 0) + 1
+        self.bytes += size
+        return True
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        _, size, _ = self._entries.pop(key)
+        self.bytes -= size
+        self._lengths[len(key)] -= 1
+        if not self._lengths[len(key)]:
+            del self._lengths[len(key)]
+
+    def longest(self, ids: Sequence[int], limit: int) -> tuple[int, list | None]:
+        """(length, kv) of the longest stored prefix of ``ids`` no longer than ``limit``; (0, None) if none."""
+        self.lookups += 1
+        for n in sorted((n for n in self._lengths if n <= limit), reverse=True):
+            key = tuple(ids[:n])
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return n, self._entries[key][0]
+        return 0, None

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from mcts.protocols import Proposal, SearchState
-from pipeline.engines.common import import_vllm, stop_strings
+from pipeline.engines.common import import_vllm, prefix_order, stop_strings
 from pipeline.engines.config import GenerationConfig, VllmConfig
 from pipeline.engines.prompts import PromptBuilder
 
@@ -75,15 +75,30 @@ class VllmPolicy(_VllmBase):
         vllm = import_vllm()
         super().__init__(builder, gen, mode)
         self.llm = vllm.LLM(**engine_kwargs(model_path, cfg or VllmConfig(), dtype, seed))
+        self.prompt_tokens = 0  # prompt tokens sent
+        self.cached_tokens = 0  # of which vLLM's prefix cache served (RequestOutput.num_cached_tokens)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of prompt tokens whose KV came from vLLM's prefix cache, over this engine's calls."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def propose(self, states: Sequence[SearchState], k: int) -> list[list[Proposal]]:
         if k < 1:
             raise ValueError(f"k={k}: must be >= 1")
         if not states:
             return []
-        outputs = self.llm.generate([self._prompt(s) for s in states], [self._params(k, s.seed) for s in states],
+        prompts = [self._prompt(s) for s in states]
+        # Requests sharing a prefix go in side by side: the first computes it, the rest hit the cache.
+        order = prefix_order([p["prompt_token_ids"] for p in prompts])
+        outputs = self.llm.generate([prompts[i] for i in order], [self._params(k, states[i].seed) for i in order],
                                     use_tqdm=False)
-        return [self._proposals(o, k) for o in outputs]
+        out: list[list[Proposal]] = [[] for _ in states]
+        for i, o in zip(order, outputs, strict=True):
+            out[i] = self._proposals(o, k)
+            self.prompt_tokens += len(prompts[i]["prompt_token_ids"])
+            self.cached_tokens += int(getattr(o, "num_cached_tokens", 0) or 0)
+        return out
 
 
 class AsyncVllmPolicy(_VllmBase):

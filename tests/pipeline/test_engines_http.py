@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mcts.protocols import Proposal, SearchState
-from mcts.steps import ANSWER_END, OUTPUT_STOP, STEP_END
+from mcts.steps import ANSWER_END, BRACE_STOP, OUTPUT_STOP, STEP_END
 from pipeline.engines import EngineError, GenerationConfig, HttpConfig, PromptBuilder
 from pipeline.engines.http_policy import HttpPolicy, completions_url
 from rounds.models import load_tokenizer, resolve_model
@@ -102,7 +102,7 @@ def test_request_carries_prompt_n_stop_seed(builder):
 def test_solution_mode_runs_past_step_ends(builder):
     with Server(_scripted(stop=ANSWER_END)) as srv:
         _policy(builder, [srv.url], mode="solution").propose([State], 1)
-    assert srv.bodies[0]["stop"] == [ANSWER_END, OUTPUT_STOP]
+    assert srv.bodies[0]["stop"] == [ANSWER_END, OUTPUT_STOP, BRACE_STOP]  # BRACE_STOP: after \boxed{N}
 
 
 def test_round_robin_over_endpoints(builder):

@@ -56,3 +56,15 @@ def test_vllm_backend_samples_k_steps_reproducibly(backend):
     finally:
         if hasattr(policy, "close"):
             policy.close()
+
+
+def test_prefix_order_puts_prompts_sharing_a_prefix_side_by_side():
+    from pipeline.engines.common import prefix_order
+
+    instr, q1, q2 = [1, 2, 3], [7, 7], [5]
+    prompts = [instr + q1 + [9], instr + q2, instr + q1, [4], instr + q1 + [8, 8]]
+    order = prefix_order(prompts)
+    # Lexicographic: [1,2,3,5] < [1,2,3,7,7] < [1,2,3,7,7,8,8] < [1,2,3,7,7,9] < [4]
+    assert order == [1, 2, 4, 0, 3]
+    # q1's three prompts (the node and its two children) are neighbours: q1's prefix is computed once.
+    assert sorted(order.index(i) for i in (0, 2, 4)) == [1, 2, 3]

@@ -1,0 +1,269 @@
+"""Continuous batching for the transformers policy: one running batch shared by every caller of the engine.
+
+Every ``generate`` call (each tree group of each rollout worker, arriving on the engine actor's threads)
+adds its requests to one queue and waits; one driver thread advances the whole batch tick by tick while
+there is work. A tick:
+
+1. admits queued requests while their rows fit (``max_rows``): their distinct prompts are prefilled in one
+   forward on top of the longest prefixes already in the ``PrefixStore`` (the instruction prefix, a parent
+   node's question + history), each prompt's KV is stored for its children, copied to its ``k`` sample rows,
+   and joined to the running rows (``kv_cache.join_left_padded``);
+2. samples one token for every row, each row from its own ``torch.Generator`` (seeded from the request's
+   seed and the sample index), so a row's tokens do not depend on which other rows share the batch;
+3. retires rows that wrote a stop string, EOS or ran out of budget; their slots are free for step 1 of
+   the next tick, so the batch does not shrink as rows stop at different lengths;
+4. decodes the remaining rows one step.
+
+Row layout in the cache: ``[left padding | prompt | generated]``; the attention mask zeroes the padding and
+position ids skip it, so every row sees the positions it would alone. Why not transformers' own
+``generate_batch`` / ``ContinuousBatchingManager``: it samples every request from one global generator
+(``torch.multinomial``, seeded once per manager), so a request's samples depend on what else is running,
+and it has no stop strings; see the README's generation section for what was measured.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.engines.kv_cache import PrefixStore, cache_of, join_left_padded, row_kv
+
+
+@dataclass
+class Request:
+    """One prompt, ``k`` samples. ``tokens[j]`` are sample j's new tokens (stop/EOS tokens excluded)."""
+
+    ids: list[int]
+    seeds: list[int]  # one per sample
+    budget: int  # new tokens per sample
+    temperature: float
+    top_p: float
+    tokens: list[list[int]] = field(default_factory=list)
+    open_rows: int = 0
+    done: bool = False
+    error: BaseException | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class _Row:
+    req: Request
+    j: int
+    gen: torch.Generator
+
+
+class RunningBatch:
+    """The engine's one running batch. ``run(requests)`` returns when they are all finished."""
+
+    def __init__(self, model, device: str, max_rows: int, store: PrefixStore, pad_id: int,
+                 eos_ids: frozenset[int], is_stop: Callable[[list[int]], bool], sample: Callable, stats):
+        self.model, self.device, self.max_rows = model, device, max_rows
+        self.store, self.pad_id, self.eos_ids = store, pad_id, eos_ids
+        self.is_stop, self.sample, self.stats = is_stop, sample, stats
+        self._cond = threading.Condition()  # callers wait on it; the driver thread notifies after each tick
+        self._driver: threading.Thread | None = None
+        self._queue: deque[Request] = deque()
+        self._queue_lock = threading.Lock()
+        self._rows: list[_Row] = []
+        self._cache = self._mask = self._pos = self._logits = None
+        self.peak_rows = 0  # most rows decoded together
+        self.joins = 0  # admissions into a batch that was already running (refills)
+        self.ticks = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self._rows)
+
+    # -- callers -------------------------------------------------------------------------------------
+
+    def run(self, requests: Sequence[Request]) -> None:
+        with self._queue_lock:
+            self._queue.extend(requests)
+        with self._cond:
+            if self._driver is None:
+                self._driver = threading.Thread(target=self._drive, name="engine-batch", daemon=True)
+                self._driver.start()
+            while not all(r.done for r in requests):
+                self._cond.wait()
+        for r in requests:
+            if r.error is not None:
+                raise r.error
+
+    def _drive(self) -> None:
+        """The one thread that runs ticks while there is work. One thread, not the callers in turn: tensors
+        allocated by many threads land in many malloc arenas, and the engine actor's resident memory grew to
+        12.7 GB that way in bench_rollouts (Ray killed it for memory)."""
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    if not self._rows and not self._queue:
+                        self._driver = None
+                        return
+                try:
+                    self._tick()
+                except BaseException as e:
+                    self._fail(e)
+                with self._cond:
+                    self._cond.notify_all()
+
+    def _fail(self, e: BaseException) -> None:
+        """A tick raised: every running and queued request fails with it (the batch's state is unknown)."""
+        with self._queue_lock:
+            victims = {id(r.req): r.req for r in self._rows} | {id(r): r for r in self._queue}
+            self._queue.clear()
+        for r in victims.values():
+            r.error, r.done = e, True
+        self._rows = []
+        self._cache = self._mask = self._pos = self._logits = None
+
+    # -- one tick ------------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self.ticks += 1
+        self._admit()
+        if not self._rows:
+            return
+        chosen = self._sample_all()
+        keep: list[int] = []
+        for pos, (row, tok) in enumerate(zip(self._rows, chosen, strict=True)):
+            self.stats.new_tokens += 1
+            toks = row.req.tokens[row.j]
+            if tok not in self.eos_ids:
+                toks.append(tok)
+                if len(toks) < row.req.budget and not self.is_stop(toks):
+                    keep.append(pos)
+                    continue
+            row.req.open_rows -= 1
+            if row.req.open_rows == 0:
+                row.req.done = True
+        if len(keep) < len(self._rows):
+            self._select(keep)
+            chosen = [chosen[i] for i in keep]
+        if not self._rows:
+            return
+        dev = self.device
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=-1)
+        out = self.model(input_ids=torch.tensor(chosen, device=dev).unsqueeze(-1), attention_mask=self._mask,
+                         position_ids=self._pos.unsqueeze(-1), past_key_values=self._cache, use_cache=True)
+        self._logits = out.logits[:, -1, :].float()
+        self._pos = self._pos + 1
+
+    def _select(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._pos = self._logits = None
+            return
+        sel = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(sel)
+        self._mask, self._pos, self._logits = self._mask[sel], self._pos[sel], self._logits[sel]
+
+    def _sample_all(self) -> list[int]:
+        """One token per row; rows are grouped by their sampling settings (requests may differ in them)."""
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, row in enumerate(self._rows):
+            groups.setdefault((row.req.temperature, row.req.top_p), []).append(i)
+        out = [0] * len(self._rows)
+        for (temp, top_p), idx in groups.items():
+            logits = self._logits if len(groups) == 1 else self._logits[torch.tensor(idx, device=self.device)]
+            picks = self.sample(logits, [self._rows[i].gen for i in idx], temp, top_p).tolist()
+            for i, t in zip(idx, picks, strict=True):
+                out[i] = t
+        return out
+
+    # -- admission -----------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        # Requests join in arrival order as soon as the queue's head fits (a request's k rows join together, so
+        # its prompt is prefilled once); a request wider than the whole batch runs once the batch is empty.
+        free = self.max_rows - len(self._rows)
+        take: list[Request] = []
+        with self._queue_lock:
+            while self._queue and (self._queue[0].k <= free or not (self._rows or take)):
+                req = self._queue.popleft()
+                free -= req.k
+                take.append(req)
+        if take:
+            self.joins += bool(self._rows)
+            try:
+                self._prefill(take)
+            except BaseException as e:  # taken off the queue but not yet running: _fail would not see them
+                for r in take:
+                    r.error, r.done = e, True
+                raise
+            self.peak_rows = max(self.peak_rows, len(self._rows))
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        dev = self.device
+        uniq: dict[tuple[int, ...], int] = {}
+        for r in reqs:
+            uniq.setdefault(tuple(r.ids), len(uniq))
+        prompts = list(uniq)
+        found = []
+        for ids in prompts:
+            n, kv = self.store.longest(ids, len(ids))
+            if n == len(ids):  # the whole prompt is stored (a re-visit): recompute its last token for logits
+                n, kv = n - 1, [(k[..., : n - 1, :], v[..., : n - 1, :]) for k, v in kv]
+            found.append((n, kv if n else None))
+        p = max(n for n, _ in found)
+        width = max(len(ids) - n for ids, (n, _) in zip(prompts, found, strict=True))
+        n_u = len(prompts)
+        input_ids = torch.full((n_u, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n_u, p + width), dtype=torch.long)
+        for i, (ids, (n, _)) in enumerate(zip(prompts, found, strict=True)):
+            suffix = ids[n:]
+            input_ids[i, width - len(suffix) :] = torch.tensor(suffix, dtype=torch.long)
+            mask[i, p - n : p] = 1
+            mask[i, p + width - len(suffix) :] = 1
+        # Stored prefix KV, left padded to p columns (zeros where a row's prefix is shorter: masked out).
+        cache = None
+        if p:
+            layers = []
+            template = next(kv for _, kv in found if kv is not None)
+            for li, (k0, v0) in enumerate(template):
+                k = k0.new_zeros((n_u, k0.shape[1], p, k0.shape[-1]))
+                v = v0.new_zeros((n_u, v0.shape[1], p, v0.shape[-1]))
+                for i, (n, kv) in enumerate(found):
+                    if n:
+                        k[i, :, p - n :] = kv[li][0][0]
+                        v[i, :, p - n :] = kv[li][1][0]
+                layers.append((k, v))
+            cache = cache_of(self.model.config, layers, spare=width + 64)
+        else:
+            from pipeline.engines.kv_cache import growing_cache
+
+            cache = growing_cache(self.model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+        out = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.stats.prefill_tokens += sum(len(ids) - n for ids, (n, _) in zip(prompts, found, strict=True))
+        self.stats.reused_tokens += sum(n for n, _ in found)
+        mask = mask.to(dev)
+        # Every prompt's KV goes to the store: its children's prompts start with it.
+        for i, ids in enumerate(prompts):
+            self.store.add(ids, row_kv(cache, i, mask[i].nonzero().squeeze(-1)))
+        # k rows per request, each a copy of its prompt's row.
+        rows: list[_Row] = []
+        src: list[int] = []
+        for r in reqs:
+            r.tokens = [[] for _ in range(r.k)]
+            r.open_rows = r.k
+            for j, seed in enumerate(r.seeds):
+                g = torch.Generator(device=dev)
+                g.manual_seed(seed)
+                rows.append(_Row(r, j, g))
+                src.append(uniq[tuple(r.ids)])
+        sel = torch.tensor(src, device=dev)
+        cache.batch_select_indices(sel)
+        logits = out.logits[:, -1, :].float()[sel]
+        pos = torch.tensor([len(r.req.ids) for r in rows], device=dev)
+        self._cache, self._mask = join_left_padded(self.model.config, self._cache, self._mask, cache, mask[sel])
+        self._pos = pos if self._pos is None else torch.cat([self._pos, pos])
+        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+        self._rows += rows

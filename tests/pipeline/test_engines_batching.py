@@ -1,0 +1,210 @@
+"""pipeline.engines: continuous batching, the tree prefix store and the CPU fast paths, on tiny-random.
+
+The model is ``tiny-random`` (random weights: varied text), so equal outputs mean equal computations,
+not a model that always says the same thing.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcts.protocols import SearchState
+from pipeline.engines import EngineConfig, GenerationConfig, PromptBuilder
+from pipeline.engines.kv_cache import PrefixStore
+from rounds.models import load_tokenizer, resolve_model
+
+SAMPLE = GenerationConfig(temperature=1.0, top_p=0.9, max_new_tokens_step=10)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return resolve_model("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return load_tokenizer(tiny)
+
+
+def _policy(path: Path, tok, **kw):
+    from pipeline.engines.hf_policy import TransformersPolicy
+
+    gen = kw.pop("gen", SAMPLE)
+    return TransformersPolicy(path, PromptBuilder(tok, few_shot=False), gen, "step", device="cpu", **kw)
+
+
+def _states(n: int, offset: int = 0) -> list[SearchState]:
+    # Questions of different lengths, so rows join the batch with different paddings.
+    return [SearchState(f"t{i}", f"What is {i} plus {'seven ' * (i % 4)}{i * 3}?", "", 100 + i)
+            for i in range(offset, offset + n)]
+
+
+# -- continuous batching -----------------------------------------------------------------------------
+
+
+def test_refilled_batch_gives_each_request_what_its_seed_gives_alone(tiny, tok):
+    # 6 prompts x 2 samples = 12 rows through a 4-row batch: rows finish at different lengths and queued
+    # requests take their slots while others are still decoding.
+    pol = _policy(tiny, tok, max_batch_rows=4)
+    states = _states(6)
+    together = pol.propose(states, 2)
+    assert pol.batch.peak_rows <= 4, pol.batch.peak_rows
+    alone = _policy(tiny, tok, max_batch_rows=4)
+    for s, got in zip(states, together, strict=True):
+        assert alone.propose([s], 2) == [got], f"{s.tree_id}: batched {got} vs alone"
+
+
+def test_finished_slots_are_refilled_and_every_request_matches_its_run_alone(tiny, tok):
+    from pipeline.engines.batcher import Request
+
+    # Budgets 2..9 tokens: rows finish at different ticks, and a 4-row batch refills a slot as soon as one
+    # frees (k=1 requests fit any free slot).
+    pol = _policy(tiny, tok, max_batch_rows=4)
+    ids = [tok(pol.builder.build(s.question))["input_ids"] for s in _states(8)]
+
+    def requests():
+        return [Request(ids[i], [1000 + i], 2 + i, 1.0, 0.9) for i in range(8)]
+
+    together = requests()
+    with torch.inference_mode():
+        pol._prefix()
+        pol.batch.run(together)
+    assert pol.batch.joins >= 4, f"only {pol.batch.joins} refills: the batch ran in static chunks"
+    assert pol.batch.peak_rows == 4
+    for i, req in enumerate(requests()):
+        with torch.inference_mode():
+            pol.batch.run([req])
+        assert req.tokens == together[i].tokens, f"request {i}: alone {req.tokens} vs batched {together[i].tokens}"
+        assert len(req.tokens[0]) <= 2 + i
+
+
+def test_concurrent_callers_share_one_batch_and_keep_their_samples(tiny, tok):
+    pol = _policy(tiny, tok, max_batch_rows=16)
+    groups = [_states(2, 0), _states(3, 2), _states(2, 5)]
+    results: dict[int, list] = {}
+
+    def call(g: int) -> None:
+        results[g] = pol.propose(groups[g], 3)
+
+    threads = [threading.Thread(target=call, args=(g,)) for g in range(len(groups))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone = _policy(tiny, tok, max_batch_rows=16)
+    for g, states in enumerate(groups):
+        assert results[g] == [alone.propose([s], 3)[0] for s in states], f"group {g}"
+    assert pol.stats.calls == 3 and pol.batch.peak_rows <= 16
+
+
+def test_a_failing_tick_fails_the_requests_and_the_batch_recovers(tiny, tok):
+    pol = _policy(tiny, tok, max_batch_rows=8)
+    class Broken:  # the next tick's forward fails
+        config = pol.model.config
+
+        def __call__(self, **kwargs):
+            raise RuntimeError("forward failed")
+
+    pol.batch.model = Broken()
+    with pytest.raises(RuntimeError, match="forward failed"):
+        pol.propose(_states(1), 2)
+    assert pol.batch.rows == 0
+    pol.batch.model = pol.model
+    assert pol.propose(_states(1), 2) == _policy(tiny, tok).propose(_states(1), 2)
+
+
+# -- shared histories ---------------------------------------------------------------------------------
+
+
+def test_children_reuse_the_parents_prompt_kv_and_get_the_same_text(tiny, tok):
+    pol = _policy(tiny, tok)
+    plain = _policy(tiny, tok, share_prefix=False)
+    root = SearchState("a", "What is 12 times 7?", "", 5)
+    pol.propose([root], 2)
+    before = pol.stats.reused_tokens
+    child = SearchState("a", root.question, "# 12 times 7\nx = 12 * 7\nprint(x)\n# output: 84\n<end_of_step>\n", 6)
+    got = pol.propose([child], 2)
+    root_len = len(tok(pol.builder.build(root.question))["input_ids"])
+    # The child's prompt starts with the root's whole prompt, stored when the root was prefilled.
+    assert pol.stats.reused_tokens - before == root_len, (pol.stats.reused_tokens, before, root_len)
+    assert got == plain.propose([child], 2), "reused KV must give the same text as a full prefill"
+    assert plain.stats.reused_tokens == 0 and len(plain.store) == 0
+    # A re-visit of the same node reuses all but its last token.
+    before = pol.stats.reused_tokens
+    assert pol.propose([child], 2) == got
+    child_len = len(tok(pol.builder.build(child.question, child.history))["input_ids"])
+    assert pol.stats.reused_tokens - before == child_len - 1
+
+
+def _kv(n: int, layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # [batch 1, 1 head, n positions, head_dim 2] float32: 8n bytes per tensor, 16n per layer, 32n for 2 layers.
+    return [(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2)) for _ in range(layers)]
+
+
+def test_prefix_store_stays_within_its_memory_bound_and_evicts_least_recent():
+    store = PrefixStore(max_bytes=32 * 25)  # room for 25 positions at 32 bytes each
+    assert store.add([1, 2, 3, 4, 5], _kv(5), pinned=True)  # 160 bytes, never evicted
+    assert store.add([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], _kv(10))  # 320 -> 480
+    assert store.add([7] * 10, _kv(10))  # 320 -> 800 = the bound exactly
+    assert store.bytes == 800
+    assert store.longest([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 11)[0] == 10  # touches the [1..10] entry
+    assert store.add([8] * 5, _kv(5))  # 160 more: evicts the least recent unpinned entry, [7]*10
+    assert store.bytes == 800 - 320 + 160 and store.evictions == 1
+    assert store.longest([7] * 12, 12) == (0, None)
+    assert store.longest([1, 2, 3, 4, 5, 9], 6)[0] == 5  # the pinned prefix is still there
+    assert not store.add([9] * 21, _kv(21)), "672 bytes + 160 pinned > 800: cannot fit, not stored"
+    assert store.bytes <= store.max_bytes
+    for i in range(40):  # churn: the bound holds throughout
+        store.add([20 + i] * (1 + i % 7), _kv(1 + i % 7))
+        assert store.bytes <= store.max_bytes, (i, store.bytes)
+    assert store.longest([1, 2, 3, 4, 5], 5)[0] == 5
+
+
+def test_engine_prefix_store_respects_its_bound(tiny, tok):
+    pol = _policy(tiny, tok)
+    pol.propose(_states(1), 1)
+    c = pol.model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4  # layers x (k, v) x fp32 bytes
+    prompt = len(tok(pol.builder.build(_states(1)[0].question))["input_ids"])
+    assert pol.store.bytes == per_token * (len(pol._prefix_ids) + prompt)  # the pinned prefix + one prompt
+    pol.store.max_bytes = pol.store.bytes + 3 * prompt * per_token  # room for about 3 more prompts
+    pol.propose(_states(12, 1), 1)
+    assert pol.store.bytes <= pol.store.max_bytes and pol.store.evictions > 0, (pol.store.bytes, pol.store.evictions)
+    assert pol.store.longest(pol._prefix_ids, len(pol._prefix_ids))[0] == len(pol._prefix_ids), "pinned prefix kept"
+
+
+# -- CPU fast paths ------------------------------------------------------------------------------------
+
+
+def test_fast_path_probe_times_every_candidate_and_keeps_the_fastest(tiny, tok):
+    from pipeline.engines import fastpath
+
+    pol = _policy(tiny, tok, cpu_fast_path="auto", max_batch_rows=4)
+    assert set(pol.probe.ms_per_step) == set(fastpath.candidates())
+    assert pol.probe.chosen == min(pol.probe.ms_per_step, key=pol.probe.ms_per_step.get)
+    assert "cpu fast path" in pol.probe.summary()
+    assert len(pol.propose(_states(2), 2)) == 2
+
+
+@pytest.mark.parametrize("path", ["bf16", "int8"])
+def test_named_fast_paths_convert_the_model(tiny, tok, path):
+    pol = _policy(tiny, tok, cpu_fast_path=path, gen=GenerationConfig(temperature=0.0, max_new_tokens_step=6))
+    if path == "bf16":
+        assert pol.model.dtype == torch.bfloat16
+    else:
+        assert any("quantized" in type(m).__module__ for m in pol.model.modules()), "no quantized linear layer"
+    out = pol.propose(_states(2), 1)
+    assert all(isinstance(p[0].text, str) for p in out)
+
+
+def test_fast_path_config_is_checked():
+    assert EngineConfig().cpu_fast_path == "auto"
+    with pytest.raises(ValueError, match="cpu_fast_path='fp16'"):
+        EngineConfig(cpu_fast_path="fp16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="prefix_cache_mb=-1"):
+        EngineConfig(prefix_cache_mb=-1)
