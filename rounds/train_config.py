@@ -144,24 +144,36 @@ def use_gpu(cfg: TrainingConfig, cuda_available: bool) -> bool:
     return cfg.device == "cuda" or (cfg.device == "auto" and cuda_available)
 
 
+def training_argument_names() -> frozenset[str]:
+    """The argument names the installed transformers' ``TrainingArguments`` accepts."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments))
+
+
 def trainer_arguments(cfg: TrainingConfig, stage: StageConfig, work_dir: Path, *, cuda_available: bool,
-                      bf16_supported: bool, transformers_v5: bool = True) -> dict[str, Any]:
+                      bf16_supported: bool, arg_names: frozenset[str] | None = None) -> dict[str, Any]:
     """Keyword arguments shared by ``SFTConfig`` and ``RewardConfig`` (both ``TrainingArguments``).
 
-    ``transformers_v5``: use the v5 argument names (``activation_checkpointing``; ``warmup_steps`` taking a
-    ratio); False gives the 4.x names (``gradient_checkpointing``, ``warmup_ratio``).
+    ``arg_names``: the fields of the installed ``TrainingArguments`` (default: read them). Each renamed
+    argument is chosen on its own, because transformers renamed them in different releases: 4.x has
+    ``gradient_checkpointing`` and ``warmup_ratio``; 5.17 has ``gradient_checkpointing`` and only
+    ``warmup_steps`` (a float < 1 is a ratio); 5.24 adds ``activation_checkpointing``.
     """
+    names = training_argument_names() if arg_names is None else arg_names
     gpu = use_gpu(cfg, cuda_available)
     if cfg.precision == "bf16" and gpu and not bf16_supported:
         raise ValueError("training.precision='bf16' but this GPU has no bf16 support; use 'fp32' or 'auto'")
     # TRL defaults bf16=True and gradient_checkpointing=True; on CPU both make a small model ~10x slower.
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and gpu and bf16_supported)
     checkpointing = cfg.gradient_checkpointing and gpu
-    renamed = (
-        {"activation_checkpointing": checkpointing, "warmup_steps": stage.warmup_ratio}  # float < 1 = a ratio
-        if transformers_v5
-        else {"gradient_checkpointing": checkpointing, "warmup_ratio": stage.warmup_ratio}
-    )
+    renamed = {
+        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": checkpointing,
+        # without warmup_ratio, warmup_steps takes the ratio (a float < 1)
+        "warmup_ratio" if "warmup_ratio" in names else "warmup_steps": stage.warmup_ratio,
+    }
     return dict(
         output_dir=str(work_dir),
         num_train_epochs=stage.epochs,

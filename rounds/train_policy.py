@@ -74,16 +74,11 @@ def loss_curve(log_history: list[dict[str, Any]]) -> tuple[float, ...]:
 
 
 def device_flags() -> dict[str, bool]:
-    """What ``trainer_arguments`` needs to know about this machine and the installed transformers."""
+    """What ``trainer_arguments`` needs to know about this machine."""
     import torch
-    from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
-    return {
-        "cuda_available": cuda,
-        "bf16_supported": cuda and torch.cuda.is_bf16_supported(),
-        "transformers_v5": "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)},
-    }
+    return {"cuda_available": cuda, "bf16_supported": cuda and torch.cuda.is_bf16_supported()}
 
 
 def run_and_save(trainer, out_dir: Path, cfg: TrainingConfig, make_result) -> TrainResult:

@@ -81,11 +81,25 @@ def test_device_and_precision_errors_say_what_to_do():
                           bf16_supported=False)
 
 
-def test_transformers4_argument_names():
-    args = trainer_arguments(TrainingConfig(), StageConfig(warmup_ratio=0.1), Path("/w"), cuda_available=False,
-                             bf16_supported=False, transformers_v5=False)
-    assert args["warmup_ratio"] == 0.1 and args["gradient_checkpointing"] is False
-    assert "warmup_steps" not in args and "activation_checkpointing" not in args
+def test_each_renamed_argument_follows_the_installed_transformers():
+    def args(names):
+        return trainer_arguments(TrainingConfig(), StageConfig(warmup_ratio=0.1), Path("/w"), cuda_available=False,
+                                 bf16_supported=False, arg_names=frozenset(names))
+
+    v4 = args({"gradient_checkpointing", "warmup_ratio", "warmup_steps"})
+    assert v4["warmup_ratio"] == 0.1 and v4["gradient_checkpointing"] is False
+    assert "warmup_steps" not in v4 and "activation_checkpointing" not in v4
+    # transformers 5.17 (the GPU check's machine): warmup_ratio gone, activation_checkpointing not there yet
+    v517 = args({"gradient_checkpointing", "warmup_steps"})
+    assert v517["warmup_steps"] == 0.1 and v517["gradient_checkpointing"] is False
+    assert "warmup_ratio" not in v517 and "activation_checkpointing" not in v517
+    v524 = args({"gradient_checkpointing", "activation_checkpointing", "warmup_steps"})
+    assert v524["warmup_steps"] == 0.1 and v524["activation_checkpointing"] is False and "gradient_checkpointing" not in v524
+    # the installed transformers accepts every name chosen for it
+    from transformers import TrainingArguments
+
+    installed = trainer_arguments(TrainingConfig(), StageConfig(), Path("/w"), cuda_available=False, bf16_supported=False)
+    TrainingArguments(**installed)
 
 
 def test_arguments_build_real_trl_configs():
