@@ -61,6 +61,13 @@ def head_node():
             "--node-ip-address=127.0.0.1",
             f"--port={gcs_port}",
             f"--dashboard-port={dash_port}",
+            # Ports of its own: the session's Ray cluster (tests/conftest.py) may hold the defaults, and an agent
+            # that cannot bind 52365 never registers ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
             "--dashboard-host=127.0.0.1",
             "--include-dashboard=true",
             "--num-cpus=2",
