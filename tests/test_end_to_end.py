@@ -48,6 +48,11 @@ KILL_OVERRIDES = [
     "rounds.schedule.0.train_ppm=false",
     f"rollouts.groups={KILL_PROBLEMS}",
     "engines.generation.max_new_tokens_solution=48",
+    # Bit-identical text needs every forward to have the same shape in both runs: one request decoding at a time
+    # and no prefix KV from earlier prompts (README, "Reproducibility"). With the defaults a row's logits move in
+    # the last bits with whatever shares its batch, and the random tiny model's near-flat sampling follows them.
+    "engines.max_batch_rows=1",
+    "engines.prefix_cache_mb=0",
 ]
 RUN_TIMEOUT_S = 900  # per subprocess of the kill test (each takes about 30 s); generous for a loaded machine
 # The whole tiny preset must fit CI's 40 minutes with the rest of the suite; a run this slow fails the test.

@@ -97,8 +97,8 @@ class EngineConfig:
     # Rows (prompts x samples) decoded together by the transformers backend's running batch, all callers
     # together; see bench/bench_generation.py.
     max_batch_rows: int = 64
-    # CPU numeric path of the transformers backend: 'auto' times fp32 and bf16 (where the CPU has it natively) at
-    # start and keeps the faster (pipeline/engines/fastpath.py); or name one, including 'int8' (dynamic
+    # CPU numeric path of the transformers backend: 'auto' is bf16 where the CPU has it natively, else fp32 (a
+    # rule, not a timing, so reruns decode alike; pipeline/engines/fastpath.py); or name one, including 'int8' (dynamic
     # quantization of the linear layers: faster at small batches, but greedy text differs from fp32's; README).
     cpu_fast_path: CpuFastPath = "auto"
     # KV of prompts already prefilled (instruction prefix, every node's question + history), kept for the

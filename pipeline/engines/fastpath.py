@@ -1,13 +1,17 @@
-"""The CPU's fast paths for the transformers policy: bf16 weights, int8 dynamic quantization, chosen by a probe.
+"""The CPU's fast paths for the transformers policy: bf16 weights, int8 dynamic quantization, chosen by CPU flags.
 
 A CPU engine decodes at most a few hundred tokens a second, and which numeric format is fastest depends on
 the CPU: bf16 halves the bytes read per token and runs on the AVX-512 BF16 / AMX units where they exist
 (and is slow, emulated, where not); int8 dynamic quantization of the linear layers (``torch.ao``) runs the
 matmuls on VNNI with a quarter of the weight bytes, at the cost of quantizing every activation.
 
-``choose`` times one decode step of each candidate (fp32, and bf16 where native) at the engine's batch
-size, on a context of typical length, and keeps the fastest (``engines.cpu_fast_path`` overrides it:
-'fp32' turns the probe off, 'int8' is used only when named). torch.compile is not a candidate: not measured.
+``choose`` under 'auto' picks bf16 where the CPU computes it natively and fp32 elsewhere: a rule on the
+CPU's flags, not on a timing, so that the same config on the same machine always decodes with the same
+numbers (a timing probe picked differently from run to run on a loaded machine, and a resumed run then
+sampled other text than the run it resumed). It still times one decode step of each candidate at the
+engine's batch size and records it, so the log shows whether the rule paid off on this CPU
+(``engines.cpu_fast_path`` names a path instead; 'int8' is used only when named). torch.compile is not a
+candidate: not measured.
 The numeric differences are not free: ``bench/bench_generation.py`` measures how often greedy outputs of
 each path agree with fp32 on a fixed prompt set, and the README states it.
 """
@@ -109,7 +113,8 @@ def time_decode_step(model, rows: int, context: int = _PROBE_CONTEXT, steps: int
 
 
 def choose(model, requested: str, rows: int) -> tuple[object, Probe]:
-    """(the model on the chosen path, the probe's record). ``requested`` 'auto' times every candidate."""
+    """(the model on the chosen path, the probe's record). ``requested`` 'auto': the last of ``candidates()``
+    (bf16 where native, else fp32), every candidate timed for the record."""
     if requested != "auto":
         return apply(model, requested), Probe(requested, {})
     timings: dict[str, float] = {}
@@ -117,5 +122,5 @@ def choose(model, requested: str, rows: int) -> tuple[object, Probe]:
     for path in candidates():
         models[path] = apply(model, path)
         timings[path] = time_decode_step(models[path], rows) * 1000
-    chosen = min(timings, key=timings.__getitem__)
+    chosen = candidates()[-1]
     return models[chosen], Probe(chosen, timings)

@@ -12,8 +12,8 @@ On the embedded CPU run prompt tokens dominate (~200 tokens/s prefill vs a few m
 3. runs every caller's rows in one running batch (the engine actor serves its callers concurrently), drops a
    row as soon as it writes a stop string or EOS, and refills its slot with queued requests.
 
-At start the engine picks the CPU's fastest numeric path (fp32, bf16 or int8 linear layers) with a short
-probe (``pipeline.engines.fastpath``), unless ``cpu_fast_path`` names one.
+At start the engine picks its CPU numeric path (bf16 where the CPU has it natively, else fp32; int8 linear
+layers when named) by the CPU's flags (``pipeline.engines.fastpath``), unless ``cpu_fast_path`` names one.
 """
 
 from __future__ import annotations

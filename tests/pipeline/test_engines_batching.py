@@ -181,12 +181,14 @@ def test_engine_prefix_store_respects_its_bound(tiny, tok):
 # -- CPU fast paths ------------------------------------------------------------------------------------
 
 
-def test_fast_path_probe_times_every_candidate_and_keeps_the_fastest(tiny, tok):
+def test_auto_fast_path_follows_the_cpu_not_a_timing_and_records_the_timings(tiny, tok):
     from pipeline.engines import fastpath
 
     pol = _policy(tiny, tok, cpu_fast_path="auto", max_batch_rows=4)
     assert set(pol.probe.ms_per_step) == set(fastpath.candidates())
-    assert pol.probe.chosen == min(pol.probe.ms_per_step, key=pol.probe.ms_per_step.get)
+    # the same on every run of this machine: a resumed run decodes with the numbers of the run it resumes
+    assert pol.probe.chosen == ("bf16" if fastpath.native_bf16() else "fp32")
+    assert pol.model.dtype == (torch.bfloat16 if fastpath.native_bf16() else torch.float32)
     assert "cpu fast path" in pol.probe.summary()
     assert len(pol.propose(_states(2), 2)) == 2
 
