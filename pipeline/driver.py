@@ -270,6 +270,9 @@ PHASES: list[tuple[str, Callable[[RoundContext], dict]]] = [
 
 def start(cfg: RunConfig, run_dir: str | None, rounds: list[int], force: bool = False) -> int:
     """Create or continue a run and execute ``rounds``. Returns the process exit status."""
+    from pipeline.engines.malloc import limit_arenas
+
+    limit_arenas()  # this process evaluates in-process; a local Ray cluster's workers inherit the cap
     run = _open_run(cfg, run_dir, force)
     if run is None:
         return 2

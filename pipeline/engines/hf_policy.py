@@ -83,6 +83,9 @@ class TransformersPolicy:
         from transformers import AutoModelForCausalLM
 
         from pipeline.engines import fastpath
+        from pipeline.engines.malloc import limit_arenas
+
+        limit_arenas()  # before the running batch's thread: glibc's per-thread arenas would keep freed KV
         from pipeline.engines.batcher import RunningBatch
         from pipeline.engines.kv_cache import PrefixStore
 
