@@ -318,6 +318,8 @@ def run_round(ctx: RoundContext) -> None:
         if ctx.run.is_done(ctx.round_no, name):
             ctx.log.info("phase_skip", round=ctx.round_no, phase=name, reason="marker present")
             continue
+        if ctx.run.lease is not None:
+            ctx.run.lease.check()  # another driver took the run over (--force on a lease it judged stale)
         ctx.log.info("phase_start", round=ctx.round_no, phase=name)
         t = time.perf_counter()
         info = fn(ctx)
@@ -550,8 +552,12 @@ def export_round_cli(run_dir: Path, round_no: int, out: Path | None) -> int:
     if not run.trees(round_no).completed_problem_ids():
         print(f"error: {run.trees_dir(round_no)}: no completed trees for round {round_no}", file=sys.stderr)
         return 2
-    result = export_round(run, round_no, _prompt_fn(cfg.engines.policy_model, few_shot=False), out_dir=out,
-                          extract_config=cfg.search.extract)
+    try:
+        result = export_round(run, round_no, _prompt_fn(cfg.engines.policy_model, few_shot=False), out_dir=out,
+                              extract_config=cfg.search.extract)
+    except StorageError as e:  # e.g. a damaged shard: the message names it and how to repair it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for table, path in result.paths.items():
         print(f"{table:10s} {result.rows[table]:7d} rows  {path}")
     return 0

@@ -20,6 +20,7 @@ Clocks: staleness compares the holder's heartbeat time with ours, so hosts need 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -152,11 +153,18 @@ class RunLease:
         except LeaseHeld:
             current = None
         if current is None or current.token != self.mine.token:
-            self.lost = current or self.mine
+            self.lost = current or dataclasses.replace(self.mine, host="(nobody: the lease file was removed)")
             return False
         self.mine = Holder(**{**asdict(self.mine), "heartbeat_ts": self._clock()})
         atomic_write_json(self.path, asdict(self.mine))
         return True
+
+    def check(self) -> None:
+        """Raise LeaseHeld if the lease was taken from us; a driver calls it before each phase."""
+        if self.lost is not None:
+            raise LeaseHeld(f"{self.root}: while this driver ran, its lease was taken over by "
+                            f"{self.lost.describe(self._clock())} (with --force, after {self.timeout_s:.0f} s without "
+                            f"our heartbeat); stopping before the next phase so that two drivers do not both run it")
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours; safe to call twice."""

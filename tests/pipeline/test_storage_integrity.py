@@ -117,3 +117,19 @@ def test_driver_repairs_damaged_rounds_and_reopens_their_rollouts_and_export(tmp
     events = [json.loads(line) for line in run.log_path.read_text().splitlines()]
     damaged = [e for e in events if e.get("event") == "shard_damaged"]
     assert len(damaged) == 1 and damaged[0]["file"].endswith("round_2/trees/part-00000.parquet"), damaged
+
+
+def test_export_cli_reports_a_damaged_shard_by_name_with_exit_status_2(tmp_path, capsys):
+    from pathlib import Path
+
+    from pipeline.cli import main
+    from pipeline.config import dump_config, load_config
+
+    run = RunDir(tmp_path / "run")
+    run.write_config(dump_config(load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")))
+    filled(run.trees_dir(1))
+    os.truncate(run.trees_dir(1) / "part-00000.parquet", 10)
+    assert main(["export", str(run.root), "--round", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {run.trees_dir(1) / 'part-00000.parquet'}: damaged: 10 bytes but" in err, err
+    assert f"python -m pipeline.resume {run.root}" in err, err

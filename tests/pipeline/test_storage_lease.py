@@ -207,3 +207,21 @@ def test_without_the_lease_held_a_stale_other_host_file_is_kept(tmp_path, dead_p
     store = TreeStore(tmp_path, SCHEMA, "problem_id", lease=RunLease(tmp_path))  # constructed, never acquired
     remote = _tmp(store, OTHER_HOST, dead_pid, age_s=10_000)
     assert store.collect_garbage() == [] and remote.exists()
+
+
+def test_a_driver_whose_lease_was_taken_over_stops_before_its_next_phase(tmp_path):
+    from pipeline.driver import RoundContext, run_round
+    from pipeline.runlog import RunLog
+
+    run = RunDir(tmp_path)
+    lease = run.acquire_lease()
+    try:
+        forge(tmp_path, host_id=OTHER_HOST, pid=9, heartbeat_age_s=0)  # someone else --forced the run meanwhile
+        assert not lease.renew()
+        ctx = RoundContext(cfg=None, run=run, round_no=1, log=RunLog(run.log_path), problems=[], eval_problems=[])
+        with pytest.raises(LeaseHeld, match="taken over by host gpu-node-7 pid 9 .*stopping before the next phase"):
+            run_round(ctx)
+        assert run.phases_done(1) == []  # no phase ran
+    finally:
+        lease.release()
+    assert (tmp_path / LEASE_NAME).exists()  # the new holder's lease is left alone
