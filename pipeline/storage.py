@@ -5,10 +5,12 @@ Layout (DESIGN.md, "Storage layout of a run")::
     runs/NAME/
       config.yaml                    resolved config, written first
       log.jsonl                      structured log (pipeline.runlog)
+      _lease.json                    the driving process while one runs (pipeline.lease)
       round_N/
         trees/_plan.json             the round's problem ids (the "total" of progress and info)
         trees/part-00000.parquet     node-table shards, whole problems only
-        trees/_manifest.json         the committed shards and the problem ids in each: the only truth
+        trees/_manifest.json         the committed shards, the problem ids, size and sha256 of each: the only truth
+        trees/_corrupt/              damaged shards moved aside by TreeStore.repair
         sft.parquet  ppm_pairs.parquet  steps.parquet  trees.parquet   exports (pipeline.export)
         policy/  ppm/                HF checkpoints (written via ``atomic_dir``)
         eval.json
