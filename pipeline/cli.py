@@ -5,6 +5,7 @@
     python -m pipeline eval RUN_DIR --round 2
     python -m pipeline eval RUN_DIR --round 0 --problems my_benchmark.jsonl --json
     python -m pipeline config configs/embedded.yaml --set search.rollouts=4
+    python -m pipeline capacity configs/qwen2.5-math-7b.yaml --problems 747000 --from-log runs/x/log.jsonl --gpus 64
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_capacity(args: argparse.Namespace) -> int:
+    from pipeline.capacity import main as capacity
+
+    return capacity(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Inspect, export and evaluate runs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("capacity", help="estimate wall time, GPU-hours and the bottleneck of CONFIG on N problems "
+                                        "from a measured run's per-expansion costs")
+    p.add_argument("config")
+    p.add_argument("--from-log", required=True, metavar="RUN/log.jsonl", help="a measured run's log")
+    p.add_argument("--problems", type=int, default=0, help="problems per round (default: as in the config)")
+    p.add_argument("--gpus", type=int, default=1, help="policy engines, one per GPU (the PPM shares them)")
+    p.add_argument("--sandbox-cpus", type=int, default=0, help="cores running code (default: sandbox.workers x gpus)")
+    p.add_argument("--rollout-workers", type=int, default=0, help="rollout worker actors (default: one per GPU)")
+    p.add_argument("--engine-tok-s", type=float, help="tokens/s of one engine on the target (default: as measured)")
+    p.add_argument("--ppm-ms-per-node", type=float, help="PPM milliseconds per new node on the target (default: as "
+                                                          "measured in a PPM-guided round)")
+    p.add_argument("--check", action="store_true", help="predict the measured run itself and compare")
+    p.set_defaults(func=_cmd_capacity)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import Any
 
 from pipeline.config import RunConfig, config_diff, dump_config
 from pipeline.runlog import RunLog
-from pipeline.storage import RunDir
+from pipeline.storage import RunDir, StorageError, local_run_dir
 from rounds.schedule import RoundSpec
 
 
@@ -269,15 +270,29 @@ PHASES: list[tuple[str, Callable[[RoundContext], dict]]] = [
 
 
 def start(cfg: RunConfig, run_dir: str | None, rounds: list[int], force: bool = False) -> int:
-    """Create or continue a run and execute ``rounds``. Returns the process exit status."""
+    """Create or continue a run and execute ``rounds``, holding the run's lease throughout. Returns the exit status.
+
+    ``force`` continues a run whose stored config differs, and takes over a lease gone stale (``pipeline.lease``).
+    """
     from pipeline.engines.malloc import limit_arenas
 
     limit_arenas()  # this process evaluates in-process; a local Ray cluster's workers inherit the cap
     run = _open_run(cfg, run_dir, force)
     if run is None:
         return 2
+    try:
+        return _drive(cfg, run, rounds)
+    finally:
+        run.lease.release()
+
+
+def _drive(cfg: RunConfig, run: RunDir, rounds: list[int]) -> int:
     log = RunLog(run.log_path)
-    log.info("run_start", run_dir=str(run.root), rounds=rounds, pid=os.getpid())
+    log.info("run_start", run_dir=str(run.root), rounds=rounds, pid=os.getpid(), host=socket.gethostname())
+    if run.lease.taken_over:
+        old, why = run.lease.taken_over
+        log.warning("lease_taken_over", holder_host=old.host, holder_pid=old.pid, holder_since=old.since, reason=why)
+    repair_trees(run, rounds, log)
     if all(run.round_succeeded(r) for r in rounds) and run.report_path.is_file():
         print(f"{run.root}: rounds {rounds[0]}-{rounds[-1]} are already complete; nothing to do.")
         print(run.report_path.read_text())
@@ -306,6 +321,8 @@ def run_round(ctx: RoundContext) -> None:
         if ctx.run.is_done(ctx.round_no, name):
             ctx.log.info("phase_skip", round=ctx.round_no, phase=name, reason="marker present")
             continue
+        if ctx.run.lease is not None:
+            ctx.run.lease.check()  # another driver took the run over (--force on a lease it judged stale)
         ctx.log.info("phase_start", round=ctx.round_no, phase=name)
         t = time.perf_counter()
         info = fn(ctx)
@@ -313,6 +330,25 @@ def run_round(ctx: RoundContext) -> None:
         ctx.run.mark_done(ctx.round_no, name, info)
         ctx.log.info("phase_done", round=ctx.round_no, phase=name, wall_s=info["wall_s"])
     ctx.run.mark_round_success(ctx.round_no, {"wall_s": round(time.perf_counter() - t0, 2)})
+
+
+def repair_trees(run: RunDir, rounds: list[int], log: RunLog) -> dict[int, list[str]]:
+    """Check every tree shard of ``rounds`` against its checksum; a damaged one is moved aside and its problems
+    are redone: the round's rollouts and export run again. Returns {round: problem ids put back to pending}.
+
+    The round's training and eval markers stay: the models were trained on exports made before the damage.
+    """
+    redo: dict[int, list[str]] = {}
+    for r in rounds:
+        for shard, why in run.trees(r).repair():
+            log.warning("shard_damaged", round=r, file=str(run.trees_dir(r) / shard.file), reason=why,
+                        problems=len(shard.problems), action="moved to trees/_corrupt/; its problems are redone")
+            redo.setdefault(r, []).extend(shard.problems)
+        if r in redo:
+            for phase in ("rollouts", "export"):
+                run.clear_done(r, phase)
+            run.success_path(r).unlink(missing_ok=True)
+    return redo
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -323,15 +359,23 @@ def _bootstrap(cfg: RunConfig) -> str:
 
 
 def _open_run(cfg: RunConfig, run_dir: str | None, force: bool) -> RunDir | None:
+    """The run directory with its lease held by us, its config stored; None (after saying why) when refused."""
     text = dump_config(cfg)
     if run_dir is None:
         run = RunDir.fresh(cfg.storage.runs_dir, cfg.name)
+        run.acquire_lease()  # a directory we just created: nobody else can hold it
         run.write_config(text)
         return run
-    run = RunDir(run_dir)
+    try:
+        run = RunDir(local_run_dir(run_dir))
+        run.acquire_lease(force)
+    except StorageError as e:  # LeaseHeld names the holder and what to do
+        print(f"error: {e}", file=sys.stderr)
+        return None
     if run.config_path.is_file():
         changes = config_diff(run.read_config(), cfg)
         if changes and not force:
+            run.lease.release()
             print(f"error: {run.config_path} holds a different config; refusing to continue the run with:\n  "
                   + "\n  ".join(changes) + "\nrerun with --force to continue anyway, or use a new --run-dir",
                   file=sys.stderr)
@@ -511,8 +555,12 @@ def export_round_cli(run_dir: Path, round_no: int, out: Path | None) -> int:
     if not run.trees(round_no).completed_problem_ids():
         print(f"error: {run.trees_dir(round_no)}: no completed trees for round {round_no}", file=sys.stderr)
         return 2
-    result = export_round(run, round_no, _prompt_fn(cfg.engines.policy_model, few_shot=False), out_dir=out,
-                          extract_config=cfg.search.extract)
+    try:
+        result = export_round(run, round_no, _prompt_fn(cfg.engines.policy_model, few_shot=False), out_dir=out,
+                              extract_config=cfg.search.extract)
+    except StorageError as e:  # e.g. a damaged shard: the message names it and how to repair it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for table, path in result.paths.items():
         print(f"{table:10s} {result.rows[table]:7d} rows  {path}")
     return 0

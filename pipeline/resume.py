@@ -3,13 +3,14 @@
 Reads the run's stored config.yaml, skips every phase whose completion marker exists (problems already in
 a completed tree shard, exports, training, eval) and continues. A finished run says so and does nothing.
 Overrides (--set) that change the config are refused unless --force, with the diff of what changed.
+Only one driver runs a run directory at a time (``pipeline.lease``): while another holds it, resume is refused
+with its host, pid and start time; a lease whose holder stopped heartbeating is taken over with --force.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,13 +18,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a run directory holding config.yaml")
     parser.add_argument("--rounds", help="rounds to run: N or A-B (default: all in the stored schedule)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--force", action="store_true", help="resume even if --set changes the stored config")
+    parser.add_argument("--force", action="store_true",
+                        help="resume even if --set changes the stored config, or take over a stale run lease")
     args = parser.parse_args(argv)
 
     from pipeline.config import ConfigError, load_config
+    from pipeline.storage import StorageError, local_run_dir
     from rounds.schedule import parse_round_range
 
-    stored = Path(args.run_dir) / "config.yaml"
+    try:
+        stored = local_run_dir(args.run_dir) / "config.yaml"
+    except StorageError as e:
+        print(f"pipeline.resume: error: {e}", file=sys.stderr)
+        return 2
     if not stored.is_file():
         print(f"pipeline.resume: error: {stored}: no such file; is {args.run_dir} a run directory?", file=sys.stderr)
         return 2

@@ -5,10 +5,12 @@ Layout (DESIGN.md, "Storage layout of a run")::
     runs/NAME/
       config.yaml                    resolved config, written first
       log.jsonl                      structured log (pipeline.runlog)
+      _lease.json                    the driving process while one runs (pipeline.lease)
       round_N/
         trees/_plan.json             the round's problem ids (the "total" of progress and info)
         trees/part-00000.parquet     node-table shards, whole problems only
-        trees/_manifest.json         the committed shards and the problem ids in each: the only truth
+        trees/_manifest.json         the committed shards, the problem ids, size and sha256 of each: the only truth
+        trees/_corrupt/              damaged shards moved aside by TreeStore.repair
         sft.parquet  ppm_pairs.parquet  steps.parquet  trees.parquet   exports (pipeline.export)
         policy/  ppm/                HF checkpoints (written via ``atomic_dir``)
         eval.json
@@ -27,6 +29,10 @@ reader sees the old file or the new one, never half of one. Tree shards follow a
 A SIGKILL before step 2 finishes leaves at most an unlisted file, which readers ignore and
 ``TreeStore.collect_garbage`` removes; its problems are simply redone. A problem id is in at most one
 listed shard, so nothing is ever stored twice.
+
+The manifest records each shard's size and sha256. A shard damaged later (truncated, bit rot, overwritten) is
+reported as a ``StorageError`` naming the file; ``TreeStore.repair`` (run by the driver when a run is continued)
+moves it to ``trees/_corrupt/`` and drops it from the manifest, so its problems are pending again and redone.
 """
 
 from __future__ import annotations
@@ -34,10 +40,13 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,20 +57,43 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pyarrow is imported lazily: `python -m pipeline info --help` should not pay for it
     import pyarrow as pa
 
+    from pipeline.lease import RunLease
+
 PHASES: tuple[str, ...] = ("rollouts", "export", "train_ppm", "train_policy", "eval")
 EXPORT_TABLES: tuple[str, ...] = ("sft", "ppm_pairs", "steps", "trees")
 MANIFEST_NAME = "_manifest.json"
 PLAN_NAME = "_plan.json"
 MANIFEST_FORMAT = 1
 _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-_TMP_RE = re.compile(r"^\.tmp-(\d+)-[0-9a-f]+")
+# Temporary files: .tmp-<host identity>-<pid>-<uuid>...; before host identities: .tmp-<pid>-<uuid>...
+_TMP_RE = re.compile(r"^\.tmp-([0-9a-f]{8})-(\d+)-[0-9a-f]{12}")
+_LEGACY_TMP_RE = re.compile(r"^\.tmp-(\d+)-[0-9a-f]+")
 _ROUND_RE = re.compile(r"^round_(\d+)$")
+CORRUPT_DIR = "_corrupt"  # trees/_corrupt/: damaged shards moved aside by TreeStore.repair (kept as evidence)
 TREES_ID_COLUMN = "problem_id"  # the node-table column naming a row's tree (data.schemas.TREES_SCHEMA)
 SOLVED_COLUMN, SOLVED_VALUE = "verdict", "correct"  # a tree with such a row is solved (mcts.node.Verdict)
 
 
 class StorageError(RuntimeError):
     """A run directory that cannot be used as it is; the message names the file and what to do."""
+
+
+_URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def local_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a local path (``file://`` URIs included); other URIs are refused with a StorageError.
+
+    Run directories on object storage (s3://, gs://) need the object-storage layer of issue 16, not built yet;
+    without this check ``Path("s3://b/run")`` would quietly become a local directory named ``s3:``.
+    """
+    text = str(run_dir)
+    if m := _URI_RE.match(text):
+        if m.group(1).lower() == "file":
+            return Path(text[len("file://"):])
+        raise StorageError(f"{text}: run directories on object storage ({m.group(1)}://) are not supported yet; "
+                           f"use a path on a filesystem every node mounts (k8s/rayjob.yaml: a ReadWriteMany volume)")
+    return Path(text)
 
 
 def utc_now() -> str:
@@ -81,7 +113,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _tmp_name(path: Path, suffix: str = "") -> Path:
-    return path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}-{path.name}{suffix}")
+    return path.with_name(f"{tmp_prefix()}-{path.name}{suffix}")
+
+
+def tmp_prefix() -> str:
+    """A fresh temporary-file prefix naming its writer: host identity and pid (``TreeStore.collect_garbage``)."""
+    return f".tmp-{host_identity()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 @contextlib.contextmanager
@@ -171,34 +208,74 @@ class ShardInfo:
     problems: tuple[str, ...]  # in the order their rows appear in the file
     solved: tuple[str, ...]  # the subset of ``problems`` with a correct final answer (as the writer was told)
     written_at: str
+    size: int = -1  # bytes of the file as committed; -1 (with sha256 "") in manifests written before checksums
+    sha256: str = ""
 
     def to_json(self) -> dict:
         return {"file": self.file, "rows": self.rows, "problems": list(self.problems),
-                "solved": list(self.solved), "written_at": self.written_at}
+                "solved": list(self.solved), "written_at": self.written_at, "size": self.size,
+                "sha256": self.sha256}
 
     @staticmethod
     def from_json(d: dict) -> ShardInfo:
         return ShardInfo(file=d["file"], rows=int(d["rows"]), problems=tuple(d["problems"]),
-                         solved=tuple(d.get("solved", ())), written_at=d.get("written_at", ""))
+                         solved=tuple(d.get("solved", ())), written_at=d.get("written_at", ""),
+                         size=int(d.get("size", -1)), sha256=d.get("sha256", ""))
 
 
-def _pid_alive(pid: int) -> bool:
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in 1 MiB blocks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+@functools.cache
+def host_identity() -> str:
+    """8 hex digits naming the pid namespace this process runs in: hostname, kernel boot and pid namespace.
+
+    Two processes with the same identity can judge each other's pids; any other pid means nothing here.
+    """
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+def proc_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), to tell a reused pid apart; None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process ``pid`` of this pid namespace runs (and, given its ``start`` time, is that same process)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        pass
+    return start is None or proc_start(pid) in (None, start)
 
 
 class TreeStore:
     """The node-table shards of one round: commit (via ``writer``), list, stream back, clean up."""
 
-    def __init__(self, trees_dir: str | Path, schema: pa.Schema | None = None, id_column: str | None = None):
+    def __init__(self, trees_dir: str | Path, schema: pa.Schema | None = None, id_column: str | None = None,
+                 lease: RunLease | None = None):
         self.dir = Path(trees_dir)
         self._schema = schema
         self._id_column = id_column
+        self.lease = lease  # the run lease when we hold it: lets collect_garbage judge other hosts' files
 
     @property
     def schema(self) -> pa.Schema:
@@ -263,19 +340,16 @@ class TreeStore:
         batch and a problem's rows are contiguous in its shard (the writer writes them so).
         """
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         cols = None if columns is None else list(dict.fromkeys([self.id_column, *columns]))
         for shard in self.shards():
-            path = self.dir / shard.file
-            if not path.exists():
-                raise StorageError(f"{path}: listed in {self.manifest_path} but missing; the round's trees are "
-                                   f"incomplete. Remove the entry from the manifest to redo its problems.")
+            if why := self.check_shard(shard):
+                raise self._damaged(shard, why)
             expected = list(shard.problems)
             seen: list[str] = []
             current: str | None = None
             pending: list[pa.RecordBatch] = []
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=cols):
+            for batch in self._batches(shard, batch_size, cols):
                 ids = batch.column(self.id_column).to_pylist()
                 start = 0
                 for i in range(1, len(ids) + 1):
@@ -293,8 +367,78 @@ class TreeStore:
                 yield pa.Table.from_batches(pending)
                 seen.append(current)
             if seen != expected:
-                raise StorageError(f"{path}: holds problems {seen[:5]}... but the manifest lists {expected[:5]}...; "
-                                   f"the shard does not match its manifest entry")
+                raise self._damaged(shard, f"holds problems {seen[:5]}... but the manifest lists {expected[:5]}...")
+
+    def _batches(self, shard: ShardInfo, batch_size: int, cols: list[str] | None) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            yield from pq.ParquetFile(self.dir / shard.file).iter_batches(batch_size=batch_size, columns=cols)
+        except (OSError, pa.ArrowException) as e:  # a shard without a checksum (older manifest) damaged mid-file
+            raise self._damaged(shard, f"unreadable ({type(e).__name__}: {e})") from None
+
+    # ---- integrity
+
+    def check_shard(self, shard: ShardInfo) -> str | None:
+        """Why the file of a committed shard cannot be trusted, or None when it is the file that was committed.
+
+        With a recorded checksum the size and sha256 must match; a shard from a manifest without checksums
+        must at least have a readable parquet footer with the recorded row count.
+        """
+        path = self.dir / shard.file
+        if not path.is_file():
+            return "missing"
+        if shard.sha256:
+            size, digest = file_digest(path)
+            if size != shard.size:
+                return f"{size} bytes but {shard.size} when committed (truncated or overwritten)"
+            if digest != shard.sha256:
+                return f"sha256 {digest[:16]}... but {shard.sha256[:16]}... when committed (the content changed)"
+            return None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (OSError, pa.ArrowException) as e:
+            return f"not a readable parquet file ({type(e).__name__}: {e})"
+        return None if rows == shard.rows else f"{rows} rows but {shard.rows} when committed"
+
+    def _damaged(self, shard: ShardInfo, why: str) -> StorageError:
+        run_dir = self.dir.parent.parent
+        return StorageError(f"{self.dir / shard.file}: damaged: {why}. It is listed in {self.manifest_path} with "
+                            f"{len(shard.problems)} problems. Continue the run (python -m pipeline.resume {run_dir}): "
+                            f"it moves the shard to {CORRUPT_DIR}/ and redoes those problems.")
+
+    def verify(self) -> list[tuple[ShardInfo, str]]:
+        """Every committed shard that ``check_shard`` rejects, with the reason (reads every shard once)."""
+        return [(s, why) for s in self.shards() if (why := self.check_shard(s))]
+
+    def repair(self) -> list[tuple[ShardInfo, str]]:
+        """Move every damaged shard to ``trees/_corrupt/`` and drop it from the manifest; return what was dropped.
+
+        The dropped shards' problems are then pending (``pending_problem_ids``) and are redone by the next
+        rollouts phase. The file is moved, not deleted, so nothing is lost that someone may want to inspect.
+        """
+        if not self.manifest_path.exists():
+            return []
+        with self._locked():
+            shards = self.shards()
+            bad = [(s, why) for s in shards if (why := self.check_shard(s))]
+            if not bad:
+                return []
+            aside = self.dir / CORRUPT_DIR
+            aside.mkdir(exist_ok=True)
+            stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+            for s, _ in bad:
+                if (self.dir / s.file).exists():
+                    os.replace(self.dir / s.file, aside / f"{stamp}-{s.file}")
+            dropped = {s.file for s, _ in bad}
+            atomic_write_json(self.manifest_path, {"format": MANIFEST_FORMAT,
+                                                   "shards": [s.to_json() for s in shards if s.file not in dropped]})
+            _fsync_dir(aside)
+        return bad
 
     # ---- writing
 
@@ -332,19 +476,25 @@ class TreeStore:
             used = [int(m.group(1)) for name in [*(s.file for s in shards), *os.listdir(self.dir)]
                     if (m := _SHARD_RE.match(name))]
             name = f"part-{max(used, default=-1) + 1:05d}.parquet"
+            size, digest = file_digest(tmp)
             os.replace(tmp, self.dir / name)
             _fsync_dir(self.dir)
             info = ShardInfo(file=name, rows=table.num_rows, problems=tuple(keep),
-                             solved=tuple(p for p in keep if p in solved), written_at=utc_now())
+                             solved=tuple(p for p in keep if p in solved), written_at=utc_now(),
+                             size=size, sha256=digest)
             # The manifest goes last: until it names the shard, the shard does not exist for anyone.
             atomic_write_json(self.manifest_path, {"format": MANIFEST_FORMAT,
                                                    "shards": [s.to_json() for s in [*shards, info]]})
             return info
 
     def collect_garbage(self) -> list[Path]:
-        """Remove shards the manifest does not list and temporary files of dead processes; return them.
+        """Remove shards the manifest does not list and temporary files whose writer is gone; return them.
 
-        Run it on resume, before writing. Temporary files of a live process (another writer) are kept.
+        Run it on resume, before writing. A temporary file names its writer's host identity and pid
+        (``tmp_prefix``). On this host the writer is gone when its pid is dead. A pid from another host (on a
+        shared filesystem) means nothing here, so such a file is removed only while we hold the run lease and the
+        file is older than our lease: its writer belonged to a driver that no longer holds the run. Without the
+        lease it is kept (and ignored by readers), never deleted under a live writer.
         """
         if not self.dir.exists():
             return []
@@ -353,14 +503,24 @@ class TreeStore:
             listed = {s.file for s in self.shards()}
             for name in sorted(os.listdir(self.dir)):
                 path = self.dir / name
-                tmp = _TMP_RE.match(name)
-                if (_SHARD_RE.match(name) and name not in listed) or (tmp and not _pid_alive(int(tmp.group(1)))):
+                if (_SHARD_RE.match(name) and name not in listed) or self._writer_gone(path):
                     if path.is_dir():
                         shutil.rmtree(path)
                     else:
                         path.unlink()
                     removed.append(path)
         return removed
+
+
+    def _writer_gone(self, path: Path) -> bool:
+        """Whether ``path`` is a temporary file whose writer is gone (see ``collect_garbage``)."""
+        if m := _TMP_RE.match(path.name):
+            if m.group(1) == host_identity():
+                return not pid_alive(int(m.group(2)))
+        elif not _LEGACY_TMP_RE.match(path.name):
+            return False  # not a temporary file
+        lease = self.lease  # another host's file, or one named before host identities: its pid means nothing here
+        return lease is not None and lease.held and path.stat().st_mtime < lease.mine.since_ts
 
 
 class TreeWriter:
@@ -454,7 +614,7 @@ class TreeWriter:
         problems = [pid for pid, _ in self._buffer]
         table = pa.concat_tables([t for _, t in self._buffer])
         self.store.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.store.dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}.parquet"
+        tmp = self.store.dir / f"{tmp_prefix()}.parquet"
         try:
             pq.write_table(table, tmp)
             info = self.store._commit(tmp, table, problems, self._solved)
@@ -489,6 +649,16 @@ class RunDir:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.lease: RunLease | None = None  # set by acquire_lease
+
+    def acquire_lease(self, force: bool = False, timeout_s: float | None = None) -> RunLease:
+        """Take the run lease (``pipeline.lease``): one driver per run. Raises LeaseHeld naming the holder."""
+        from pipeline.lease import DEFAULT_TIMEOUT_S, RunLease
+
+        lease = RunLease(self.root, timeout_s or DEFAULT_TIMEOUT_S)
+        lease.acquire(force)
+        self.lease = lease
+        return lease
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
@@ -559,7 +729,7 @@ class RunDir:
     # ---- content
 
     def trees(self, round: int, schema: pa.Schema | None = None, id_column: str | None = None) -> TreeStore:
-        return TreeStore(self.trees_dir(round), schema, id_column)
+        return TreeStore(self.trees_dir(round), schema, id_column, lease=self.lease)
 
     def completed_problem_ids(self, round: int) -> set[str]:
         return self.trees(round).completed_problem_ids()
@@ -617,6 +787,6 @@ class RunDir:
         return read_json(path) if path.is_file() else None
 
 
-__all__ = ["PHASES", "EXPORT_TABLES", "StorageError", "RunDir", "TreeStore", "TreeWriter", "ShardInfo",
+__all__ = ["PHASES", "CORRUPT_DIR", "local_run_dir", "file_digest", "host_identity", "pid_alive", "tmp_prefix", "EXPORT_TABLES", "StorageError", "RunDir", "TreeStore", "TreeWriter", "ShardInfo",
            "atomic_path", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json",
            "utc_now"]

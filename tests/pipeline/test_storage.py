@@ -25,6 +25,7 @@ from pipeline.storage import (
     atomic_path,
     atomic_write_json,
     atomic_write_text,
+    host_identity,
     read_json,
 )
 
@@ -221,7 +222,7 @@ def test_listed_shard_that_is_missing_is_reported(tmp_path):
     with store.writer() as w:
         w.append("a", tree("a", 1))
     (tmp_path / "part-00000.parquet").unlink()
-    with pytest.raises(StorageError, match="part-00000.parquet: listed in .* but missing"):
+    with pytest.raises(StorageError, match=r"part-00000.parquet: damaged: missing. It is listed in .* pipeline.resume"):
         list(store.iter_trees())
 
 
@@ -238,8 +239,9 @@ def test_orphan_shard_is_ignored_and_collected_and_its_name_not_reused(tmp_path)
     # A crash after the rename but before the manifest: a shard nobody lists, plus a dead writer's temp file.
     pq.write_table(pa.Table.from_pylist(tree("b", 2), schema=SCHEMA), tmp_path / "part-00001.parquet")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / f".tmp-{dead.stdout.strip()}-0123abcd.parquet").write_bytes(b"half")
-    live = tmp_path / f".tmp-{os.getpid()}-0123abcd.parquet"  # a live writer's (ours): must survive
+    dead_tmp = f".tmp-{host_identity()}-{dead.stdout.strip()}-0123456789ab.parquet"  # a dead writer on this host
+    (tmp_path / dead_tmp).write_bytes(b"half")
+    live = tmp_path / f".tmp-{host_identity()}-{os.getpid()}-0123456789ab.parquet"  # a live writer's (ours): kept
     live.write_bytes(b"in flight")
     assert store.completed_problem_ids() == {"a"}
     assert [t.num_rows for t in store.iter_trees()] == [1]
@@ -247,7 +249,7 @@ def test_orphan_shard_is_ignored_and_collected_and_its_name_not_reused(tmp_path)
         assert w.append("b", tree("b", 2))
     assert [s.file for s in store.shards()] == ["part-00000.parquet", "part-00002.parquet"]
     removed = store.collect_garbage()
-    assert [p.name for p in removed] == [f".tmp-{dead.stdout.strip()}-0123abcd.parquet", "part-00001.parquet"]
+    assert [p.name for p in removed] == [dead_tmp, "part-00001.parquet"]
     assert live.exists()
     assert sorted(t.column("problem_id")[0].as_py() for t in store.iter_trees()) == ["a", "b"]
 
