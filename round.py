@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue an existing run even if the config changed, or take over a stale run lease")
     args = parser.parse_args(argv)
 
+    from pipeline.engines.malloc import limit_arenas
+
+    limit_arenas()  # first, before any library starts a thread (pipeline/engines/malloc.py)
     from pipeline.config import ConfigError, load_config
     from rounds.schedule import parse_round_range
 

@@ -102,4 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_capacity)
 
     args = parser.parse_args(argv)
+    from pipeline.engines.malloc import limit_arenas
+
+    limit_arenas()  # first, before any library starts a thread (pipeline/engines/malloc.py)
     return args.func(args)

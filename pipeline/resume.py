@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="resume even if --set changes the stored config, or take over a stale run lease")
     args = parser.parse_args(argv)
 
+    from pipeline.engines.malloc import limit_arenas
+
+    limit_arenas()  # first, before any library starts a thread (pipeline/engines/malloc.py)
     from pipeline.config import ConfigError, load_config
     from pipeline.storage import StorageError, local_run_dir
     from rounds.schedule import parse_round_range

@@ -3,9 +3,12 @@
 The transformers engine allocates KV tensors of every size on its batch thread and on the threads of its
 callers. glibc gives each thread an arena of its own (up to 8 per core) and returns little of their freed
 memory to the system, so an engine process grows far past what it holds: round 4's evaluation of the
-embedded run peaked at 8.8 GiB of RSS with glibc's default and at 4.9 GiB with ``MALLOC_ARENA_MAX=2``
-(README, "The embedded run"). ``limit_arenas`` sets that cap from inside the process with ``mallopt``
-(``M_ARENA_MAX``), which applies to arenas created afterwards, so call it before the threads start.
+embedded run peaked at 8.8 GiB of RSS with glibc's default, 4.9 GiB with ``MALLOC_ARENA_MAX=2`` in the
+environment and 4.7 GiB with this function called first thing in the command (README, "The embedded run").
+``limit_arenas`` sets the cap from inside the process with ``mallopt`` (``M_ARENA_MAX``), which only applies
+to arenas created afterwards: called when the engine was built (after Ray's and torch's threads had started)
+it changed nothing (9.5 GiB). So the entry points (round.py, pipeline.resume, python -m pipeline) call it
+before anything else; the engine calls it again for processes that did not start from one of them.
 """
 
 from __future__ import annotations
