@@ -5,6 +5,7 @@
     python -m pipeline eval RUN_DIR --round 2
     python -m pipeline eval RUN_DIR --round 0 --problems my_benchmark.jsonl --json
     python -m pipeline config configs/embedded.yaml --set search.rollouts=4
+    python -m pipeline solve --run runs/emb --round 4 --strategy beam --budget 8 --out solve/
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Inspect, export and evaluate runs.")
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Inspect, export, evaluate and solve with runs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="one-page summary of a run directory")
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_config)
+
+    from pipeline.solve import add_parser as add_solve
+
+    add_solve(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)
