@@ -110,7 +110,7 @@ def solve_cli(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace):
     """(config, policy path, ppm path or None, trained?, problems)."""
     from pipeline.config import ConfigError, load_config
-    from pipeline.driver import RoundContext, _load_problems, _problems_file, _stored_run
+    from pipeline.driver import RoundContext, _problems_file, _stored_run
     from pipeline.runlog import RunLog
 
     problems = None
@@ -123,11 +123,17 @@ def _models(args: argparse.Namespace):
             raise ValueError(f"--run {args.run}: not a run directory (no config.yaml)")
         cfg, run = _stored_run(Path(args.run))
         ctx = RoundContext(cfg, run, max(args.round, 1), RunLog(Path(args.out) / "solve_log.jsonl"), [], [])
+        if args.round and not run.round_dir(args.round).is_dir():
+            raise ValueError(f"--run {args.run}: round {args.round} was never run; rounds present: {run.rounds()}")
         trained = ctx.newest_policy(args.round) if args.round else None
         policy = trained or ctx.bootstrap_model()
         ppm = ctx.newest_ppm(args.round) if args.round else None
         if problems is None:
-            _, problems = _load_problems(cfg, run, ctx.log)
+            from data import load_problems_config
+
+            # The run's held-out split, rebuilt from its config; skipped rows are reported under OUT, so the
+            # run directory is only read.
+            _, problems = load_problems_config(cfg.problems, rejected_dir=Path(args.out))
         return cfg, policy, ppm, trained is not None, problems
     if problems is None:
         raise ValueError("--policy needs --problems FILE")
@@ -174,8 +180,7 @@ def _solve(args: argparse.Namespace, names: list[str], budgets: list[int]) -> in
     greedy = with_generation(sampler, dataclasses.replace(cfg.engines.generation, temperature=0.0))
     tok = sampler.builder.tokenizer  # type: ignore[attr-defined]
     meter = TokenMeter(sampler, lambda t: len(tok.encode(t, add_special_tokens=False)))
-    greedy_meter = TokenMeter(greedy, meter.count)
-    greedy_meter.tokens = meter.tokens  # one tally per problem, whichever decoding spent it
+    greedy_meter = TokenMeter(greedy, meter.count).share(meter)  # one tally, whichever decoding spent it
     scorer = make_scorer(cfg.engines, ppm_path) if ppm_path else None
     print(f"policy {policy_path} ({mode} mode{', few-shot' if few_shot else ''}); ppm {ppm_path or '-'}; "
           f"{len(problems)} problems; backend {cfg.engines.backend}", file=sys.stderr)
@@ -183,7 +188,7 @@ def _solve(args: argparse.Namespace, names: list[str], budgets: list[int]) -> in
     rows: list[dict] = []
     with SandboxPool(cfg.sandbox) as pool:
         ctx = SolveContext(meter, pool, scorer, greedy_meter, cfg.search, cfg.seed, args.aggregate, args.expansion,
-                           cfg.eval.mcts_children, data.is_equivalent)
+                           cfg.eval.mcts_children, data.is_equivalent, chain_cache={})
         verifier = (Verifier(pool, None if args.no_check_program else greedy_meter, cfg.seed)
                     if args.verify else None)
         if AUTO in names and choices is None:

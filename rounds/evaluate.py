@@ -249,7 +249,7 @@ def evaluate(
         "counts": counts,
         "skipped": skipped,
         "wall_s": {k_: round(v_, 3) for k_, v_ in wall.items()},
-        "params": asdict(params),
+        "params": _params_json(params),
         "search": {"c_puct": search.c_puct, "max_depth": search.max_depth, "unvisited": search.unvisited,
                    "max_consecutive_errors": search.max_consecutive_errors, "prior_weight": search.prior_weight},
         "seed": seed,
@@ -390,4 +390,13 @@ def _registry_strategies(problems: Sequence[object], per_problem: list[dict[str,
         out[spec] = {"strategy": name, "budget": budget, "correct": correct, "problems": len(rows),
                      "answered": sum(r["answer"] is not None for r in rows)}
         say(f"eval: {spec} {correct}/{len(rows)} ({wall[spec]:.1f}s)")
+    return out
+
+
+def _params_json(params: EvalParams) -> dict[str, Any]:
+    """The params as eval.json stores them: ``strategies`` only when some were asked for (as a JSON list)."""
+    out = asdict(params)
+    strategies = out.pop("strategies")
+    if strategies:
+        out["strategies"] = list(strategies)
     return out

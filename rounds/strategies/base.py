@@ -74,6 +74,10 @@ class SolveContext:
     expansion: int = 4  # beam / DVTS: M, the candidates each kept beam expands into per step
     mcts_children: int = 4  # test-time MCTS: candidates per expansion
     equivalent: Callable[[str, str], bool] | None = None
+    # Sampled chains kept for reuse, keyed (tag, problem id, sample index): chain j of a problem is the same
+    # draw (its seed derives from exactly that key) in every strategy and budget that asks for it, so a sweep
+    # samples each chain once. None: no sharing. Each entry keeps its generated tokens, charged again on reuse.
+    chain_cache: dict[tuple[str, str, int], tuple[Candidate | None, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.aggregate not in AGGREGATES:
@@ -116,21 +120,28 @@ def steps_of(path: Sequence[Node]) -> tuple[StepRec, ...]:
 
 def sample_chains(problems: Sequence[object], n: int, policy: Policy, ctx: SolveContext, tag: str) -> list[list[Candidate]]:
     """``n`` independent chains (one step per expansion, k = 1) per problem, all problems in one search batch.
-    A chain that ended without a terminal is no candidate. result[i] = problem i's candidates, in sample order."""
+    A chain that ended without a terminal is no candidate. result[i] = problem i's candidates, in sample order.
+    With ``ctx.chain_cache``, chains drawn before are reused and their tokens charged to ``policy``'s meter."""
+    cache = ctx.chain_cache
+    keys = [(tag, str(p.id), j) for p in problems for j in range(n)]  # type: ignore[attr-defined]
+    questions = {str(p.id): str(p.question) for p in problems}  # type: ignore[attr-defined]
+    todo = [k for k in keys if cache is None or k not in cache]
     cfg = replace(ctx.search, mode="terminal", rollouts=1, children=1)
-    searches = [TreeSearch(_View(f"{p.id}#{tag}{j}", str(p.question)), cfg,  # type: ignore[attr-defined]
-                           derive_seed("solve", ctx.seed, tag, str(p.id), j), grader=_never)  # type: ignore[attr-defined]
-                for p in problems for j in range(n)]
+    searches = [TreeSearch(_View(f"{pid}#{t}{j}", questions[pid]), cfg, derive_seed("solve", ctx.seed, t, pid, j),
+                           grader=_never) for t, pid, j in todo]
     run_search(searches, policy, ctx.executor)
-    out: list[list[Candidate]] = []
-    for i in range(len(problems)):
-        row = []
-        for s in searches[i * n:(i + 1) * n]:
-            terms = terminal_answers(s.tree)
-            if terms:
-                row.append(Candidate(terms[0].answer, steps_of(s.tree.path(terms[0].node_id))))
-        out.append(row)
-    return out
+    fresh: dict[tuple[str, str, int], tuple[Candidate | None, int]] = {}
+    for key, s in zip(todo, searches, strict=True):
+        terms = terminal_answers(s.tree)
+        cand = Candidate(terms[0].answer, steps_of(s.tree.path(terms[0].node_id))) if terms else None
+        fresh[key] = (cand, policy.tree_tokens(s.tree_id) if isinstance(policy, TokenMeter) else 0)
+    if cache is not None:
+        for key in keys:
+            if key not in fresh and isinstance(policy, TokenMeter):
+                policy.credit(f"{key[1]}#{key[0]}{key[2]}", cache[key][1])
+        cache.update(fresh)
+    got = {**(cache or {}), **fresh}
+    return [[c for j in range(n) if (c := got[(tag, str(p.id), j)][0]) is not None] for p in problems]  # type: ignore[attr-defined]
 
 
 def prefix_states(pid: str, question: str, cand: Candidate) -> list[SearchState]:
@@ -192,22 +203,36 @@ def best_by_score(candidates: Sequence[Candidate]) -> str | None:
 
 
 class TokenMeter:
-    """A ``Policy`` that forwards to ``inner`` and counts the tokens of every proposal, per problem.
+    """A ``Policy`` that forwards to ``inner`` and counts the tokens of every proposal, per problem and tree.
 
     ``count(text)`` is the policy's tokenizer length (production) or any counter (tests); the stop string is
-    not part of a proposal's text, so each proposal counts one token less than the engine decoded for it."""
+    not part of a proposal's text, so each proposal counts one token less than the engine decoded for it.
+    Several meters may share one tally (``share``): greedy and sampled decoding of one model."""
 
     def __init__(self, inner: Policy, count: Callable[[str], int]):
         self.inner = inner
         self.count = count
-        self.tokens: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}  # problem id -> tokens since the last take
+        self.by_tree: dict[str, int] = {}  # tree id -> tokens
+
+    def share(self, other: TokenMeter) -> TokenMeter:
+        self.tokens, self.by_tree = other.tokens, other.by_tree
+        return self
 
     def propose(self, states: Sequence[SearchState], k: int) -> list[list[Proposal]]:
         outs = self.inner.propose(states, k)
         for st, props in zip(states, outs, strict=True):
-            pid = problem_id(st.tree_id)
-            self.tokens[pid] = self.tokens.get(pid, 0) + sum(self.count(p.text) for p in props)
+            self.credit(st.tree_id, sum(self.count(p.text) for p in props))
         return outs
+
+    def credit(self, tree_id: str, n: int) -> None:
+        """Charge ``n`` tokens to ``tree_id`` (and its problem): generated now, or a reused chain's."""
+        pid = problem_id(tree_id)
+        self.tokens[pid] = self.tokens.get(pid, 0) + n
+        self.by_tree[tree_id] = self.by_tree.get(tree_id, 0) + n
+
+    def tree_tokens(self, tree_id: str) -> int:
+        return self.by_tree.get(tree_id, 0)
 
     def take(self, pid: str) -> int:
         """Tokens spent on problem ``pid`` since the last take (and forget them)."""

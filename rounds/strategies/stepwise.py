@@ -64,7 +64,7 @@ def step_search(problems: Sequence[object], ctx: SolveContext, *, root_width: in
         _execute(children, ctx, tag)
         _score(children, ctx)
         for s in state:
-            _advance(s, [c for c in children if c[0] is s], depth, ctx.search.max_depth, keep, stop_after,
+            _advance(s, [c for c in children if c.problem is s], depth, ctx.search.max_depth, keep, stop_after,
                      split_root and depth == 0)
     for s in state:
         ctx.executor.release(f"{s.pid}#{tag}")

@@ -240,3 +240,19 @@ def test_auto_probes_difficulty_and_runs_the_bins_choice():
     # tokens (1 per proposal, 2 per chain): e = 4 probe chains + 1 greedy chain = 10; h = 4 probe + 4 = 16
     assert [r["tokens"] for r in rows] == [10, 16]
     assert rows[1]["answer"] == "5"  # a 4-way tie: first seen
+
+
+def test_chain_cache_samples_each_chain_once_and_still_charges_its_tokens():
+    samples = {"p": [(5, None), (6, None), (5, None), (7, None)]}
+    policy = ScriptPolicy(chain_script(samples))
+    meter = TokenMeter(policy, count=lambda text: 1)
+    ctx = ctx_for(meter, chain_cache={})
+    two = solve([P("p", Q, "5")], "majority", 2, ctx, meter=meter, grade=grade)
+    four = solve([P("p", Q, "5")], "majority", 4, ctx, meter=meter, grade=grade)
+    bon = solve([P("p", Q, "5")], "best_of_n", 4, ctx_for(meter, TableScorer({}), chain_cache=ctx.chain_cache),
+                meter=meter, grade=grade)
+    # chains 0-1 drawn for budget 2, chains 2-3 added for budget 4, none for best_of_n: 4 chains x 2 proposals
+    assert len(policy.asked) == 8
+    # but each row is charged what its strategy spends: 2 or 4 chains of 2 one-token proposals
+    assert [two[0]["tokens"], four[0]["tokens"], bon[0]["tokens"]] == [4, 8, 8]
+    assert four[0]["answer"] == "5"  # 5, 6, 5, 7
