@@ -151,7 +151,7 @@ def _solve(args: argparse.Namespace, names: list[str], budgets: list[int]) -> in
     from pipeline.sandbox import SandboxPool
     from rounds.strategies import AUTO, STRATEGIES
     from rounds.strategies.auto import ChoiceTable
-    from rounds.strategies.base import SolveContext, TokenMeter
+    from rounds.strategies.base import ScoreMemo, SolveContext, TokenMeter
     from rounds.strategies.verify import Verifier
 
     out = Path(args.out)
@@ -181,7 +181,8 @@ def _solve(args: argparse.Namespace, names: list[str], budgets: list[int]) -> in
     tok = sampler.builder.tokenizer  # type: ignore[attr-defined]
     meter = TokenMeter(sampler, lambda t: len(tok.encode(t, add_special_tokens=False)))
     greedy_meter = TokenMeter(greedy, meter.count).share(meter)  # one tally, whichever decoding spent it
-    scorer = make_scorer(cfg.engines, ppm_path) if ppm_path else None
+    # Scores are remembered across strategies and budgets: the same chain is ranked by several strategies.
+    scorer = ScoreMemo(make_scorer(cfg.engines, ppm_path)) if ppm_path else None
     print(f"policy {policy_path} ({mode} mode{', few-shot' if few_shot else ''}); ppm {ppm_path or '-'}; "
           f"{len(problems)} problems; backend {cfg.engines.backend}", file=sys.stderr)
 

@@ -202,6 +202,26 @@ def best_by_score(candidates: Sequence[Candidate]) -> str | None:
     return None if best is None else best.answer
 
 
+class ScoreMemo:
+    """A ``Scorer`` that remembers: a prefix (question, history) is scored once, however many strategies and
+    budgets rank it (the PPM is deterministic, so a remembered score is the score). Misses go in one batch."""
+
+    def __init__(self, inner: Scorer):
+        self.inner = inner
+        self.memo: dict[tuple[str, str], float] = {}
+
+    def score(self, states: Sequence[SearchState]) -> list[float]:
+        keys = [(s.question, s.history) for s in states]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.memo))
+        if missing:
+            by_key = {k: s for k, s in zip(keys, states, strict=True)}
+            fresh = self.inner.score([by_key[k] for k in missing])
+            if len(fresh) != len(missing):
+                raise ValueError(f"scorer.score returned {len(fresh)} scores for {len(missing)} states")
+            self.memo.update(zip(missing, fresh, strict=True))
+        return [self.memo[k] for k in keys]
+
+
 class TokenMeter:
     """A ``Policy`` that forwards to ``inner`` and counts the tokens of every proposal, per problem and tree.
 

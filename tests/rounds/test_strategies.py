@@ -256,3 +256,15 @@ def test_chain_cache_samples_each_chain_once_and_still_charges_its_tokens():
     # but each row is charged what its strategy spends: 2 or 4 chains of 2 one-token proposals
     assert [two[0]["tokens"], four[0]["tokens"], bon[0]["tokens"]] == [4, 8, 8]
     assert four[0]["answer"] == "5"  # 5, 6, 5, 7
+
+
+def test_score_memo_scores_each_prefix_once():
+    from rounds.strategies.base import ScoreMemo
+
+    inner = TableScorer({"# The answer is \\boxed{5}": 0.9})
+    memo = ScoreMemo(inner)
+    ctx = ctx_for(ScriptPolicy(chain_script({"p": [(5, None), (5, None)]})), memo, chain_cache={})
+    wm = solve([P("p", Q, "5")], "weighted_majority", 2, ctx, grade=grade)
+    bon = solve([P("p", Q, "5")], "best_of_n", 2, ctx, grade=grade)
+    # both chains render identically (same step, same output): one distinct full solution, scored once
+    assert len(inner.scored) == 1 and wm[0]["answer"] == bon[0]["answer"] == "5"
