@@ -188,8 +188,9 @@ def _solve(args: argparse.Namespace, names: list[str], budgets: list[int]) -> in
 
     rows: list[dict] = []
     with SandboxPool(cfg.sandbox) as pool:
-        ctx = SolveContext(meter, pool, scorer, greedy_meter, cfg.search, cfg.seed, args.aggregate, args.expansion,
-                           cfg.eval.mcts_children, data.is_equivalent, chain_cache={})
+        ctx = SolveContext(meter, pool, scorer, greedy=greedy_meter, search=cfg.search, seed=cfg.seed,
+                           aggregate=args.aggregate, expansion=args.expansion, mcts_children=cfg.eval.mcts_children,
+                           equivalent=data.is_equivalent, chain_cache={})
         verifier = (Verifier(pool, None if args.no_check_program else greedy_meter, cfg.seed)
                     if args.verify else None)
         if AUTO in names and choices is None:
