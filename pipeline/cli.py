@@ -1,4 +1,4 @@
-"""The small CLI around a run: export, eval, info, config.
+"""The small CLI around a run: info, export, eval, config, capacity, solve.
 
     python -m pipeline info RUN_DIR
     python -m pipeline export RUN_DIR --round 2 --out exported/
@@ -6,6 +6,7 @@
     python -m pipeline eval RUN_DIR --round 0 --problems my_benchmark.jsonl --json
     python -m pipeline config configs/embedded.yaml --set search.rollouts=4
     python -m pipeline capacity configs/qwen2.5-math-7b.yaml --problems 747000 --from-log runs/x/log.jsonl --gpus 64
+    python -m pipeline solve --run runs/emb --round 4 --strategy beam --budget 8 --out solve/
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _cmd_capacity(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Inspect, export and evaluate runs.")
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Inspect, export, evaluate and solve with runs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="one-page summary of a run directory")
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                                                           "measured in a PPM-guided round)")
     p.add_argument("--check", action="store_true", help="predict the measured run itself and compare")
     p.set_defaults(func=_cmd_capacity)
+
+    from pipeline.solve import add_parser as add_solve
+
+    add_solve(sub)
 
     args = parser.parse_args(argv)
     from pipeline.engines.malloc import limit_arenas

@@ -80,11 +80,21 @@ class EvalConfig:
     # Rounds (0 = the base model) that get the full evaluation (maj@k, PPM best-of-N, PPM-guided MCTS);
     # every other round measures greedy pass@1 only. None: every round. A CPU preset sets [0, 4].
     full_rounds: list[int] | None = None
+    # Extra test-time strategies from the registry (rounds.strategies), 'NAME@BUDGET', e.g. [beam@8, dvts@8]:
+    # measured in the full evaluations beside the four metrics, exactly as `python -m pipeline solve` runs them.
+    strategies: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        from rounds.solve import parse_spec
+
+        for spec in self.strategies:
+            try:
+                parse_spec(spec)
+            except ValueError as e:
+                raise ValueError(f"strategies={self.strategies}: {e}") from None
         if self.full_rounds is not None and any(r < 0 for r in self.full_rounds):
             raise ValueError(f"full_rounds={self.full_rounds}: round numbers must be >= 0 (0 = the base model)")
 

@@ -485,7 +485,7 @@ def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: st
     scorer = make_scorer(cfg.engines, ppm) if ppm else None
     e = cfg.eval
     params = EvalParams(maj_k=e.maj_k, best_of_n=e.best_of_n, mcts_rollouts=e.mcts_rollouts,
-                        mcts_children=e.mcts_children)
+                        mcts_children=e.mcts_children, strategies=tuple(e.strategies))
     solved = TrainSolved(*train_solved) if train_solved and train_solved[1] else None
     with SandboxPool(cfg.sandbox) as pool:
         return evaluate(problems, round_index=round_no, greedy=greedy, sampler=sampler, executor=pool,

@@ -19,6 +19,10 @@ in their parent's state, printed output rendered into the history, the same pars
   prefix format as in the search); the answered solution with the highest score is picked. The N samples
   are the first N of the same sampled chains that maj@k uses (both measure i.i.d. samples from the same
   policy, so sharing them halves the generation cost; ``counts.samples`` records how many were drawn).
+- **Registry strategies** (``params.strategies``, e.g. ``("beam@8", "dvts@8")``): any strategy of
+  ``rounds.strategies`` at a budget, run by ``rounds.solve.solve`` exactly as ``python -m pipeline solve`` runs
+  it; results under ``strategies`` in eval.json (a strategy that needs a PPM is skipped without one, with the
+  reason).
 - **PPM-guided MCTS**: a test-time search per problem (``mcts_rollouts`` rollouts, ``mcts_children``
   children, PPM-initialised Q, each terminal's PPM score backed up) and ``mcts.answers.best_answer``.
 
@@ -45,6 +49,9 @@ from mcts.search import TreeSearch
 from mcts.seeds import derive_seed
 from mcts.wave import run_search
 from rounds.report import EVAL_FILE, write_json_atomic
+from rounds.solve import parse_spec, solve
+from rounds.strategies import STRATEGIES
+from rounds.strategies.base import SolveContext
 from rounds.voting import Equivalent, best_scored, majority_vote
 
 METRIC_KEYS = ("greedy_pass1", "maj_at_k", "ppm_best_of_n", "ppm_mcts", "train_solved")
@@ -58,12 +65,18 @@ class EvalParams:
     best_of_n: int = 8  # sampled chains per problem that the PPM ranks (the first N of the same samples)
     mcts_rollouts: int = 8  # rollouts of the PPM-guided test-time search per problem
     mcts_children: int = 4  # candidates per expansion in that search
+    strategies: tuple[str, ...] = ()  # extra registry strategies, 'NAME@BUDGET' (rounds.strategies)
 
     def __post_init__(self) -> None:
         for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"eval.{name}={value!r}: must be an integer >= 1")
+        for spec in self.strategies:
+            try:
+                parse_spec(spec)
+            except ValueError as e:
+                raise ValueError(f"eval.strategies: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -216,6 +229,10 @@ def evaluate(
                          grade=grade, equivalent=equivalent, scorer=scorer, params=params, search=search, seed=seed,
                          round_index=round_index, no_ppm_reason=no_ppm_reason, say=say)
 
+    strategies = _registry_strategies(problems, per_problem, skipped, wall, params, greedy=greedy, sampler=sampler,
+                                      executor=executor, grade=grade, equivalent=equivalent, scorer=scorer,
+                                      search=search, seed=seed, greedy_only_reason=greedy_only_reason, say=say)
+
     if train_solved is None:
         skipped["train_solved"] = no_train_reason or (
             "no training search (round 0 is the base model)" if round_index == 0
@@ -232,7 +249,7 @@ def evaluate(
         "counts": counts,
         "skipped": skipped,
         "wall_s": {k_: round(v_, 3) for k_, v_ in wall.items()},
-        "params": asdict(params),
+        "params": _params_json(params),
         "search": {"c_puct": search.c_puct, "max_depth": search.max_depth, "unvisited": search.unvisited,
                    "max_consecutive_errors": search.max_consecutive_errors, "prior_weight": search.prior_weight},
         "seed": seed,
@@ -240,6 +257,8 @@ def evaluate(
         "models": models or {},
         "problems": per_problem,
     }
+    if strategies:
+        result["strategies"] = strategies
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / EVAL_FILE, result)
     return result
@@ -343,3 +362,41 @@ def _mcts(problems: Sequence[object], per_problem: list[dict[str, Any]], params:
         answered += best is not None
     return {"rollouts": params.mcts_rollouts, "children": params.mcts_children, "correct": correct,
             "problems": len(problems), "answered": answered, "terminals": terminals}
+
+
+def _registry_strategies(problems: Sequence[object], per_problem: list[dict[str, Any]], skipped: dict[str, str],
+                         wall: dict[str, float], params: EvalParams, *, greedy: Policy, sampler: Policy,
+                         executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
+                         search: SearchConfig, seed: int, greedy_only_reason: str | None,
+                         say: Callable[[str], None]) -> dict[str, Any]:
+    """``params.strategies`` through the registry (``rounds.solve.solve``): {spec: counts}, answers per problem."""
+    out: dict[str, Any] = {}
+    ctx = SolveContext(sampler, executor, scorer, greedy, search, seed, mcts_children=params.mcts_children,
+                       equivalent=equivalent)
+    for spec in params.strategies:
+        name, budget = parse_spec(spec)
+        if greedy_only_reason is not None:
+            skipped[spec] = greedy_only_reason
+            continue
+        if STRATEGIES[name].needs_ppm and scorer is None:
+            skipped[spec] = f"strategy {name!r} needs a PPM; none was given for this round"
+            continue
+        t = time.perf_counter()
+        rows = solve(problems, name, budget, ctx, grade=grade, batch=max(1, len(problems)))
+        wall[spec] = time.perf_counter() - t
+        for row, r in zip(per_problem, rows, strict=True):
+            row[f"{spec}_answer"], row[f"{spec}_correct"] = r["answer"], r["correct"]
+        correct = sum(bool(r["correct"]) for r in rows)
+        out[spec] = {"strategy": name, "budget": budget, "correct": correct, "problems": len(rows),
+                     "answered": sum(r["answer"] is not None for r in rows)}
+        say(f"eval: {spec} {correct}/{len(rows)} ({wall[spec]:.1f}s)")
+    return out
+
+
+def _params_json(params: EvalParams) -> dict[str, Any]:
+    """The params as eval.json stores them: ``strategies`` only when some were asked for (as a JSON list)."""
+    out = asdict(params)
+    strategies = out.pop("strategies")
+    if strategies:
+        out["strategies"] = list(strategies)
+    return out

@@ -280,3 +280,21 @@ def test_with_the_real_grader(executor):
     # the same hand-checked values as test_all_metrics_hand_checked: 1/3, 2/3, 2/3, 2/3
     assert [res["metrics"][k] for k in ("greedy_pass1", "maj_at_k", "ppm_best_of_n", "ppm_mcts")] == \
         pytest.approx([1 / 3, 2 / 3, 2 / 3, 2 / 3])
+
+
+def test_registry_strategies_run_beside_the_four_metrics(tmp_path):
+    params = EvalParams(maj_k=4, best_of_n=4, mcts_rollouts=2, mcts_children=2,
+                        strategies=("majority@4", "weighted_majority@4"))
+    res = _run(LiteralExecutor(), ScriptedPPM(), tmp_path, params=params)
+    s = res["strategies"]
+    # majority@4 through the registry = maj@4 above: 2/3
+    assert s["majority@4"]["correct"] == 2 and res["metrics"]["maj_at_k"] == pytest.approx(2 / 3)
+    # PPM-weighted vote, weight (s + 1) / 2: p1 5 (2 x 0.95) beats 6 (0.25) -> right;
+    # p2 26 (0.975) > 24 (0.95) > 25 (2 x 0.25 = 0.5) -> wrong; p3 3 (3 x 0.95) beats 4 -> right  => 2/3
+    assert s["weighted_majority@4"]["correct"] == 2
+    assert [p["weighted_majority@4_answer"] for p in res["problems"]] == ["5", "26", "3"]
+    assert json.loads((tmp_path / "eval.json").read_text())["strategies"] == s
+    without = _run(LiteralExecutor(), None, params=params)
+    assert "weighted_majority@4" in without["skipped"] and "majority@4" in without["strategies"]
+    with pytest.raises(ValueError, match="eval.strategies: unknown strategy 'nope'"):
+        EvalParams(strategies=("nope@2",))
