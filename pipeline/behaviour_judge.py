@@ -28,7 +28,6 @@ import itertools
 import json
 import re
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ from mcts.behaviours import BEHAVIOURS, EVIDENCE_CHARS, StepText, Tag, question_
 from mcts.steps import render_steps
 from pipeline.engines.common import EngineError
 from pipeline.engines.config import HttpConfig
+from pipeline.engines.http_policy import post_with_retries
 
 _PREAMBLE = ("Here is a chain of reasoning that a language model generated while {task}. Each step is one or more "
              "'#' comment lines of reasoning, then Python code, then its printed output as '# output:' lines.\n\n"
@@ -169,25 +169,13 @@ class BehaviourJudge:
                 for v in self.judge(question, steps) if v.count]
 
     def _post(self, body: dict, what: str) -> dict:
-        attempts = self.cfg.max_retries + 1
-        last = ""
-        for attempt in range(attempts):
-            url = self.urls[next(self._next) % len(self.urls)]
-            try:
-                resp = self._session.post(url, json=body, timeout=self.cfg.timeout_s)
-            except (self._requests.ConnectionError, self._requests.Timeout) as e:
-                last = f"{url}: {type(e).__name__}: {e}"
-            else:
-                if resp.status_code < 400:
-                    return resp.json()
-                if resp.status_code < 500:
-                    raise EngineError(f"behaviour judge: {url} rejected the {what} request with {resp.status_code}: "
-                                      f"{resp.text[:300]} (check --model and that the server serves chat)")
-                last = f"{url}: HTTP {resp.status_code}: {resp.text[:300]}"
-            if attempt + 1 < attempts:
-                time.sleep(self.cfg.backoff_s * (2**attempt))
-        raise EngineError(f"behaviour judge: the {what} request failed {attempts} times; last error {last}. Check "
-                          f"that the judge server is up, or raise --retries / --timeout")
+        return post_with_retries(
+            self._session, self._requests, lambda: self.urls[next(self._next) % len(self.urls)], body, self.cfg,
+            rejected=lambda url, status, text: (f"behaviour judge: {url} rejected the {what} request with {status}: "
+                                                f"{text} (check --model and that the server serves chat)"),
+            failed=lambda attempts, last: (f"behaviour judge: the {what} request failed {attempts} times; last error "
+                                           f"{last}. Check that the judge server is up, or raise --retries / --timeout"),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

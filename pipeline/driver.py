@@ -274,9 +274,6 @@ def start(cfg: RunConfig, run_dir: str | None, rounds: list[int], force: bool = 
 
     ``force`` continues a run whose stored config differs, and takes over a lease gone stale (``pipeline.lease``).
     """
-    from pipeline.engines.malloc import limit_arenas
-
-    limit_arenas()  # this process evaluates in-process; a local Ray cluster's workers inherit the cap
     run = _open_run(cfg, run_dir, force)
     if run is None:
         return 2

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from mcts.behaviours import BEHAVIOURS
+from rounds.report import finish_plot
 
 BEHAVIOURS_FILE = "behaviours.json"  # pipeline.export.BEHAVIOURS_FILE (rounds must not import pipeline)
 PLOT_FILE = "behaviours.png"
@@ -97,19 +97,8 @@ def plot_behaviours(run_dir: str | Path, rounds: list[int], path: str | Path) ->
     ax.set_xticks(rounds)
     ax.set_xlabel("round")
     ax.set_ylabel("share of trajectories showing it")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(loc="best", fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no graded trajectories", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("cognitive behaviours in correct (solid, o) vs wrong (dashed, x) trajectories")
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    finish_plot(fig, ax, path, "cognitive behaviours in correct (solid, o) vs wrong (dashed, x) trajectories",
+                empty="no graded trajectories", legend_size=7)
 
 
 def behaviour_section(run_dir: str | Path, rounds: list[int]) -> str:

@@ -278,13 +278,21 @@ def plot_rounds(per_round: dict[int, dict[str, _Cell]], path: str | Path) -> Non
     ax.set_xticklabels([f"{r}\n(base)" if r == 0 else str(r) for r in rounds])
     ax.set_xlabel("round")
     ax.set_ylabel("fraction correct")
+    finish_plot(fig, ax, path, "open-rstar: evaluation across rounds", empty="no metrics recorded", legend_size=8)
+
+
+def finish_plot(fig, ax, path: str | Path, title: str, empty: str, legend_size: int) -> None:
+    """The shared end of the report's plots: a 0-1 y axis, grid, legend (or ``empty`` when nothing was
+    plotted), title; then ``path`` written atomically (a temp file renamed over it) and the figure closed."""
+    import matplotlib.pyplot as plt
+
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="best", fontsize=legend_size)
     else:
-        ax.text(0.5, 0.5, "no metrics recorded", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("open-rstar: evaluation across rounds")
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from mcts.protocols import Proposal, SearchState
@@ -92,23 +92,38 @@ class HttpPolicy:
         return Proposal(text=text, stop=stop)
 
     def _post(self, body: dict, what: str) -> dict:
-        attempts = self.cfg.max_retries + 1
-        last = ""
-        for attempt in range(attempts):
-            url = self._endpoint()
-            try:
-                resp = self._session.post(url, json=body, timeout=self.cfg.timeout_s)
-            except (self._requests.ConnectionError, self._requests.Timeout) as e:
-                last = f"{url}: {type(e).__name__}: {e}"
-            else:
-                if resp.status_code < 400:
-                    return resp.json()
-                if resp.status_code < 500:
-                    raise EngineError(f"HTTP policy: {url} rejected the request for {what} with "
-                                      f"{resp.status_code}: {resp.text[:300]} (check http.served_model and the "
-                                      f"sampling settings)")
-                last = f"{url}: HTTP {resp.status_code}: {resp.text[:300]}"
-            if attempt + 1 < attempts:
-                time.sleep(self.cfg.backoff_s * (2**attempt))
-        raise EngineError(f"HTTP policy: request for {what} failed {attempts} times; last error {last}. Check that "
-                          f"the servers in http.endpoints are up, or raise http.max_retries / http.timeout_s")
+        return post_with_retries(
+            self._session, self._requests, self._endpoint, body, self.cfg,
+            rejected=lambda url, status, text: (f"HTTP policy: {url} rejected the request for {what} with {status}: "
+                                                f"{text} (check http.served_model and the sampling settings)"),
+            failed=lambda attempts, last: (f"HTTP policy: request for {what} failed {attempts} times; last error "
+                                           f"{last}. Check that the servers in http.endpoints are up, or raise "
+                                           f"http.max_retries / http.timeout_s"),
+        )
+
+
+def post_with_retries(session, requests_module, next_url: Callable[[], str], body: dict, cfg: HttpConfig, *,
+                      rejected: Callable[[str, int, str], str], failed: Callable[[int, str], str]) -> dict:
+    """POST ``body`` as JSON to ``next_url()`` (a fresh endpoint per attempt) and return the reply's JSON.
+
+    Connection errors, timeouts and 5xx replies are retried up to ``cfg.max_retries`` times with exponential
+    backoff (``cfg.backoff_s`` x 2^attempt); a 4xx reply is the caller's mistake and raises at once with
+    ``rejected(url, status, first 300 chars of the body)``; running out of attempts raises with
+    ``failed(attempts, last error)``."""
+    attempts = cfg.max_retries + 1
+    last = ""
+    for attempt in range(attempts):
+        url = next_url()
+        try:
+            resp = session.post(url, json=body, timeout=cfg.timeout_s)
+        except (requests_module.ConnectionError, requests_module.Timeout) as e:
+            last = f"{url}: {type(e).__name__}: {e}"
+        else:
+            if resp.status_code < 400:
+                return resp.json()
+            if resp.status_code < 500:
+                raise EngineError(rejected(url, resp.status_code, resp.text[:300]))
+            last = f"{url}: HTTP {resp.status_code}: {resp.text[:300]}"
+        if attempt + 1 < attempts:
+            time.sleep(cfg.backoff_s * (2**attempt))
+    raise EngineError(failed(attempts, last))
