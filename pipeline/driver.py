@@ -409,7 +409,7 @@ def _prompt_builder(cfg: RunConfig, few_shot: bool):
     from pipeline.engines import prompt_builder
 
     return prompt_builder(cfg.engines.policy_model, few_shot=few_shot, n_examples=cfg.engines.few_shot_examples,
-                          cache_dir=_cache_dir(cfg))
+                          cache_dir=_cache_dir(cfg), examples=cfg.engines.examples)
 
 
 def _prompt_fn(model: str, few_shot: bool) -> Callable[[str, str], str]:

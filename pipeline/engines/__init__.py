@@ -20,11 +20,12 @@ from pipeline.engines.prompts import PromptBuilder
 
 
 def prompt_builder(model: str | Path, few_shot: bool = False, n_examples: int = 1,
-                   cache_dir: Path | None = None) -> PromptBuilder:
+                   cache_dir: Path | None = None, examples: str = "arithmetic") -> PromptBuilder:
     """The prompt builder of a model spec or checkpoint directory (its tokenizer's chat template)."""
     from rounds.models import load_tokenizer
 
-    return PromptBuilder(load_tokenizer(model, cache_dir), few_shot=few_shot, n_examples=n_examples)
+    return PromptBuilder(load_tokenizer(model, cache_dir), few_shot=few_shot, n_examples=n_examples,
+                         examples=examples)
 
 
 def _cpu_threads(cfg: EngineConfig) -> None:
@@ -84,7 +85,8 @@ def make_policy(cfg: EngineConfig, *, model: str | Path | None = None, mode: str
     if cfg.backend not in POLICY_BACKENDS:
         raise ValueError(f"engines.backend={cfg.backend!r}: must be one of {', '.join(POLICY_BACKENDS)}")
     path = resolve_model(str(model if model is not None else cfg.policy_model), cache_dir)
-    builder = prompt_builder(path, few_shot=few_shot, n_examples=cfg.few_shot_examples, cache_dir=cache_dir)
+    builder = prompt_builder(path, few_shot=few_shot, n_examples=cfg.few_shot_examples, cache_dir=cache_dir,
+                             examples=cfg.examples)
     return POLICY_BACKENDS[cfg.backend](cfg, path, builder, mode, seed)
 
 
@@ -110,13 +112,13 @@ def make_scorer(cfg: EngineConfig, ppm_path: str | Path, *, few_shot: bool = Fal
         from pipeline.engines.vllm_scorer import VllmScorer
 
         return VllmScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, cfg=cfg.vllm,
-                          dtype=cfg.dtype)
+                          dtype=cfg.dtype, examples=cfg.examples)
     from pipeline.engines.scorer import TransformersScorer
 
     _cpu_threads(cfg)
 
     return TransformersScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, device=cfg.device,
-                              dtype=cfg.dtype, batch_size=cfg.ppm_batch_size)
+                              dtype=cfg.dtype, batch_size=cfg.ppm_batch_size, examples=cfg.examples)
 
 
 __all__ = ["EngineConfig", "GenerationConfig", "HttpConfig", "VllmConfig", "EngineError", "PromptBuilder",

