@@ -301,10 +301,6 @@ class _TimedExecutor:
 _GROUP_DONE = object()
 
 
-def _solved(search: Any) -> bool:
-    return any(n.verdict == "correct" for n in search.tree.terminals())
-
-
 class RolloutWorker:
     """Runs MCTS over a shard of problems; see the module doc. One ``run`` at a time per actor."""
 
@@ -424,9 +420,10 @@ class RolloutWorker:
             out.put(e)
 
     def _tree_done(self, search: Any) -> TreeDone:
+        from mcts.search import solved
         from mcts.serialize import trees_to_table
 
         st = search.stats
-        return TreeDone(problem_id=search.tree_id, rows=trees_to_table([search.tree]), solved=_solved(search),
+        return TreeDone(problem_id=search.tree_id, rows=trees_to_table([search.tree]), solved=solved(search),
                         rollouts=search.tree.rollouts, expansions=st.expansions, proposals=st.proposals,
                         nodes=len(search.tree), worker=self.name)
