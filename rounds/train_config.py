@@ -30,7 +30,9 @@ class StageConfig:
     warmup_ratio: float = 0.03  # fraction of the total optimizer steps spent warming up linearly
     weight_decay: float = 0.0
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    max_steps: int = 0  # optimizer-step cap; 0 = no cap (epochs decide)
+    # Optimizer steps of one training run when > 0: transformers' max_steps, which replaces ``epochs`` (a fixed
+    # cost per round whatever the row count: 30 steps at batch 2 are 15 epochs over 4 rows, 6 over 10); 0 = epochs decide.
+    max_steps: int = 0
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -45,7 +47,7 @@ class StageConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay={self.weight_decay}: must be >= 0")
         if self.max_steps < 0:
-            raise ValueError(f"max_steps={self.max_steps}: must be >= 0 (0 = no cap)")
+            raise ValueError(f"max_steps={self.max_steps}: must be >= 0 (0 = train for `epochs`)")
 
 
 def _policy_stage() -> StageConfig:

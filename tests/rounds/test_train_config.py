@@ -26,7 +26,7 @@ def test_defaults_follow_rstar_math():
         ({"max_length": 0}, "max_length=0: must be >= 1"),
         ({"warmup_ratio": 1.0}, "warmup_ratio=1.0: must be in [0, 1)"),
         ({"weight_decay": -0.1}, "weight_decay=-0.1: must be >= 0"),
-        ({"max_steps": -1}, "max_steps=-1: must be >= 0 (0 = no cap)"),
+        ({"max_steps": -1}, "max_steps=-1: must be >= 0 (0 = train for `epochs`)"),
     ],
 )
 def test_stage_rejects_bad_values_naming_the_field(kwargs, message):
