@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.config import RunConfig, config_diff, dump_config
 from pipeline.runlog import RunLog
-from pipeline.storage import RunDir, StorageError, local_run_dir
+from pipeline.storage import RunDir, StorageError
 from rounds.schedule import RoundSpec
 
 
@@ -344,7 +344,7 @@ def repair_trees(run: RunDir, rounds: list[int], log: RunLog) -> dict[int, list[
         if r in redo:
             for phase in ("rollouts", "export"):
                 run.clear_done(r, phase)
-            run.success_path(r).unlink(missing_ok=True)
+            run.clear_round_success(r)
     return redo
 
 
@@ -364,7 +364,7 @@ def _open_run(cfg: RunConfig, run_dir: str | None, force: bool) -> RunDir | None
         run.write_config(text)
         return run
     try:
-        run = RunDir(local_run_dir(run_dir))
+        run = RunDir.open(run_dir)  # a path or a URI (s3://...: staged locally, pipeline.storage.remote)
         run.acquire_lease(force)
     except StorageError as e:  # LeaseHeld names the holder and what to do
         print(f"error: {e}", file=sys.stderr)
