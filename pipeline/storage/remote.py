@@ -27,8 +27,9 @@ Guarantees on object storage (what holds instead of flock / fsync / rename):
 - what a crash loses: the problems in flight (as locally), and the log lines since the last phase marker;
   the staging directory of a killed driver stays on its local disk (under ``OPEN_RSTAR_STAGING`` or the
   system temp directory) and is not reused.
-Cleared markers are deleted on the store too (``data.atomic_io.remove_file``); a moved-aside or garbage-collected
-shard stays there until overwritten: readers trust only what the manifest and the markers name.
+Removals are published too: a cleared marker (``data.atomic_io.remove_file``), a damaged shard moved to
+``trees/_corrupt/`` (the copy is uploaded there) and an unlisted shard removed by garbage collection are deleted
+on the store. Readers trust only what the manifest and the markers name in any case.
 """
 
 from __future__ import annotations

@@ -252,7 +252,8 @@ class TreeStore:
             for s, _ in bad:
                 if (self.dir / s.file).exists():
                     os.replace(self.dir / s.file, aside / f"{stamp}-{s.file}")
-                    published(aside / f"{stamp}-{s.file}")  # the evidence goes to the object store too
+                    published(aside / f"{stamp}-{s.file}")  # on object storage: the evidence is uploaded,
+                    published(self.dir / s.file)  # and the damaged object deleted
             dropped = {s.file for s, _ in bad}
             atomic_write_json(self.manifest_path, {"format": MANIFEST_FORMAT,
                                                    "shards": [s.to_json() for s in shards if s.file not in dropped]})
@@ -330,6 +331,8 @@ class TreeStore:
                         shutil.rmtree(path)
                     else:
                         path.unlink()
+                    if SHARD_RE.match(name):
+                        published(path)  # on object storage: an upload the crash left unlisted is deleted too
                     removed.append(path)
         return removed
 
