@@ -10,8 +10,9 @@ the append-only log. So a run directory on object storage is worked on in a fres
    export, a checkpoint directory) is uploaded right after its local rename, by the same thread, so objects appear
    on the store in the order the files were committed: a shard before the manifest naming it, a checkpoint
    before the phase marker saying it is done. ``log.jsonl`` (appended, not atomic) is uploaded after each phase
-   marker and when the lease is released.
-3. Releasing the lease uploads the log, removes the staging directory, then the lease object.
+   marker and when the lease is released. Files that other processes of this node wrote into the staging copy
+   (a training or evaluation Ray task on the local GPU) are uploaded before each phase marker (``sync_up``).
+3. Releasing the lease syncs the run up (the log included), removes the staging directory, then the lease object.
 
 Guarantees on object storage (what holds instead of flock / fsync / rename):
 - one PUT is atomic: a reader sees the old object or the new one (S3, GCS; a large file goes as a multipart
@@ -242,6 +243,21 @@ class StagedRun:
         elif path.name not in LOCAL_ONLY and not path.name.startswith(".tmp-"):
             self.store.put_file(path, rel)
 
+    def sync_up(self, rel: str) -> list[str]:
+        """Upload every file below ``rel`` that the store lacks or holds with another size; return their paths.
+
+        Run before a phase marker: a file written by another process on this node (a Ray task training on the
+        local GPU) never passed through this process's publisher, and must be on the store before the marker."""
+        stored = self.store.list(rel)
+        sent = []
+        for p in sorted((self.local / rel).rglob("*")):
+            r = p.relative_to(self.local).as_posix()
+            if p.is_file() and p.name not in LOCAL_ONLY and not p.name.startswith((".tmp-", ".dl-")) \
+                    and stored.get(r) != p.stat().st_size:
+                self.store.put_file(p, r)
+                sent.append(r)
+        return sent
+
     def upload_if_exists(self, rel: str) -> None:
         if (self.local / rel).is_file():
             self.upload(self.local / rel)
@@ -251,9 +267,10 @@ class StagedRun:
         self.publishing = True
 
     def close(self) -> None:
-        """Upload the log (when publishing), stop publishing and remove the staging directory."""
+        """Sync the run up (when publishing: the log, anything written by other processes), stop publishing and
+        remove the staging directory."""
         if self.publishing:
-            self.upload_if_exists("log.jsonl")
+            self.sync_up("")
             stop_publishing(self.local)
             self.publishing = False
         shutil.rmtree(self.local, ignore_errors=True)

@@ -206,6 +206,8 @@ class RunDir:
 
     def mark_done(self, round: int, phase: str, info: dict | None = None) -> None:
         """Record that ``phase`` of ``round`` is complete; ``info`` (JSON-able) is kept for ``info``/reports."""
+        if self.remote:  # what the phase wrote from other processes (a Ray task) goes up before the marker
+            self.remote.sync_up(self.round_dir(round).relative_to(self.root).as_posix())
         atomic_write_json(self.marker_path(round, phase), {"phase": phase, "round": round,
                                                             "done_at": utc_now(), "info": info or {}})
         if self.remote:  # the log is appended, not written atomically: publish it at each phase boundary

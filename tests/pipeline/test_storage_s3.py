@@ -140,10 +140,12 @@ def test_markers_checkpoints_and_cleared_markers_reach_the_store(s3_bucket):
         with atomic_dir(run.policy_dir(1)) as tmp:  # a checkpoint: staged locally, uploaded as a directory
             (tmp / "config.json").write_text("{}")
             (tmp / "old-shard.bin").write_bytes(b"x" * 10)
+        # Written by another process on this node (a Ray task): no publisher saw it; the marker's sync uploads it.
+        (run.round_dir(1) / "eval.json").write_text('{"by": "a ray task"}')
         run.mark_done(1, "rollouts", {"n": 3})
         run.mark_round_success(1)
         assert {"config.yaml", "round_1/policy/config.json", "round_1/_done/rollouts.json",
-                "round_1/_SUCCESS"} <= set(store.list())
+                "round_1/_SUCCESS", "round_1/eval.json"} <= set(store.list())
         with atomic_dir(run.policy_dir(1)) as tmp:  # replaced: the old version's extra file goes too
             (tmp / "config.json").write_text('{"v": 2}')
         run.clear_done(1, "rollouts")
