@@ -207,6 +207,13 @@ class RunDir:
     def mark_done(self, round: int, phase: str, info: dict | None = None) -> None:
         """Record that ``phase`` of ``round`` is complete; ``info`` (JSON-able) is kept for ``info``/reports."""
         if self.remote:  # what the phase wrote from other processes (a Ray task) goes up before the marker
+            out = Path((info or {}).get("out_dir") or self.root)
+            if out.is_relative_to(self.root) and not out.exists():
+                raise StorageError(f"{self.location}: {phase} of round {round} reports writing {out}, which is not "
+                                   f"in this driver's staging copy: it ran as a Ray task on another node, which "
+                                   f"cannot write an object-store run directory yet. Run training on the "
+                                   f"driver's node, or use a shared filesystem for --run-dir (README, 'Run "
+                                   f"directories on object storage').")
             self.remote.sync_up(self.round_dir(round).relative_to(self.root).as_posix())
         atomic_write_json(self.marker_path(round, phase), {"phase": phase, "round": round,
                                                             "done_at": utc_now(), "info": info or {}})

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.lease import LEASE_NAME, LeaseHeld
-from pipeline.storage import CORRUPT_DIR, RunDir, atomic_dir, opened_run, stored_config
+from pipeline.storage import CORRUPT_DIR, RunDir, StorageError, atomic_dir, opened_run, stored_config
 from pipeline.storage.remote import ObjectStore
 
 SCHEMA = pa.schema([("problem_id", pa.string()), ("node", pa.int32()), ("text", pa.string()), ("verdict", pa.string())])
@@ -148,6 +148,10 @@ def test_markers_checkpoints_and_cleared_markers_reach_the_store(s3_bucket):
                 "round_1/_SUCCESS", "round_1/eval.json"} <= set(store.list())
         with atomic_dir(run.policy_dir(1)) as tmp:  # replaced: the old version's extra file goes too
             (tmp / "config.json").write_text('{"v": 2}')
+        with pytest.raises(StorageError, match="ran as a Ray task on another node"):
+            # a checkpoint written on another node is not in our staging copy: no marker may say it is done
+            run.mark_done(1, "train_ppm", {"out_dir": str(run.ppm_dir(1))})
+        assert "round_1/_done/train_ppm.json" not in store.list()
         run.clear_done(1, "rollouts")
         run.clear_round_success(1)
     keys = set(store.list())
