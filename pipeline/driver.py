@@ -285,13 +285,13 @@ def start(cfg: RunConfig, run_dir: str | None, rounds: list[int], force: bool = 
 
 def _drive(cfg: RunConfig, run: RunDir, rounds: list[int]) -> int:
     log = RunLog(run.log_path)
-    log.info("run_start", run_dir=str(run.root), rounds=rounds, pid=os.getpid(), host=socket.gethostname())
+    log.info("run_start", run_dir=run.location, rounds=rounds, pid=os.getpid(), host=socket.gethostname())
     if run.lease.taken_over:
         old, why = run.lease.taken_over
         log.warning("lease_taken_over", holder_host=old.host, holder_pid=old.pid, holder_since=old.since, reason=why)
     repair_trees(run, rounds, log)
     if all(run.round_succeeded(r) for r in rounds) and run.report_path.is_file():
-        print(f"{run.root}: rounds {rounds[0]}-{rounds[-1]} are already complete; nothing to do.")
+        print(f"{run.location}: rounds {rounds[0]}-{rounds[-1]} are already complete; nothing to do.")
         print(run.report_path.read_text())
         return 0
     from pipeline.cluster import connect
@@ -305,7 +305,7 @@ def _drive(cfg: RunConfig, run: RunDir, rounds: list[int]) -> int:
             run_round(ctx)
     table = _report(run, log)
     print(table)
-    print(f"\nrun directory: {run.root}")
+    print(f"\nrun directory: {run.location}")
     return 0
 
 

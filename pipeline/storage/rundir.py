@@ -116,8 +116,17 @@ class RunDir:
 
     @staticmethod
     def fresh(runs_dir: str | Path, name: str, now: _dt.datetime | None = None) -> RunDir:
-        """Create ``runs_dir/<name>-YYYYmmdd-HHMMSS`` (``-2``, ``-3``... if taken) and return it."""
+        """Create ``runs_dir/<name>-YYYYmmdd-HHMMSS`` (``-2``, ``-3``... if taken) and return it.
+
+        ``runs_dir`` may be an object-store URI: the first such name without a ``config.yaml`` there is opened
+        (staged, nothing written yet); the run lease, taken next, keeps a second driver out."""
         stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+        if is_remote(runs_dir):
+            for i in range(1, 1000):
+                uri = f"{str(runs_dir).rstrip('/')}/{name}-{stamp}" + ("" if i == 1 else f"-{i}")
+                if ObjectStore(uri).read_bytes("config.yaml") is None:
+                    return RunDir.open(uri)
+            raise StorageError(f"{runs_dir}: 999 runs named {name}-{stamp} already exist there")
         base = Path(runs_dir) / f"{name}-{stamp}"
         base.parent.mkdir(parents=True, exist_ok=True)
         for i in range(1, 1000):

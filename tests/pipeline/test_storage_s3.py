@@ -163,6 +163,24 @@ def test_markers_checkpoints_and_cleared_markers_reach_the_store(s3_bucket):
         assert not path.exists()
 
 
+def test_a_fresh_run_under_an_object_store_runs_dir_gets_a_free_name(s3_bucket):
+    import datetime as dt
+
+    now = dt.datetime(2026, 1, 2, 3, 4, 5)
+    first = RunDir.fresh(f"{s3_bucket}/runs/", "demo", now)
+    try:
+        assert first.location == f"{s3_bucket}/runs/demo-20260102-030405"
+        first.acquire_lease()
+        first.write_config("seed: 0\n")
+    finally:
+        first.close()
+    second = RunDir.fresh(f"{s3_bucket}/runs", "demo", now)  # the same second: the next free name
+    try:
+        assert second.location == f"{s3_bucket}/runs/demo-20260102-030405-2", second.location
+    finally:
+        second.close()
+
+
 def test_export_is_refused_while_a_driver_holds_the_run_and_info_names_it(s3_bucket, capsys):
     from pipeline.cli import main
 
