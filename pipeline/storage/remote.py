@@ -190,7 +190,9 @@ class ObjectLeaseFile:
         return self.read() == text
 
     def replace(self, text: str) -> None:
+        """Overwrite the lease, then wait ``settle_s``: a take-over's read-back then sees a rival's write too."""
         self.store.write_bytes(self.name, text.encode("utf-8"))
+        time.sleep(self.settle_s)
 
     def remove(self) -> None:
         self.store.delete(self.name)
