@@ -277,7 +277,8 @@ def test_sigkill_mid_rollouts_then_resume_equals_uninterrupted(tmp_path: Path) -
     _assert_resumed_equals_uninterrupted(killed, clean, before)
 
 
-def test_sigkill_mid_rollouts_on_s3_then_resume_equals_uninterrupted(tmp_path: Path, s3_bucket: str) -> None:
+def test_sigkill_mid_rollouts_on_s3_then_resume_equals_uninterrupted(tmp_path: Path, s3_bucket: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The same on object storage: ``--run-dir s3://BUCKET/run`` on a real S3-protocol server (moto), the
     standard AWS_* variables inherited by the subprocesses; the resumed run is downloaded and compared with an
     uninterrupted local run."""
@@ -287,6 +288,7 @@ def test_sigkill_mid_rollouts_on_s3_then_resume_equals_uninterrupted(tmp_path: P
     from pipeline.storage.remote import ObjectStore
 
     uri, clean = f"{s3_bucket}/run", tmp_path / "B"
+    monkeypatch.setenv("OPEN_RSTAR_STAGING", str(tmp_path / "staging"))  # the killed driver's copy stays in here
     args = ["round.py", "--config", TINY, "--rounds", "1", *_sets(KILL_OVERRIDES)]
     store = ObjectStore(uri)
 
@@ -304,6 +306,8 @@ def test_sigkill_mid_rollouts_on_s3_then_resume_equals_uninterrupted(tmp_path: P
     rc, out = _run(["-m", "pipeline.resume", uri, "--rounds", "1"], tmp_path / "A-resume.log")
     assert rc == 0, f"pipeline.resume {uri} exited {rc}:\n{out[-4000:]}"
     assert store.read_bytes("_lease.json") is None, "the resumed driver did not release its lease"
+    left = sorted(p.name for p in (tmp_path / "staging").iterdir())
+    assert not left, f"staging copies left behind (the killed driver's is removed by the next one): {left}"
     rc, out = _run([*args, "--run-dir", str(clean)], tmp_path / "B.log")
     assert rc == 0, f"uninterrupted run exited {rc}:\n{out[-4000:]}"
 

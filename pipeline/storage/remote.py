@@ -27,7 +27,7 @@ Guarantees on object storage (what holds instead of flock / fsync / rename):
   only if a driver stalls longer than ``settle_s`` between its read and its write;
 - what a crash loses: the problems in flight (as locally), and the log lines since the last phase marker;
   the staging directory of a killed driver stays on its local disk (under ``OPEN_RSTAR_STAGING`` or the
-  system temp directory) and is not reused.
+  system temp directory); it is never reused, and the next run staged there on the same host removes it.
 Removals are published too: a cleared marker (``data.atomic_io.remove_file``), a damaged shard moved to
 ``trees/_corrupt/`` (the copy is uploaded there) and an unlisted shard removed by garbage collection are deleted
 on the store. Readers trust only what the manifest and the markers name in any case.
@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from data.atomic_io import StorageError, publish_under, stop_publishing
+from data.atomic_io import StorageError, host_identity, pid_alive, publish_under, stop_publishing
 
 _URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 LOCAL_ONLY = ("_lease.json", "_manifest.lock")  # never uploaded: the lease lives on the store itself
@@ -198,16 +198,29 @@ class ObjectLeaseFile:
         self.store.delete(self.name)
 
 
+_STAGING_PREFIX = "open-rstar-run-"
+_STAGING_RE = re.compile(r"^open-rstar-run-([0-9a-f]{8})-(\d+)-")
+
+
+def _remove_dead_staging(root: Path) -> None:
+    """Remove staging directories that killed drivers of this host left in ``root`` (their pid is gone)."""
+    for p in root.glob(f"{_STAGING_PREFIX}*"):
+        m = _STAGING_RE.match(p.name)
+        if m and m.group(1) == host_identity() and not pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 class StagedRun:
     """The local staging copy of one run directory on object storage (module doc)."""
 
     def __init__(self, uri: str, staging_root: str | Path | None = None):
         self.store = ObjectStore(uri)
         self.uri = self.store.uri
-        root = staging_root or os.environ.get("OPEN_RSTAR_STAGING") or None
-        if root:
-            Path(root).mkdir(parents=True, exist_ok=True)
-        self.local = Path(tempfile.mkdtemp(prefix="open-rstar-run-", dir=root)).resolve()
+        root = Path(staging_root or os.environ.get("OPEN_RSTAR_STAGING") or tempfile.gettempdir())
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_dead_staging(root)
+        self.local = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{host_identity()}-{os.getpid()}-",
+                                           dir=root)).resolve()
         self.publishing = False
 
     def lease_file(self, settle_s: float = 1.0) -> ObjectLeaseFile:

@@ -99,6 +99,24 @@ def test_a_killed_driver_loses_only_uncommitted_problems_and_resume_finishes_the
     assert [s["problems"] for s in manifest(ObjectStore(uri))["shards"]] == [["a", "b"], ["c", "d"], ["e"]]
 
 
+def test_a_killed_drivers_staging_directory_is_removed_by_the_next_one_on_this_host(s3_bucket, tmp_path,
+                                                                                    monkeypatch):
+    from pipeline.storage import host_identity
+
+    monkeypatch.setenv("OPEN_RSTAR_STAGING", str(tmp_path))
+    dead = tmp_path / f"open-rstar-run-{host_identity()}-{2**22 + 7}-abc"  # pid above pid_max: not running
+    alive = tmp_path / f"open-rstar-run-{host_identity()}-{os.getpid()}-abc"
+    other_host = tmp_path / f"open-rstar-run-00000000-{2**22 + 7}-abc"
+    for d in (dead, alive, other_host):
+        (d / "round_1").mkdir(parents=True)
+    run = RunDir.open(f"{s3_bucket}/run")
+    try:
+        assert not dead.exists() and alive.exists() and other_host.exists()
+        assert run.root.parent == tmp_path and run.root.name.startswith(f"open-rstar-run-{host_identity()}-")
+    finally:
+        run.close()
+
+
 def test_a_damaged_object_is_named_moved_aside_and_its_problems_redone(s3_bucket):
     uri = f"{s3_bucket}/run"
     driven(uri).close()
