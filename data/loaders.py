@@ -13,13 +13,13 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from data.adapters import FieldMap, Rejected, adapt_row
+from data.atomic_io import atomic_write_text
 from data.generators import GENERATORS
 from data.problem import Problem
 
@@ -249,13 +249,7 @@ def load_problems_with_report(
 
 def write_rejected(rejected: list[Rejected], path: str | os.PathLike, source: str) -> None:
     """The rejected-rows report as JSONL, written to a temp name and renamed (never half-written)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in rejected:
-            f.write(json.dumps({"source": source, **asdict(r)}) + "\n")
-    os.replace(tmp, target)
+    atomic_write_text(path, "".join(json.dumps({"source": source, **asdict(r)}) + "\n" for r in rejected))
 
 
 def load_problems(source: str, *, rejected_path: str | os.PathLike | None = None, **options: Any) -> list[Problem]:

@@ -1,6 +1,6 @@
 """The small CLI around a run: info, export, eval, config, capacity, solve.
 
-    python -m pipeline info RUN_DIR
+    python -m pipeline info RUN_DIR                  (RUN_DIR: a path or a URI, e.g. s3://bucket/runs/x)
     python -m pipeline export RUN_DIR --round 2 --out exported/
     python -m pipeline eval RUN_DIR --round 2
     python -m pipeline eval RUN_DIR --round 0 --problems my_benchmark.jsonl --json
@@ -18,27 +18,41 @@ from pathlib import Path
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from pipeline.info import info
-    from pipeline.storage import StorageError
+    from pipeline.storage import StorageError, opened_run
 
     try:
-        print(info(Path(args.run_dir)))
+        with opened_run(args.run_dir, lease=False) as run:  # reads only; s3://...: downloaded without weights
+            print(info(run.root, name=run.location))
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def _with_lease(args: argparse.Namespace, command) -> int:
+    """Run ``command(local run root)`` holding the run lease: not while a driver runs; s3://... staged locally."""
+    from pipeline.storage import StorageError, opened_run
+
+    try:
+        with opened_run(args.run_dir, force=args.force) as run:
+            return command(run.root)
+    except StorageError as e:  # LeaseHeld names the driver holding the run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from pipeline.driver import export_round_cli
 
-    return export_round_cli(Path(args.run_dir), args.round, Path(args.out) if args.out else None)
+    return _with_lease(args, lambda root: export_round_cli(root, args.round, Path(args.out) if args.out else None))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.driver import eval_round_cli
 
-    return eval_round_cli(Path(args.run_dir), args.round, Path(args.problems) if args.problems else None,
-                          as_json=args.json, greedy_only=args.greedy_only)
+    return _with_lease(args, lambda root: eval_round_cli(root, args.round,
+                                                         Path(args.problems) if args.problems else None,
+                                                         as_json=args.json, greedy_only=args.greedy_only))
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -71,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--out", help="output directory (default: the round directory)")
+    p.add_argument("--force", action="store_true", help="take over a run lease gone stale")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="(re-)evaluate a round's policy and PPM on the held-out set or a problem file")
@@ -81,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         "go to round_N/eval_<file stem>/eval.json")
     p.add_argument("--json", action="store_true", help="print one JSON object of the metrics as the last line")
     p.add_argument("--greedy-only", action="store_true", help="greedy pass@1 only (no sampling, no PPM)")
+    p.add_argument("--force", action="store_true", help="take over a run lease gone stale")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("config", help="validate a preset and print the resolved config")

@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.config import RunConfig, config_diff, dump_config
 from pipeline.runlog import RunLog
-from pipeline.storage import RunDir, StorageError, local_run_dir
+from pipeline.storage import RunDir, StorageError
 from rounds.schedule import RoundSpec
 
 
@@ -285,13 +285,13 @@ def start(cfg: RunConfig, run_dir: str | None, rounds: list[int], force: bool = 
 
 def _drive(cfg: RunConfig, run: RunDir, rounds: list[int]) -> int:
     log = RunLog(run.log_path)
-    log.info("run_start", run_dir=str(run.root), rounds=rounds, pid=os.getpid(), host=socket.gethostname())
+    log.info("run_start", run_dir=run.location, rounds=rounds, pid=os.getpid(), host=socket.gethostname())
     if run.lease.taken_over:
         old, why = run.lease.taken_over
         log.warning("lease_taken_over", holder_host=old.host, holder_pid=old.pid, holder_since=old.since, reason=why)
     repair_trees(run, rounds, log)
     if all(run.round_succeeded(r) for r in rounds) and run.report_path.is_file():
-        print(f"{run.root}: rounds {rounds[0]}-{rounds[-1]} are already complete; nothing to do.")
+        print(f"{run.location}: rounds {rounds[0]}-{rounds[-1]} are already complete; nothing to do.")
         print(run.report_path.read_text())
         return 0
     from pipeline.cluster import connect
@@ -305,7 +305,7 @@ def _drive(cfg: RunConfig, run: RunDir, rounds: list[int]) -> int:
             run_round(ctx)
     table = _report(run, log)
     print(table)
-    print(f"\nrun directory: {run.root}")
+    print(f"\nrun directory: {run.location}")
     return 0
 
 
@@ -344,7 +344,7 @@ def repair_trees(run: RunDir, rounds: list[int], log: RunLog) -> dict[int, list[
         if r in redo:
             for phase in ("rollouts", "export"):
                 run.clear_done(r, phase)
-            run.success_path(r).unlink(missing_ok=True)
+            run.clear_round_success(r)
     return redo
 
 
@@ -364,7 +364,7 @@ def _open_run(cfg: RunConfig, run_dir: str | None, force: bool) -> RunDir | None
         run.write_config(text)
         return run
     try:
-        run = RunDir(local_run_dir(run_dir))
+        run = RunDir.open(run_dir)  # a path or a URI (s3://...: staged locally, pipeline.storage.remote)
         run.acquire_lease(force)
     except StorageError as e:  # LeaseHeld names the holder and what to do
         print(f"error: {e}", file=sys.stderr)

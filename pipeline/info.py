@@ -144,8 +144,27 @@ def _round_block(run: RunDir, rnd: int, spec: dict | None) -> list[str]:
     return lines + ["  " + b if b.startswith("error") else _cut("  " + b) for b in body]
 
 
-def info(run_dir: str | Path, log_lines: int = 8) -> str:
-    """The summary page of ``run_dir`` (see module doc); raises StorageError if it is not a run directory."""
+def _lease_line(run: RunDir) -> str:
+    """Who drives the run now, from its lease (``pipeline.lease``)."""
+    import time
+
+    from pipeline.lease import RunLease
+
+    lease = RunLease(run.root)
+    try:
+        holder = lease.holder()
+    except StorageError as e:
+        return f"error (lease): {e}"
+    if holder is None:
+        return "lease: free (no driver holds this run)"
+    why = lease.stale_reason(holder)
+    return f"lease: held by {holder.describe(time.time())}" + (f"; stale: {why}" if why else "")
+
+
+def info(run_dir: str | Path, log_lines: int = 8, name: str | None = None) -> str:
+    """The summary page of ``run_dir`` (see module doc); raises StorageError if it is not a run directory.
+
+    ``name``: how to call the run in the page (its URI when ``run_dir`` is a local copy of an object-store run)."""
     import yaml
 
     run = RunDir(run_dir)
@@ -161,7 +180,7 @@ def info(run_dir: str | Path, log_lines: int = 8) -> str:
     count = max(len(schedule), *present) if present else len(schedule)
     finished = sum(run.round_succeeded(r) for r in range(1, count + 1))
 
-    out = [f"run {run.root}  ({finished}/{count} rounds done)"]
+    out = [f"run {name or run.root}  ({finished}/{count} rounds done)", _lease_line(run)]
     out += _config_lines(config)
     for rnd in range(1, count + 1):
         out.append("")

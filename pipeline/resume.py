@@ -15,7 +15,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.resume", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a run directory holding config.yaml")
+    parser.add_argument("run_dir", help="a run directory holding config.yaml: a path or a URI (s3://bucket/run)")
     parser.add_argument("--rounds", help="rounds to run: N or A-B (default: all in the stored schedule)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--force", action="store_true",
@@ -26,21 +26,18 @@ def main(argv: list[str] | None = None) -> int:
 
     limit_arenas()  # first, before any library starts a thread (pipeline/engines/malloc.py)
     from pipeline.config import ConfigError, load_config
-    from pipeline.storage import StorageError, local_run_dir
+    from pipeline.storage import StorageError, stored_config
     from rounds.schedule import parse_round_range
 
     try:
-        stored = local_run_dir(args.run_dir) / "config.yaml"
-    except StorageError as e:
-        print(f"pipeline.resume: error: {e}", file=sys.stderr)
-        return 2
-    if not stored.is_file():
-        print(f"pipeline.resume: error: {stored}: no such file; is {args.run_dir} a run directory?", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(stored, args.overrides)
+        with stored_config(args.run_dir) as stored:  # a path or a URI (s3://...)
+            if not stored.is_file():
+                print(f"pipeline.resume: error: {str(args.run_dir).rstrip('/')}/config.yaml: no such file; is "
+                      f"{args.run_dir} a run directory?", file=sys.stderr)
+                return 2
+            cfg = load_config(stored, args.overrides)
         rounds = parse_round_range(args.rounds or f"1-{cfg.rounds.count}", cfg.rounds.count)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, StorageError) as e:
         print(f"pipeline.resume: error: {e}", file=sys.stderr)
         return 2
 

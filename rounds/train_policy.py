@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -29,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from data.atomic_io import install_dir
 from rounds.models import resolve_model
 from rounds.train_config import TrainingConfig, TrainResult, trainer_arguments
 
@@ -103,10 +103,8 @@ def run_and_save(trainer, out_dir: Path, cfg: TrainingConfig, make_result) -> Tr
     if main:
         trainer.processing_class.save_pretrained(str(tmp))
         (tmp / RESULT_FILE).write_text(json.dumps(dataclasses.asdict(result), indent=2))
-        if out_dir.exists():
-            # An unfinished out_dir (no result file: finished ones return early) is not ours to keep.
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        # An unfinished out_dir (no result file: finished ones return early) is not ours to keep.
+        install_dir(tmp, out_dir)
         if not cfg.keep_checkpoints:
             shutil.rmtree(work, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

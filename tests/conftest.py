@@ -67,6 +67,56 @@ def ray_session():
     disconnect(cluster)
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server for the session: moto in server mode (the [dev] extra) on 127.0.0.1 and a free
+    port, in its own process. Yields the standard AWS_* variables that point a client at it."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto S3 server on 127.0.0.1:{port} did not start (exit status {proc.poll()}); "
+                                f"is moto[server] installed (pip install -e '.[dev]')?")
+                time.sleep(0.1)
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request):
+    """A fresh bucket on the session's S3 server, with AWS_* set for this test: yields ``s3://<bucket>``."""
+    import re
+    import uuid
+
+    from pyarrow import fs
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    fs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"].removeprefix("http://"), scheme="http",
+                    region="us-east-1", allow_bucket_creation=True).create_dir(name)
+    return f"s3://{name}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running():
     """Set up first and torn down last in the session, after every other fixture has stopped what it started."""

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -170,31 +171,25 @@ def _node_table(run_dir: Path, round_no: int = 1):
 # ------------------------------------------------------------------------------------------- 1. kill + resume
 
 
-def test_sigkill_mid_rollouts_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    from pipeline.storage import RunDir
-
-    killed, clean = tmp_path / "A", tmp_path / "B"
-    args = ["round.py", "--config", TINY, "--rounds", "1", *_sets(KILL_OVERRIDES)]
-
-    # -- run A, killed with some but not all trees committed
-    proc = _start([*args, "--run-dir", str(killed)], tmp_path / "A.log")
-    trees = RunDir(killed).trees(1)
+def _kill_mid_rollouts(args: list[str], committed: Callable[[], set[str]], log: Path) -> None:
+    """Start ``round.py args`` and SIGKILL its process group once ``committed()`` names some but not all
+    problems; nothing the run started may outlive it."""
+    proc = _start(args, log)
     seen: dict[int, float] = {}
-    committed: set[str] = set()
+    done: set[str] = set()
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             seen.update(_descendants(proc.pid))
-            committed = trees.completed_problem_ids() if trees.manifest_path.exists() else set()
-            if 1 <= len(committed) < KILL_PROBLEMS:
+            done = committed()
+            if 1 <= len(done) < KILL_PROBLEMS:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.05)
         proc.wait(timeout=60)
-        assert committed and len(committed) < KILL_PROBLEMS, (
-            f"run A was not killed mid-rollouts (rc={proc.returncode}, {len(committed)}/{KILL_PROBLEMS} trees "
-            f"committed when last looked); slow it down with more problems or rollouts. Output:\n"
-            f"{_tail(tmp_path / 'A.log')}")
+        assert done and len(done) < KILL_PROBLEMS, (
+            f"run was not killed mid-rollouts (rc={proc.returncode}, {len(done)}/{KILL_PROBLEMS} trees "
+            f"committed when last looked); slow it down with more problems or rollouts. Output:\n{_tail(log)}")
         # The group kill took the driver's local Ray cluster with it; the sandbox workers (their own sessions)
         # and Ray's workers notice their parent is gone and exit. Nothing of the run may outlive it.
         survivors = _wait_gone(seen)
@@ -202,19 +197,28 @@ def test_sigkill_mid_rollouts_then_resume_equals_uninterrupted(tmp_path: Path) -
     finally:
         _kill(proc, seen)
 
-    before = trees.shards()  # what the crash left committed (a commit may have landed just before the kill)
-    done_before = {p for s in before for p in s.problems}
-    assert 1 <= len(done_before) < KILL_PROBLEMS, f"after the kill: {sorted(done_before)} committed"
-    assert not RunDir(killed).is_done(1, "rollouts"), "the rollouts phase was marked done by a killed run"
 
-    # -- resume A; run B uninterrupted with the same config
-    rc, out = _run(["-m", "pipeline.resume", str(killed), "--rounds", "1"], tmp_path / "A-resume.log")
-    assert rc == 0, f"pipeline.resume exited {rc}:\n{out[-4000:]}"
-    rc, out = _run([*args, "--run-dir", str(clean)], tmp_path / "B.log")
-    assert rc == 0, f"uninterrupted run exited {rc}:\n{out[-4000:]}"
+def _export_rows(run_dir: Path, round_no: int = 1) -> dict[str, list[str]]:
+    """Every export table of a round as its rows, each row one JSON text, sorted: content, not order or count."""
+    import json
 
-    run = RunDir(killed)
+    import pyarrow.parquet as pq
+
+    from pipeline.storage import EXPORT_TABLES, RunDir
+
+    run = RunDir(run_dir)
+    return {t: sorted(json.dumps(r, sort_keys=True, default=str)
+                      for r in pq.read_table(run.export_path(round_no, t)).to_pylist()) for t in EXPORT_TABLES}
+
+
+def _assert_resumed_equals_uninterrupted(resumed: Path, clean: Path, before: list) -> None:
+    """The resumed run kept the shards committed before the kill, redid the rest, and its node tables and
+    exports equal the uninterrupted run's row for row."""
+    from pipeline.storage import RunDir
+
+    run = RunDir(resumed)
     after = run.trees(1).shards()
+    done_before = {p for s in before for p in s.problems}
     # The trees committed before the kill were kept as they were, not redone; the rest were added.
     assert after[: len(before)] == before, f"committed shards changed on resume: {before} -> {after[:len(before)]}"
     stats = run.marker(1, "rollouts")["info"]["stats"]
@@ -227,7 +231,7 @@ def test_sigkill_mid_rollouts_then_resume_equals_uninterrupted(tmp_path: Path) -
                    if p.name.startswith(".tmp-") or (p.suffix == ".parquet" and p.name not in {s.file for s in after}))
     assert not stray, f"uncommitted files left in {run.trees_dir(1)}: {stray}"
 
-    a, b = _node_table(killed), _node_table(clean)
+    a, b = _node_table(resumed), _node_table(clean)
     assert a.column_names == b.column_names
     keys = list(zip(a.column("problem_id").to_pylist(), a.column("id").to_pylist(), strict=True))
     assert len(keys) == len(set(keys)), "a node is stored twice in the resumed run"
@@ -238,10 +242,81 @@ def test_sigkill_mid_rollouts_then_resume_equals_uninterrupted(tmp_path: Path) -
         diff = [i for i, (x, y) in enumerate(zip(va, vb, strict=True)) if x != y]
         assert not diff, (f"column {name!r} differs at {len(diff)} rows, first {keys[diff[0]]}: "
                           f"{va[diff[0]]!r} vs {vb[diff[0]]!r}")
-    # The exports read the same trees, so they must agree too.
-    rows_a = run.marker(1, "export")["info"]["rows"]
-    rows_b = RunDir(clean).marker(1, "export")["info"]["rows"]
-    assert rows_a == rows_b and rows_a["trees"] == a.num_rows, (rows_a, rows_b)
+    # The exports read the same trees, so they must agree too: by content (sorted rows), not only by count.
+    rows_a, rows_b = _export_rows(resumed), _export_rows(clean)
+    for table in rows_a:
+        only_a = sorted(set(rows_a[table]) - set(rows_b[table]))
+        only_b = sorted(set(rows_b[table]) - set(rows_a[table]))
+        assert rows_a[table] == rows_b[table], (f"export {table}: {len(rows_a[table])} rows resumed vs "
+                                                f"{len(rows_b[table])} uninterrupted; only resumed: {only_a[:1]}; "
+                                                f"only uninterrupted: {only_b[:1]}")
+    assert len(rows_a["trees"]) == a.num_rows, (len(rows_a["trees"]), a.num_rows)
+
+
+def test_sigkill_mid_rollouts_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    from pipeline.storage import RunDir
+
+    killed, clean = tmp_path / "A", tmp_path / "B"
+    args = ["round.py", "--config", TINY, "--rounds", "1", *_sets(KILL_OVERRIDES)]
+
+    # -- run A, killed with some but not all trees committed
+    trees = RunDir(killed).trees(1)
+    _kill_mid_rollouts([*args, "--run-dir", str(killed)],
+                       lambda: trees.completed_problem_ids() if trees.manifest_path.exists() else set(),
+                       tmp_path / "A.log")
+    before = trees.shards()  # what the crash left committed (a commit may have landed just before the kill)
+    done_before = {p for s in before for p in s.problems}
+    assert 1 <= len(done_before) < KILL_PROBLEMS, f"after the kill: {sorted(done_before)} committed"
+    assert not RunDir(killed).is_done(1, "rollouts"), "the rollouts phase was marked done by a killed run"
+
+    # -- resume A; run B uninterrupted with the same config
+    rc, out = _run(["-m", "pipeline.resume", str(killed), "--rounds", "1"], tmp_path / "A-resume.log")
+    assert rc == 0, f"pipeline.resume exited {rc}:\n{out[-4000:]}"
+    rc, out = _run([*args, "--run-dir", str(clean)], tmp_path / "B.log")
+    assert rc == 0, f"uninterrupted run exited {rc}:\n{out[-4000:]}"
+    _assert_resumed_equals_uninterrupted(killed, clean, before)
+
+
+def test_sigkill_mid_rollouts_on_s3_then_resume_equals_uninterrupted(tmp_path: Path, s3_bucket: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same on object storage: ``--run-dir s3://BUCKET/run`` on a real S3-protocol server (moto), the
+    standard AWS_* variables inherited by the subprocesses; the resumed run is downloaded and compared with an
+    uninterrupted local run."""
+    import json
+
+    from pipeline.storage import RunDir, ShardInfo
+    from pipeline.storage.remote import ObjectStore
+
+    uri, clean = f"{s3_bucket}/run", tmp_path / "B"
+    monkeypatch.setenv("OPEN_RSTAR_STAGING", str(tmp_path / "staging"))  # the killed driver's copy stays in here
+    args = ["round.py", "--config", TINY, "--rounds", "1", *_sets(KILL_OVERRIDES)]
+    store = ObjectStore(uri)
+
+    def shards() -> list[ShardInfo]:
+        data = store.read_bytes("round_1/trees/_manifest.json")
+        return [ShardInfo.from_json(s) for s in json.loads(data)["shards"]] if data else []
+
+    _kill_mid_rollouts([*args, "--run-dir", uri], lambda: {p for s in shards() for p in s.problems},
+                       tmp_path / "A.log")
+    before = shards()
+    assert 1 <= sum(len(s.problems) for s in before) < KILL_PROBLEMS, before
+    assert store.read_bytes("round_1/_done/rollouts.json") is None, "rollouts marked done by a killed run"
+    assert store.read_bytes("_lease.json") is not None, "a SIGKILLed driver cannot have released its lease"
+
+    rc, out = _run(["-m", "pipeline.resume", uri, "--rounds", "1"], tmp_path / "A-resume.log")
+    assert rc == 0, f"pipeline.resume {uri} exited {rc}:\n{out[-4000:]}"
+    assert store.read_bytes("_lease.json") is None, "the resumed driver did not release its lease"
+    left = sorted(p.name for p in (tmp_path / "staging").iterdir())
+    assert not left, f"staging copies left behind (the killed driver's is removed by the next one): {left}"
+    rc, out = _run([*args, "--run-dir", str(clean)], tmp_path / "B.log")
+    assert rc == 0, f"uninterrupted run exited {rc}:\n{out[-4000:]}"
+
+    resumed = RunDir.open(uri)
+    resumed.pull()  # what the store holds, in a fresh local copy
+    try:
+        _assert_resumed_equals_uninterrupted(resumed.root, clean, before)
+    finally:
+        resumed.close()
 
 
 # ------------------------------------------------------------------------------------------- 2. the tiny preset

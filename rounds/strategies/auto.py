@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.atomic_io import atomic_write_json
 from rounds.strategies.base import SolveContext, sample_chains
 from rounds.voting import majority_vote
 
@@ -69,10 +70,7 @@ class ChoiceTable:
                    {b: {int(k): v for k, v in d.items()} for b, d in data.get("evidence", {}).items()})
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True))
-        tmp.replace(path)
+        atomic_write_json(path, self.to_json(), indent=2)
 
     @classmethod
     def load(cls, path: str | Path) -> ChoiceTable:

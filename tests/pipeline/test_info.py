@@ -183,6 +183,7 @@ def test_info_summarises_a_partial_run(tmp_path):
     print(text)
     lines = text.splitlines()
     assert lines[0] == f"run {run.root}  (0/2 rounds done)"
+    assert lines[1] == "lease: free (no driver holds this run)"
     assert "name: demo   seed: 7" in lines
     assert "  problems: source=builtin:arith, n=4" in lines
     assert "round 1: in progress" in lines
@@ -200,6 +201,21 @@ def test_info_summarises_a_partial_run(tmp_path):
     err = lines.index("last warnings/errors:")
     assert "engine.died actor=engine-0 reason=OOM" in lines[err + 1]
     assert lines[-1].endswith("rollouts.done round=1 problems=3")
+
+
+def test_info_names_the_driver_holding_the_run(tmp_path):
+    import os
+    import socket
+
+    run = make_run(tmp_path)
+    lease = run.acquire_lease()
+    try:
+        line = info(run.root).splitlines()[1]
+        assert line.startswith(f"lease: held by host {socket.gethostname()} pid {os.getpid()} since "), line
+        assert "stale" not in line, line
+    finally:
+        lease.release()
+    assert info(run.root).splitlines()[1] == "lease: free (no driver holds this run)"
 
 
 def test_info_on_a_finished_round_and_damaged_parts(tmp_path):

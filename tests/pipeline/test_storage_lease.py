@@ -161,13 +161,20 @@ def test_cli_refuses_a_second_driver_and_takes_a_stale_lease_over_with_force(tmp
     assert len(taken) == 1 and (taken[0]["holder_host"], taken[0]["holder_pid"]) == ("gpu-node-7", 77), taken
 
 
-def test_object_store_run_dir_is_refused_clearly_not_made_a_local_directory(tmp_path, capsys, monkeypatch):
+def test_an_unreachable_object_store_is_an_error_naming_it_not_a_local_directory(tmp_path, capsys, monkeypatch):
     import round as round_py
 
     monkeypatch.chdir(tmp_path)
+    with socket.socket() as s:  # a port nobody listens on: the store refuses every connection
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
+                 "AWS_REGION": "us-east-1", "OPEN_RSTAR_STAGING": str(tmp_path / "staging")}.items():
+        monkeypatch.setenv(k, v)
     status = round_py.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", "s3://bucket/run"])
-    assert status == 2 and "object storage (s3://) are not supported yet" in capsys.readouterr().err
-    assert os.listdir(tmp_path) == []
+    err = capsys.readouterr().err
+    assert status == 2 and "s3://bucket/run: reading _lease.json failed" in err and "credentials" in err, err
+    assert os.listdir(tmp_path) == ["staging"] and os.listdir(tmp_path / "staging") == [], os.listdir(tmp_path)
 
 
 # ---------------------------------------------------------------------------------- temp-file collection
