@@ -294,10 +294,17 @@ def _drive(cfg: RunConfig, run: RunDir, rounds: list[int]) -> int:
         print(f"{run.root}: rounds {rounds[0]}-{rounds[-1]} are already complete; nothing to do.")
         print(run.report_path.read_text())
         return 0
-    from pipeline.cluster import connect
+    from pipeline.cluster import ResourceError, check_resources, connect
 
     problems, eval_problems = _load_problems(cfg, run, log)
-    with connect(cfg.ray, log=log):
+    with connect(cfg.ray, log=log) as cluster:  # the process's one Ray connection; every phase uses it
+        try:
+            check_resources(cfg.ray, cluster, workers=min(cfg.ray.rollout_workers, max(1, len(problems))),
+                            scorers=int(any(cfg.rounds.schedule[r - 1].q_mode == "ppm" for r in rounds)), log=log)
+        except ResourceError as e:
+            log.error("ray.resources", reason=str(e))
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         if cfg.eval.enabled and cfg.eval.base_model and not _round0_done(run):
             evaluate_model(cfg, run, 0, _bootstrap(cfg), None, eval_problems, log, full=full_eval(cfg, 0))
         for r in rounds:

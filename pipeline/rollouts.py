@@ -224,25 +224,17 @@ class _Phase:
 
     def check_fit(self, n_workers: int, can_grow: bool) -> None:
         """Fail fast when the actors cannot all be placed (they would wait forever); only warn on a cluster
-        that may grow (an autoscaler can add nodes)."""
+        that may grow (an autoscaler can add nodes). The run checked this once at connect; this repeats it
+        for a direct caller of ``run_rollouts``."""
         import ray
 
-        r = self.cfg.ray
-        n_scorers = 1 if self.backends.scorer is not None else 0
-        need = {"CPU": r.policy_engines * r.cpus_per_engine + n_scorers * r.cpus_per_scorer
-                + n_workers * r.cpus_per_worker,
-                "GPU": r.policy_engines * r.gpus_per_engine + n_scorers * r.gpus_per_scorer}
-        have = ray.cluster_resources()
-        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-        if not short:
+        from pipeline.cluster import shortfall
+
+        why = shortfall(self.cfg.ray, n_workers, 1 if self.backends.scorer is not None else 0,
+                        ray.cluster_resources())
+        if why is None:
             return
-        what = ", ".join(f"{v:g} {k} needed, {h:g} in the cluster" for k, (v, h) in short.items())
-        scorer = (f" + 1 PPM scorer x (ray.cpus_per_scorer={r.cpus_per_scorer:g}, "
-                  f"ray.gpus_per_scorer={r.gpus_per_scorer:g})" if n_scorers else "")
-        msg = (f"round {self.round_no}: {r.policy_engines} policy engine(s)"
-               f" x (ray.cpus_per_engine={r.cpus_per_engine:g}, ray.gpus_per_engine={r.gpus_per_engine:g})"
-               f"{scorer} + {n_workers} rollout worker(s) "
-               f"x ray.cpus_per_worker={r.cpus_per_worker:g}: {what}")
+        msg = f"round {self.round_no}: {why}"
         if not can_grow:
             raise RolloutError(f"{msg}. Lower those (fractions are fine: they only reserve scheduling slots) "
                                f"or raise ray.num_cpus.")
@@ -290,7 +282,7 @@ def run_rollouts(cfg: RunConfig, round_no: int, spec: RoundSpec, problems: Seque
                  ppm_model: str | None, store: TreeStore | RunDir, log: RunLog, *,
                  settings: RolloutConfig | None = None, backends: Backends | None = None) -> RolloutStats:
     """Run the round's rollouts for every problem not yet stored; see the module doc."""
-    from pipeline.cluster import ray_cluster
+    from pipeline.cluster import ray_cluster  # the process's one connection (made by the driver, or here)
 
     settings = settings or RolloutConfig()
     trees = _tree_store(store, round_no)
