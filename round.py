@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", help="run directory (default: a fresh one under storage.runs_dir)")
     parser.add_argument("--rounds", help="which rounds to run: N or A-B (default: all in the schedule)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value, e.g. --set search.rollouts=16 (repeatable)")
+                        help="override one config value, e.g. --set rounds.schedule.1.rollouts=16 (repeatable)")
     parser.add_argument("--force", action="store_true",
                         help="continue an existing run even if the config changed, or take over a stale run lease")
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@
     python -m pipeline export RUN_DIR --round 2 --out exported/
     python -m pipeline eval RUN_DIR --round 2
     python -m pipeline eval RUN_DIR --round 0 --problems my_benchmark.jsonl --json
-    python -m pipeline config configs/embedded.yaml --set search.rollouts=4
+    python -m pipeline config configs/embedded.yaml --set rounds.schedule.0.rollouts=4
     python -m pipeline capacity configs/qwen2.5-math-7b.yaml --problems 747000 --from-log runs/x/log.jsonl --gpus 64
     python -m pipeline solve --run runs/emb --round 4 --strategy beam --budget 8 --out solve/
 """

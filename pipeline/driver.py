@@ -479,7 +479,7 @@ def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: st
     import data
     from pipeline.engines import make_policy, make_scorer, with_generation
     from pipeline.sandbox import SandboxPool
-    from rounds.evaluate import EvalParams, TrainSolved, evaluate
+    from rounds.evaluate import TrainSolved, evaluate
 
     mode, few_shot = _policy_settings(cfg, trained)
     cache = _cache_dir(cfg)
@@ -487,13 +487,10 @@ def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: st
     sampler = make_policy(cfg.engines, model=policy, mode=mode, few_shot=few_shot, seed=cfg.seed, cache_dir=cache)
     greedy = with_generation(sampler, greedy_gen)  # the same loaded model, decoding greedily
     scorer = make_scorer(cfg.engines, ppm) if ppm else None
-    e = cfg.eval
-    params = EvalParams(maj_k=e.maj_k, best_of_n=e.best_of_n, mcts_rollouts=e.mcts_rollouts,
-                        mcts_children=e.mcts_children, strategies=tuple(e.strategies))
     solved = TrainSolved(*train_solved) if train_solved and train_solved[1] else None
     with SandboxPool(cfg.sandbox) as pool:
         return evaluate(problems, round_index=round_no, greedy=greedy, sampler=sampler, executor=pool,
-                        grade=data.grade, equivalent=data.is_equivalent, scorer=scorer, params=params,
+                        grade=data.grade, equivalent=data.is_equivalent, scorer=scorer, params=cfg.eval,
                         search=cfg.search, seed=cfg.seed, train_solved=solved,
                         no_ppm_reason=None if ppm else "no PPM trained yet at this round",
                         no_train_reason="round 0 is the base model: no search of its own" if round_no == 0 else None,

@@ -2,7 +2,7 @@
 
     result = evaluate(problems, round_index=2, greedy=greedy_policy, sampler=sampling_policy,
                       executor=sandbox, grade=data.grade, equivalent=data.is_equivalent, scorer=ppm,
-                      params=EvalParams(maj_k=8, best_of_n=8, mcts_rollouts=8, mcts_children=4),
+                      params=EvalConfig(maj_k=8, best_of_n=8, mcts_rollouts=8, mcts_children=4),
                       train_solved=TrainSolved(solved=37, problems=50), out_dir=run_dir / "round_2")
 
 Every solution is produced by the MCTS engine itself (``mcts.search.TreeSearch`` driven by
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from mcts.qvalues import check_unit
 from mcts.search import TreeSearch
 from mcts.seeds import derive_seed
 from mcts.wave import run_search
+from rounds.eval_config import EvalConfig
 from rounds.report import EVAL_FILE, write_json_atomic
 from rounds.solve import parse_spec, solve
 from rounds.strategies import STRATEGIES
@@ -55,28 +56,6 @@ from rounds.strategies.base import SolveContext
 from rounds.voting import Equivalent, best_scored, majority_vote
 
 METRIC_KEYS = ("greedy_pass1", "maj_at_k", "ppm_best_of_n", "ppm_mcts", "train_solved")
-
-
-@dataclass(frozen=True)
-class EvalParams:
-    """Sample and search budgets of one evaluation (the lead maps ``pipeline.config.EvalConfig`` onto it)."""
-
-    maj_k: int = 8  # sampled chains per problem that vote for maj@k
-    best_of_n: int = 8  # sampled chains per problem that the PPM ranks (the first N of the same samples)
-    mcts_rollouts: int = 8  # rollouts of the PPM-guided test-time search per problem
-    mcts_children: int = 4  # candidates per expansion in that search
-    strategies: tuple[str, ...] = ()  # extra registry strategies, 'NAME@BUDGET' (rounds.strategies)
-
-    def __post_init__(self) -> None:
-        for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"eval.{name}={value!r}: must be an integer >= 1")
-        for spec in self.strategies:
-            try:
-                parse_spec(spec)
-            except ValueError as e:
-                raise ValueError(f"eval.strategies: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -169,7 +148,7 @@ def evaluate(
     grade: Grader,
     equivalent: Equivalent | None,
     scorer: Scorer | None = None,
-    params: EvalParams = EvalParams(),
+    params: EvalConfig = EvalConfig(),
     search: SearchConfig = SearchConfig(),
     seed: int = 0,
     train_solved: TrainSolved | None = None,
@@ -249,7 +228,7 @@ def evaluate(
         "counts": counts,
         "skipped": skipped,
         "wall_s": {k_: round(v_, 3) for k_, v_ in wall.items()},
-        "params": _params_json(params),
+        "params": params.budgets(),
         "search": {"c_puct": search.c_puct, "max_depth": search.max_depth, "unvisited": search.unvisited,
                    "max_consecutive_errors": search.max_consecutive_errors, "prior_weight": search.prior_weight},
         "seed": seed,
@@ -267,7 +246,7 @@ def evaluate(
 def _sampled_metrics(problems: Sequence[object], per_problem: list[dict[str, Any]], metrics: dict[str, Any],
                      counts: dict[str, Any], skipped: dict[str, str], wall: dict[str, float], *, sampler: Policy,
                      executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
-                     params: EvalParams, search: SearchConfig, seed: int, round_index: int,
+                     params: EvalConfig, search: SearchConfig, seed: int, round_index: int,
                      no_ppm_reason: str | None, say: Callable[[str], None]) -> None:
     """maj@k over sampled chains and, with a scorer, PPM best-of-N over the same samples and PPM-guided MCTS;
     fills ``metrics``, ``counts``, ``skipped``, ``wall`` and the per-problem rows in place."""
@@ -338,7 +317,7 @@ def _best_of_n(problems: Sequence[object], per_problem: list[dict[str, Any]], sa
     return {"n": n_best, "correct": correct, "problems": len(problems), "scored": len(states)}
 
 
-def _mcts(problems: Sequence[object], per_problem: list[dict[str, Any]], params: EvalParams, sampler: Policy,
+def _mcts(problems: Sequence[object], per_problem: list[dict[str, Any]], params: EvalConfig, sampler: Policy,
           executor: Executor, scorer: Scorer, grade: Grader, search: SearchConfig, seed: int,
           round_index: int) -> dict[str, Any]:
     """PPM-guided test-time MCTS per problem (no reference in the search), then grade the best answer."""
@@ -365,7 +344,7 @@ def _mcts(problems: Sequence[object], per_problem: list[dict[str, Any]], params:
 
 
 def _registry_strategies(problems: Sequence[object], per_problem: list[dict[str, Any]], skipped: dict[str, str],
-                         wall: dict[str, float], params: EvalParams, *, greedy: Policy, sampler: Policy,
+                         wall: dict[str, float], params: EvalConfig, *, greedy: Policy, sampler: Policy,
                          executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
                          search: SearchConfig, seed: int, greedy_only_reason: str | None,
                          say: Callable[[str], None]) -> dict[str, Any]:
@@ -390,13 +369,4 @@ def _registry_strategies(problems: Sequence[object], per_problem: list[dict[str,
         out[spec] = {"strategy": name, "budget": budget, "correct": correct, "problems": len(rows),
                      "answered": sum(r["answer"] is not None for r in rows)}
         say(f"eval: {spec} {correct}/{len(rows)} ({wall[spec]:.1f}s)")
-    return out
-
-
-def _params_json(params: EvalParams) -> dict[str, Any]:
-    """The params as eval.json stores them: ``strategies`` only when some were asked for (as a JSON list)."""
-    out = asdict(params)
-    strategies = out.pop("strategies")
-    if strategies:
-        out["strategies"] = list(strategies)
     return out
