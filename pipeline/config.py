@@ -22,7 +22,6 @@ from data import ProblemsConfig
 from mcts.config import SearchConfig
 from pipeline.confload import ConfigError, apply_override, build, diff, to_plain
 from pipeline.engines.config import EngineConfig
-from pipeline.rollouts import RolloutConfig
 from pipeline.sandbox import SandboxConfig
 from rounds.eval_config import EvalConfig
 from rounds.schedule import RoundsConfig, RoundSpec
@@ -71,6 +70,29 @@ class RayConfig:
         for name in ("gpus_per_engine", "cpus_per_engine", "cpus_per_worker", "cpus_per_scorer", "gpus_per_scorer"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Tunables of the rollout phase that are not resources (those are ``RayConfig``)."""
+
+    # Tree groups per worker, each advanced by its own thread: while one group's generation batch is with
+    # the engine, another group's code executes. 1 = strict alternation (no overlap); 2 is enough when
+    # executing a wave takes no longer than generating one.
+    groups: int = 2
+    engine_retries: int = 3  # re-sends of a request whose engine actor died, before the phase fails
+    retry_backoff_s: float = 0.5  # wait before the first re-send; doubles per attempt
+    startup_timeout_s: float = 900.0  # for actors to start and load their models (a cold GPU model takes minutes)
+
+    def __post_init__(self) -> None:
+        if self.groups < 1:
+            raise ValueError(f"groups={self.groups}: must be >= 1")
+        if self.engine_retries < 0:
+            raise ValueError(f"engine_retries={self.engine_retries}: must be >= 0")
+        if self.retry_backoff_s < 0:
+            raise ValueError(f"retry_backoff_s={self.retry_backoff_s}: must be >= 0")
+        if not self.startup_timeout_s > 0:
+            raise ValueError(f"startup_timeout_s={self.startup_timeout_s}: must be > 0")
 
 
 @dataclass(frozen=True)
@@ -240,5 +262,5 @@ def config_diff(stored_yaml: str, cfg: RunConfig) -> list[str]:
     return diff(stored, _plain(cfg))
 
 
-__all__ = ["RunConfig", "StorageConfig", "RayConfig", "EvalConfig", "ConfigError", "load_config", "dump_config",
+__all__ = ["RunConfig", "StorageConfig", "RayConfig", "RolloutConfig", "EvalConfig", "ConfigError", "load_config", "dump_config",
            "config_diff", "check_paths", "ROUND_OWNED"]

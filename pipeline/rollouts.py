@@ -39,6 +39,7 @@ from pipeline.actors import (
     WorkerSpec,
     actor_class,
 )
+from pipeline.config import RolloutConfig
 
 if TYPE_CHECKING:
     from mcts.config import SearchConfig
@@ -51,29 +52,6 @@ if TYPE_CHECKING:
 
 class RolloutError(RuntimeError):
     """The rollout phase cannot finish; the message names the worker or engine and what to do."""
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    """Tunables of the rollout phase that are not resources (those are ``RayConfig``)."""
-
-    # Tree groups per worker, each advanced by its own thread: while one group's generation batch is with
-    # the engine, another group's code executes. 1 = strict alternation (no overlap); 2 is enough when
-    # executing a wave takes no longer than generating one.
-    groups: int = 2
-    engine_retries: int = 3  # re-sends of a request whose engine actor died, before the phase fails
-    retry_backoff_s: float = 0.5  # wait before the first re-send; doubles per attempt
-    startup_timeout_s: float = 900.0  # for actors to start and load their models (a cold GPU model takes minutes)
-
-    def __post_init__(self) -> None:
-        if self.groups < 1:
-            raise ValueError(f"groups={self.groups}: must be >= 1")
-        if self.engine_retries < 0:
-            raise ValueError(f"engine_retries={self.engine_retries}: must be >= 0")
-        if self.retry_backoff_s < 0:
-            raise ValueError(f"retry_backoff_s={self.retry_backoff_s}: must be >= 0")
-        if not self.startup_timeout_s > 0:
-            raise ValueError(f"startup_timeout_s={self.startup_timeout_s}: must be > 0")
 
 
 @dataclass
