@@ -43,7 +43,7 @@ from pipeline.config import RolloutConfig
 
 if TYPE_CHECKING:
     from mcts.config import SearchConfig
-    from mcts.protocols import Executor, Grader, Policy, Scorer
+    from mcts.protocols import Executor, Grader, Policy, ProblemLike, Scorer
     from pipeline.config import RunConfig
     from pipeline.runlog import RunLog
     from pipeline.storage import RunDir, TreeStore
@@ -256,7 +256,7 @@ class _Phase:
         return busy, tokens, notes
 
 
-def run_rollouts(cfg: RunConfig, round_no: int, spec: RoundSpec, problems: Sequence[Any], policy_model: str,
+def run_rollouts(cfg: RunConfig, round_no: int, spec: RoundSpec, problems: Sequence[ProblemLike], policy_model: str,
                  ppm_model: str | None, store: TreeStore | RunDir, log: RunLog, *,
                  settings: RolloutConfig | None = None, backends: Backends | None = None) -> RolloutStats:
     """Run the round's rollouts for every problem not yet stored; see the module doc."""
@@ -264,12 +264,12 @@ def run_rollouts(cfg: RunConfig, round_no: int, spec: RoundSpec, problems: Seque
 
     settings = settings or RolloutConfig()
     trees = _tree_store(store, round_no)
-    ids = [str(p.id) for p in problems]
+    ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise RolloutError(f"round {round_no}: duplicate problem ids {dup}; problem ids must be unique")
     done_before = trees.completed_problem_ids()
-    todo = [p for p in problems if str(p.id) not in done_before]
+    todo = [p for p in problems if p.id not in done_before]
     stats = RolloutStats(round=round_no, problems=len(problems), skipped=len(problems) - len(todo))
     if not todo:
         log.info("rollouts.skip", round=round_no, reason="every problem already has a stored tree",
@@ -294,7 +294,7 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
     log.info("rollouts.start", round=round_no, problems=len(todo), skipped=stats.skipped, workers=n_workers,
              engines=cfg.ray.policy_engines, q_mode=phase.spec.q_mode, rollouts=phase.spec.rollouts,
              children=phase.spec.children)
-    shards = [_Shard(i, {str(p.id): p for p in todo[i::n_workers]}) for i in range(n_workers)]
+    shards = [_Shard(i, {p.id: p for p in todo[i::n_workers]}) for i in range(n_workers)]
     # Engines load their models while the workers start: both are awaited here, so a model that cannot load
     # fails the phase before any search starts.
     ready = phase.start_engines()

@@ -43,7 +43,7 @@ from typing import Any
 
 from mcts.answers import terminal_answers
 from mcts.config import SearchConfig
-from mcts.protocols import Executor, Grader, Policy, Scorer, SearchState
+from mcts.protocols import Executor, Grader, Policy, ProblemLike, Scorer, SearchState
 from mcts.qvalues import check_unit
 from mcts.search import TreeSearch
 from mcts.seeds import derive_seed
@@ -80,7 +80,7 @@ class _View:
     id: str
     question: str
     answer: object
-    problem: object
+    problem: ProblemLike
 
 
 @dataclass(frozen=True)
@@ -90,17 +90,17 @@ class ChainResult:
     solution: str  # the rendered steps root -> terminal; '' when the chain did not finish
 
 
-def _grade_view(view: object, answer: str | None, grade: Grader) -> bool:
-    return grade(view.problem, answer)  # type: ignore[attr-defined]
+def _grade_view(view: ProblemLike, answer: str | None, grade: Grader) -> bool:
+    assert isinstance(view, _View), view  # run_chains builds every tree over a _View
+    return grade(view.problem, answer)
 
 
-def _view(problem: object, suffix: str, with_reference: bool = True) -> _View:
-    reference = getattr(problem, "answer", None) if with_reference else None
-    return _View(f"{problem.id}#{suffix}", str(problem.question), reference, problem)  # type: ignore[attr-defined]
+def _view(problem: ProblemLike, suffix: str, with_reference: bool = True) -> _View:
+    return _View(f"{problem.id}#{suffix}", problem.question, problem.answer if with_reference else None, problem)
 
 
 def run_chains(
-    problems: Sequence[object],
+    problems: Sequence[ProblemLike],
     samples: int,
     policy: Policy,
     executor: Executor,
@@ -116,7 +116,7 @@ def run_chains(
         TreeSearch(
             _view(p, f"{phase}{j}"),
             chain_cfg,
-            derive_seed("eval", seed, round_index, phase, str(p.id), j),  # type: ignore[attr-defined]
+            derive_seed("eval", seed, round_index, phase, p.id, j),
             grader=lambda view, answer: _grade_view(view, answer, grade),
             round_index=round_index,
         )
@@ -139,7 +139,7 @@ def run_chains(
 
 
 def evaluate(
-    problems: Sequence[object],
+    problems: Sequence[ProblemLike],
     *,
     round_index: int,
     greedy: Policy,
@@ -159,7 +159,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one round on held-out ``problems`` (objects with ``.id``, ``.question``, ``.answer``).
+    """Evaluate one round on held-out ``problems`` (``mcts.protocols.ProblemLike``).
 
     ``greedy`` decodes greedily; ``sampler`` samples (it is also the MCTS policy). ``search`` supplies the
     search settings the chains and the test-time MCTS share (c_puct, max_depth, unvisited, ...); mode,
@@ -173,7 +173,7 @@ def evaluate(
     if not problems:
         raise ValueError(f"evaluate(round {round_index}): no held-out problems; give at least one "
                          f"(problems.eval_source / the held-out split)")
-    ids = [str(p.id) for p in problems]  # type: ignore[attr-defined]
+    ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"evaluate(round {round_index}): duplicate problem ids {dup}; ids must be unique")
@@ -184,7 +184,7 @@ def evaluate(
     skipped: dict[str, str] = {}
     metrics: dict[str, float | None] = dict.fromkeys(METRIC_KEYS)
     counts: dict[str, dict[str, Any]] = {}
-    per_problem: list[dict[str, Any]] = [{"id": i, "reference": str(getattr(p, "answer", ""))}
+    per_problem: list[dict[str, Any]] = [{"id": i, "reference": "" if p.answer is None else str(p.answer)}
                                          for i, p in zip(ids, problems, strict=True)]
 
     # --- greedy pass@1 ---
@@ -243,7 +243,7 @@ def evaluate(
     return result
 
 
-def _sampled_metrics(problems: Sequence[object], per_problem: list[dict[str, Any]], metrics: dict[str, Any],
+def _sampled_metrics(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], metrics: dict[str, Any],
                      counts: dict[str, Any], skipped: dict[str, str], wall: dict[str, float], *, sampler: Policy,
                      executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
                      params: EvalConfig, search: SearchConfig, seed: int, round_index: int,
@@ -292,7 +292,7 @@ def _sampled_metrics(problems: Sequence[object], per_problem: list[dict[str, Any
         say(f"eval round {round_index}: PPM MCTS {counts['mcts']['correct']}/{n} ({wall['mcts']:.1f}s)")
 
 
-def _best_of_n(problems: Sequence[object], per_problem: list[dict[str, Any]], sampled: list[list[ChainResult]],
+def _best_of_n(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], sampled: list[list[ChainResult]],
                n_best: int, scorer: Scorer) -> dict[str, Any]:
     """Score every complete answered solution among the first N samples in ONE scorer batch, pick the best."""
     states: list[SearchState] = []
@@ -300,7 +300,7 @@ def _best_of_n(problems: Sequence[object], per_problem: list[dict[str, Any]], sa
     for i, (p, chains) in enumerate(zip(problems, sampled, strict=True)):
         for j, c in enumerate(chains[:n_best]):
             if c.answer is not None:
-                states.append(SearchState(f"{p.id}#sample{j}", str(p.question), c.solution, 0))  # type: ignore[attr-defined]
+                states.append(SearchState(f"{p.id}#sample{j}", p.question, c.solution, 0))
                 where.append((i, j))
     raw = scorer.score(states) if states else []
     if len(raw) != len(states):
@@ -317,14 +317,14 @@ def _best_of_n(problems: Sequence[object], per_problem: list[dict[str, Any]], sa
     return {"n": n_best, "correct": correct, "problems": len(problems), "scored": len(states)}
 
 
-def _mcts(problems: Sequence[object], per_problem: list[dict[str, Any]], params: EvalConfig, sampler: Policy,
+def _mcts(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], params: EvalConfig, sampler: Policy,
           executor: Executor, scorer: Scorer, grade: Grader, search: SearchConfig, seed: int,
           round_index: int) -> dict[str, Any]:
     """PPM-guided test-time MCTS per problem (no reference in the search), then grade the best answer."""
     cfg = replace(search, mode="test_time", rollouts=params.mcts_rollouts, children=params.mcts_children)
     searches = [
         # The test-time tree never holds the reference: only the final best answer is graded, outside it.
-        TreeSearch(_view(p, "mcts", with_reference=False), cfg, derive_seed("eval", seed, round_index, "mcts", str(p.id)),  # type: ignore[attr-defined]
+        TreeSearch(_view(p, "mcts", with_reference=False), cfg, derive_seed("eval", seed, round_index, "mcts", p.id),
                    grader=None, round_index=round_index)
         for p in problems
     ]
@@ -343,7 +343,7 @@ def _mcts(problems: Sequence[object], per_problem: list[dict[str, Any]], params:
             "problems": len(problems), "answered": answered, "terminals": terminals}
 
 
-def _registry_strategies(problems: Sequence[object], per_problem: list[dict[str, Any]], skipped: dict[str, str],
+def _registry_strategies(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], skipped: dict[str, str],
                          wall: dict[str, float], params: EvalConfig, *, greedy: Policy, sampler: Policy,
                          executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
                          search: SearchConfig, seed: int, greedy_only_reason: str | None,
