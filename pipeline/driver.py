@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from pipeline.config import RunConfig, config_diff, dump_config
+from pipeline.console import Console, duration, phase_summary
 from pipeline.context import RoundContext, load_run_problems, prompt_fn, run_lineage
 from pipeline.evaluation import evaluate_model, full_eval, phase_eval, round0_done, write_run_report
 from pipeline.runlog import RunLog
@@ -84,51 +85,64 @@ PHASES: list[tuple[str, Callable[[RoundContext], dict]]] = [
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def start(cfg: RunConfig, run_dir: str | None, rounds: list[int], force: bool = False) -> int:
+def start(cfg: RunConfig, run_dir: str | None, rounds: list[int], force: bool = False, verbose: bool = False,
+          console: Console | None = None) -> int:
     """Create or continue a run and execute ``rounds``, holding the run's lease throughout. Returns the exit status.
 
     ``force`` continues a run whose stored config differs, and takes over a lease gone stale (``pipeline.lease``).
+    The console (``pipeline.console``; default: stdout) shows one live bar per phase and a line when it ends;
+    what libraries print goes to RUN_DIR/libraries.log unless ``verbose``.
     """
     run = _open_run(cfg, run_dir, force)
     if run is None:
         return 2
+    console = console or Console(verbose=verbose)
     try:
-        return _drive(cfg, run, rounds)
+        return _drive(cfg, run, rounds, console)
     finally:
         run.lease.release()
 
 
-def _drive(cfg: RunConfig, run: RunDir, rounds: list[int]) -> int:
-    log = RunLog(run.log_path)
+def _drive(cfg: RunConfig, run: RunDir, rounds: list[int], console: Console) -> int:
+    log = RunLog(run.log_path, console=console)
     log.info("run_start", run_dir=str(run.root), rounds=rounds, pid=os.getpid(), host=socket.gethostname())
     if run.lease.taken_over:
         old, why = run.lease.taken_over
         log.warning("lease_taken_over", holder_host=old.host, holder_pid=old.pid, holder_since=old.since, reason=why)
     repair_trees(run, rounds, log)
     if all(run.round_succeeded(r) for r in rounds) and run.report_path.is_file():
-        print(f"{run.root}: rounds {rounds[0]}-{rounds[-1]} are already complete; nothing to do.")
-        print(run.report_path.read_text())
+        print(f"{run.root}: rounds {rounds[0]}-{rounds[-1]} are already complete; nothing to do.", file=console.stream)
+        print(run.report_path.read_text(), file=console.stream)
         return 0
     from pipeline.cluster import ResourceError, check_resources, connect
 
-    problems, eval_problems = load_run_problems(cfg, run, log)
-    with connect(cfg.ray, log=log) as cluster:  # the process's one Ray connection; every phase uses it
-        try:
-            check_resources(cfg.ray, cluster, workers=min(cfg.ray.rollout_workers, max(1, len(problems))),
-                            scorers=int(any(cfg.rounds.schedule[r - 1].q_mode == "ppm" for r in rounds)), log=log)
-        except ResourceError as e:
-            log.error("ray.resources", reason=str(e))
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        if cfg.eval.enabled and cfg.eval.base_model and not round0_done(run):
-            evaluate_model(cfg, run, 0, run_lineage(cfg, run).bootstrap, None, eval_problems, log,
-                           full=full_eval(cfg, 0))
-        for r in rounds:
-            ctx = RoundContext(cfg, run, r, log, _round_problems(cfg, r, problems), eval_problems)
-            run_round(ctx)
-    table = write_run_report(run, log)
-    print(table)
-    print(f"\nrun directory: {run.root}")
+    console.line(f"run directory {run.root} (events: log.jsonl; library output: libraries.log)")
+    with console.quiet_libraries(run.root / "libraries.log"):
+        problems, eval_problems = load_run_problems(cfg, run, log)
+        with connect(cfg.ray, log=log) as cluster:  # the process's one Ray connection; every phase uses it
+            try:
+                check_resources(cfg.ray, cluster, workers=min(cfg.ray.rollout_workers, max(1, len(problems))),
+                                scorers=int(any(cfg.rounds.schedule[r - 1].q_mode == "ppm" for r in rounds)), log=log)
+            except ResourceError as e:
+                log.error("ray.resources", reason=str(e), action="exit 1")
+                error = e
+            else:
+                error = None
+                if cfg.eval.enabled and cfg.eval.base_model and not round0_done(run):
+                    t = time.perf_counter()
+                    info = evaluate_model(cfg, run, 0, run_lineage(cfg, run).bootstrap, None, eval_problems, log,
+                                          full=full_eval(cfg, 0))
+                    console.line(f"round 0 eval (the base model) done in {duration(time.perf_counter() - t)}: "
+                                 f"{phase_summary('eval', info)}")
+                for r in rounds:
+                    ctx = RoundContext(cfg, run, r, log, _round_problems(cfg, r, problems), eval_problems, console)
+                    run_round(ctx)
+        table = write_run_report(run, log) if error is None else ""
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(table, file=console.stream)
+    print(f"\nrun directory: {run.root}", file=console.stream)
     return 0
 
 
@@ -149,6 +163,9 @@ def run_round(ctx: RoundContext) -> None:
         info["wall_s"] = round(time.perf_counter() - t, 2)
         ctx.run.mark_done(ctx.round_no, name, info)
         ctx.log.info("phase_done", round=ctx.round_no, phase=name, wall_s=info["wall_s"])
+        if ctx.console is not None:
+            ctx.console.line(f"round {ctx.round_no} {name.replace('_', ' ')} done in {duration(info['wall_s'])}: "
+                             f"{phase_summary(name, info)}")
     ctx.run.mark_round_success(ctx.round_no, {"wall_s": round(time.perf_counter() - t0, 2)})
 
 

@@ -93,7 +93,10 @@ def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm:
     log.info("eval_start", round=round_no, policy=policy, ppm=ppm, problems=len(problems))
     # Progress lines reach the run log only in-process; a Ray task's output goes to the job log instead.
     say = None if cfg.ray.gpus_per_engine else (lambda msg: log.info("eval_progress", message=msg))
-    result = on_accelerators(cfg, _evaluate, *args, say=say)
+    console = getattr(log, "console", None)  # the live bars too (one per metric), in-process only
+    track = None if cfg.ray.gpus_per_engine or console is None else (
+        lambda label, total: console.bar(f"round {round_no} eval {label}", total, solved=True))
+    result = on_accelerators(cfg, _evaluate, *args, say=say, track=track)
     log.info("eval_done", round=round_no, **{k: v for k, v in result["metrics"].items() if v is not None})
     return {"metrics": result["metrics"], "skipped": result.get("skipped", {}), "counts": result.get("counts", {}),
             "n": result.get("n_problems")}
@@ -101,7 +104,7 @@ def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm:
 
 def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: str | None, problems: list,
               trained: bool, train_solved: tuple[int, int] | None, full: bool = True,
-              say: Callable[[str], None] | None = None) -> dict:
+              say: Callable[[str], None] | None = None, track: Callable | None = None) -> dict:
     import data
     from pipeline.engines import make_policy, make_scorer, with_generation
     from pipeline.sandbox import SandboxPool
@@ -122,7 +125,7 @@ def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: st
                         no_train_reason="round 0 is the base model: no search of its own" if round_no == 0 else None,
                         greedy_only_reason=None if full else f"greedy only at round {round_no} (eval.full_rounds="
                                                              f"{cfg.eval.full_rounds})",
-                        models={"policy": policy, "ppm": ppm}, out_dir=out_dir, log=say)
+                        models={"policy": policy, "ppm": ppm}, out_dir=out_dir, log=say, track=track)
 
 
 def write_metrics(ctx: RoundContext) -> None:

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from rounds.schedule import RoundSpec
 
 
+TICK_S = 10.0  # seconds between console refreshes and engine token polls while trees are in flight
+
+
 class RolloutError(RuntimeError):
     """The rollout phase cannot finish; the message names the worker or engine and what to do."""
 
@@ -239,15 +242,16 @@ class _Phase:
         for a in self.workers + self.engines + self.scorers:
             ray.kill(a, no_restart=True)
 
-    def engine_totals(self) -> tuple[float, int, list[str]]:
-        """(busy seconds, tokens, notes) summed over the policy engines that answer."""
+    def engine_totals(self, timeout: float = 60.0) -> tuple[float, int, list[str]]:
+        """(busy seconds, tokens, notes) summed over the policy engines that answer within ``timeout`` seconds
+        (engines serve ``stats`` beside their generation calls: it answers at once)."""
         import ray
         from ray.exceptions import RayActorError
 
         busy, tokens, notes = 0.0, 0, []
         for i, e in enumerate(self.engines):
             try:
-                st = ray.get(e.stats.remote(), timeout=60)
+                st = ray.get(e.stats.remote(), timeout=timeout)
             except (RayActorError, ray.exceptions.GetTimeoutError) as err:
                 notes.append(f"engine {i}: no stats ({type(err).__name__}); its busy time is not counted")
                 continue
@@ -304,9 +308,16 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
     reports: list[WorkerReport] = []
     t0 = time.perf_counter()
     streams = {phase.run_shard(s): s for s in shards}
+    polled = time.monotonic()
     try:
         while streams:
-            ready, _ = ray.wait(list(streams), num_returns=1, timeout=60.0)
+            # A short wait keeps the console alive (elapsed, ETA, a plain line every 10 s) while trees take minutes.
+            ready, _ = ray.wait(list(streams), num_returns=1, timeout=TICK_S)
+            if time.monotonic() - polled >= TICK_S:
+                polled = time.monotonic()
+                progress.set_tokens(phase.engine_totals(timeout=TICK_S)[1])  # the live tokens/s
+            if not ready:
+                progress.tick()
             for gen in ready:
                 shard = streams[gen]
                 try:

@@ -8,8 +8,11 @@ training starts from the base weights: same rows, same seed, same model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pipeline.context import RoundContext, on_accelerators, parquet_rows, prompt_builder
 from rounds.schedule import policy_settings
@@ -35,7 +38,9 @@ def phase_train_policy(ctx: RoundContext) -> dict:
                      reason="the SFT pool is unchanged since that round (no new correct trajectory)")
         return {"skipped": f"SFT data unchanged since round {same}", "same_as_round": same, "data": data}
     init = init_checkpoint(ctx.cfg.training, ctx.cfg.engines.policy_model, ctx.lineage.newest_policy(ctx.round_no - 1))
-    result = on_accelerators(ctx.cfg, train_policy, init, sft, ctx.run.policy_dir(ctx.round_no), ctx.cfg.training)
+    with _step_bar(ctx, "train policy") as callbacks:
+        result = on_accelerators(ctx.cfg, train_policy, init, sft, ctx.run.policy_dir(ctx.round_no), ctx.cfg.training,
+                                 callbacks=callbacks)
     ctx.log.info("policy_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps, rows=n,
                  problems=data["problems"], pooled=ctx.cfg.training.policy_pool)
     return dataclasses.asdict(result) | {"out_dir": str(result.out_dir), "data": data}
@@ -56,7 +61,9 @@ def phase_train_ppm(ctx: RoundContext) -> dict:
         return {"skipped": f"{n} preference pairs"}
     # Runs after phase_train_policy, so under ppm_init="policy" the backbone is this round's fine-tuned policy.
     init = init_checkpoint(ctx.cfg.training, ctx.lineage.ppm_backbone(ctx.round_no), ctx.lineage.newest_ppm(ctx.round_no - 1))
-    result = on_accelerators(ctx.cfg, train_ppm, init, pairs, ctx.run.ppm_dir(ctx.round_no), ctx.cfg.training)
+    with _step_bar(ctx, "train ppm") as callbacks:
+        result = on_accelerators(ctx.cfg, train_ppm, init, pairs, ctx.run.ppm_dir(ctx.round_no), ctx.cfg.training,
+                                 callbacks=callbacks)
     ctx.log.info("ppm_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps,
                  heldout_accuracy=result.pairwise_accuracy, heldout_pairs=result.heldout_pairs)
     return dataclasses.asdict(result) | {"out_dir": str(result.out_dir)}
@@ -89,4 +96,37 @@ def same_data_round(ctx: RoundContext, digest: str) -> int | None:
     return None
 
 
-__all__ = ["phase_train_policy", "phase_train_ppm", "policy_sft_data", "same_data_round"]
+@contextlib.contextmanager
+def _step_bar(ctx: RoundContext, what: str) -> Iterator[list[Any]]:
+    """The trainer callbacks that drive a console step bar with the last loss (none when the round has no
+    console, or training runs as a Ray task: the console lives in this process)."""
+    if ctx.console is None or ctx.cfg.ray.gpus_per_engine:
+        yield []
+        return
+    bar = ctx.console.bar(f"round {ctx.round_no} {what}", None, unit="step")
+    try:
+        yield [bar_callback(bar)]
+    finally:
+        bar.close(line=False)  # the phase's summary line follows (pipeline.driver.run_round)
+
+
+def bar_callback(bar: Any) -> Any:
+    """A transformers ``TrainerCallback`` that moves ``bar`` (``pipeline.console.Bar``) one step per optimizer
+    step and shows each logged loss."""
+    from transformers import TrainerCallback
+
+    class StepBar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            bar.set_total(state.max_steps or None, done=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            bar.update(1)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                bar.update(0, loss=float(logs["loss"]))
+
+    return StepBar()
+
+
+__all__ = ["bar_callback", "phase_train_policy", "phase_train_ppm", "policy_sft_data", "same_data_round"]

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mcts.answers import terminal_answers
 from mcts.config import SearchConfig
@@ -56,6 +56,26 @@ from rounds.strategies.base import SolveContext
 from rounds.voting import Equivalent, best_scored, majority_vote
 
 METRIC_KEYS = ("greedy_pass1", "maj_at_k", "ppm_best_of_n", "ppm_mcts", "train_solved")
+
+
+class _NoMeter:
+    def update(self, n: int = 1, *, solved: int = 0) -> None:
+        pass
+
+    def close(self, summary: str | None = None) -> None:
+        pass
+
+
+class Meter(Protocol):
+    """A live counter of one metric's problems (``pipeline.console.Bar`` is one)."""
+
+    def update(self, n: int = 1, *, solved: int = 0) -> None: ...
+
+    def close(self, summary: str | None = None) -> None: ...
+
+
+# (label, problems) -> a Meter for that metric, e.g. ("greedy", 50); None: no live display.
+Track = Callable[[str, int], Meter]
 
 
 @dataclass(frozen=True)
@@ -109,8 +129,10 @@ def run_chains(
     seed: int,
     round_index: int,
     phase: str,
+    meter: Meter | None = None,
 ) -> list[list[ChainResult]]:
-    """``samples`` linear chains per problem, all advanced together; result[i][j] = problem i, chain j."""
+    """``samples`` linear chains per problem, all advanced together; result[i][j] = problem i, chain j.
+    ``meter`` counts a problem done when its last chain finishes, solved when one of its chains is correct."""
     chain_cfg = replace(search, mode="terminal", rollouts=1, children=1)
     searches = [
         TreeSearch(
@@ -123,7 +145,18 @@ def run_chains(
         for p in problems
         for j in range(samples)
     ]
-    run_search(searches, policy, executor)
+    left = [samples] * len(problems)
+    solved = [False] * len(problems)
+    where = {id(s): i for i, s in enumerate(searches)}
+
+    def finished(search: TreeSearch) -> None:
+        i = where[id(search)] // samples
+        left[i] -= 1
+        solved[i] = solved[i] or any(t.verdict == "correct" for t in terminal_answers(search.tree))
+        if left[i] == 0 and meter is not None:
+            meter.update(1, solved=int(solved[i]))
+
+    run_search(searches, policy, executor, on_done=finished)
     out: list[list[ChainResult]] = []
     for i in range(len(problems)):
         row = []
@@ -158,6 +191,7 @@ def evaluate(
     models: dict[str, str | None] | None = None,
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    track: Track | None = None,
 ) -> dict[str, Any]:
     """Evaluate one round on held-out ``problems`` (``mcts.protocols.ProblemLike``).
 
@@ -178,6 +212,9 @@ def evaluate(
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"evaluate(round {round_index}): duplicate problem ids {dup}; ids must be unique")
     say = log or (lambda _msg: None)
+
+    def meter(label: str) -> Meter:  # one live counter per metric (``track``), or none
+        return track(label, len(problems)) if track is not None else _NoMeter()
     n = len(problems)
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
@@ -189,7 +226,8 @@ def evaluate(
 
     # --- greedy pass@1 ---
     t = time.perf_counter()
-    greedy_runs = run_chains(problems, 1, greedy, executor, grade, search, seed, round_index, "greedy")
+    m = meter("greedy")
+    greedy_runs = run_chains(problems, 1, greedy, executor, grade, search, seed, round_index, "greedy", m)
     wall["greedy"] = time.perf_counter() - t
     correct = 0
     for row, (chain,) in zip(per_problem, greedy_runs, strict=True):
@@ -198,6 +236,7 @@ def evaluate(
     metrics["greedy_pass1"] = correct / n
     counts["greedy"] = {"correct": correct, "problems": n,
                         "answered": sum(c[0].answer is not None for c in greedy_runs)}
+    m.close(f"greedy pass@1 {correct}/{n}")
     say(f"eval round {round_index}: greedy pass@1 {correct}/{n} ({wall['greedy']:.1f}s)")
 
     if greedy_only_reason is not None:
@@ -206,11 +245,12 @@ def evaluate(
     else:
         _sampled_metrics(problems, per_problem, metrics, counts, skipped, wall, sampler=sampler, executor=executor,
                          grade=grade, equivalent=equivalent, scorer=scorer, params=params, search=search, seed=seed,
-                         round_index=round_index, no_ppm_reason=no_ppm_reason, say=say)
+                         round_index=round_index, no_ppm_reason=no_ppm_reason, say=say, meter=meter)
 
     strategies = _registry_strategies(problems, per_problem, skipped, wall, params, greedy=greedy, sampler=sampler,
                                       executor=executor, grade=grade, equivalent=equivalent, scorer=scorer,
-                                      search=search, seed=seed, greedy_only_reason=greedy_only_reason, say=say)
+                                      search=search, seed=seed, greedy_only_reason=greedy_only_reason, say=say,
+                                      meter=meter)
 
     if train_solved is None:
         skipped["train_solved"] = no_train_reason or (
@@ -247,14 +287,16 @@ def _sampled_metrics(problems: Sequence[ProblemLike], per_problem: list[dict[str
                      counts: dict[str, Any], skipped: dict[str, str], wall: dict[str, float], *, sampler: Policy,
                      executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
                      params: EvalConfig, search: SearchConfig, seed: int, round_index: int,
-                     no_ppm_reason: str | None, say: Callable[[str], None]) -> None:
+                     no_ppm_reason: str | None, say: Callable[[str], None],
+                     meter: Callable[[str], Meter]) -> None:
     """maj@k over sampled chains and, with a scorer, PPM best-of-N over the same samples and PPM-guided MCTS;
     fills ``metrics``, ``counts``, ``skipped``, ``wall`` and the per-problem rows in place."""
     n = len(problems)
     # --- sampled chains: maj@k, and best-of-N when there is a PPM ---
     n_samples = max(params.maj_k, params.best_of_n if scorer is not None else 0)
     t = time.perf_counter()
-    sampled = run_chains(problems, n_samples, sampler, executor, grade, search, seed, round_index, "sample")
+    m = meter(f"{n_samples} samples")
+    sampled = run_chains(problems, n_samples, sampler, executor, grade, search, seed, round_index, "sample", m)
     wall["samples"] = time.perf_counter() - t
     correct = any_correct = 0
     k = params.maj_k
@@ -271,6 +313,7 @@ def _sampled_metrics(problems: Sequence[ProblemLike], per_problem: list[dict[str
                      "answered_samples": sum(c.answer is not None for cs in sampled for c in cs[:k]),
                      "pass_at_k": any_correct}
     counts["samples"] = {"per_problem": n_samples, "shared_by": "maj@k and best-of-N"}
+    m.close(f"maj@{k} {correct}/{n}, pass@{k} {any_correct}/{n}")
     say(f"eval round {round_index}: maj@{k} {correct}/{n} ({wall['samples']:.1f}s for {n * n_samples} chains)")
 
     if scorer is None:
@@ -285,8 +328,10 @@ def _sampled_metrics(problems: Sequence[ProblemLike], per_problem: list[dict[str
         say(f"eval round {round_index}: PPM best-of-{params.best_of_n} {counts['best_of_n']['correct']}/{n}")
 
         t = time.perf_counter()
+        m = meter("PPM MCTS")
         counts["mcts"] = _mcts(problems, per_problem, params, sampler, executor, scorer, grade, search, seed,
-                               round_index)
+                               round_index, m)
+        m.close(f"PPM MCTS {counts['mcts']['correct']}/{n}")
         wall["mcts"] = time.perf_counter() - t
         metrics["ppm_mcts"] = counts["mcts"]["correct"] / n
         say(f"eval round {round_index}: PPM MCTS {counts['mcts']['correct']}/{n} ({wall['mcts']:.1f}s)")
@@ -319,7 +364,7 @@ def _best_of_n(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]
 
 def _mcts(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], params: EvalConfig, sampler: Policy,
           executor: Executor, scorer: Scorer, grade: Grader, search: SearchConfig, seed: int,
-          round_index: int) -> dict[str, Any]:
+          round_index: int, meter: Meter | None = None) -> dict[str, Any]:
     """PPM-guided test-time MCTS per problem (no reference in the search), then grade the best answer."""
     cfg = replace(search, mode="test_time", rollouts=params.mcts_rollouts, children=params.mcts_children)
     searches = [
@@ -328,7 +373,7 @@ def _mcts(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], pa
                    grader=None, round_index=round_index)
         for p in problems
     ]
-    run_search(searches, sampler, executor, scorer)
+    run_search(searches, sampler, executor, scorer, on_done=meter and (lambda _s: meter.update(1)))
     correct = answered = terminals = 0
     for row, p, s in zip(per_problem, problems, searches, strict=True):
         terms = terminal_answers(s.tree)
@@ -347,7 +392,7 @@ def _registry_strategies(problems: Sequence[ProblemLike], per_problem: list[dict
                          wall: dict[str, float], params: EvalConfig, *, greedy: Policy, sampler: Policy,
                          executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
                          search: SearchConfig, seed: int, greedy_only_reason: str | None,
-                         say: Callable[[str], None]) -> dict[str, Any]:
+                         say: Callable[[str], None], meter: Callable[[str], Meter]) -> dict[str, Any]:
     """``params.strategies`` through the registry (``rounds.solve.solve``): {spec: counts}, answers per problem."""
     out: dict[str, Any] = {}
     ctx = SolveContext(sampler, executor, scorer, greedy, search, seed, mcts_children=params.mcts_children,
@@ -361,8 +406,11 @@ def _registry_strategies(problems: Sequence[ProblemLike], per_problem: list[dict
             skipped[spec] = f"strategy {name!r} needs a PPM; none was given for this round"
             continue
         t = time.perf_counter()
+        m = meter(spec)
         rows = solve(problems, name, budget, ctx, grade=grade, batch=max(1, len(problems)))
         wall[spec] = time.perf_counter() - t
+        m.update(len(rows), solved=sum(bool(r["correct"]) for r in rows))
+        m.close(f"{spec} {sum(bool(r['correct']) for r in rows)}/{len(rows)}")
         for row, r in zip(per_problem, rows, strict=True):
             row[f"{spec}_answer"], row[f"{spec}_correct"] = r["answer"], r["correct"]
         correct = sum(bool(r["correct"]) for r in rows)
