@@ -59,8 +59,12 @@ class Bar:
         if console.interactive:
             from tqdm import tqdm
 
-            self._tqdm = tqdm(total=total, desc=label, unit=unit, file=console.stream, dynamic_ncols=True,
-                              leave=False, mininterval=console.min_redraw_s, miniters=1)
+            # A terminal that reports no size (a pty nobody sized, e.g. under `script` or a test) gets COLUMNS or
+            # 100 columns: tqdm would draw nothing in a 0x0 terminal.
+            width = _terminal_width(console.stream)
+            size = {} if width is None else {"ncols": width, "nrows": 24}  # tqdm hides bars past nrows (0 here)
+            self._tqdm = tqdm(total=total, desc=label, unit=unit, file=console.stream, dynamic_ncols=width is None,
+                              leave=False, mininterval=console.min_redraw_s, miniters=1, **size)
 
     def update(self, n: int = 1, *, solved: int = 0, tokens: int = 0, loss: float | None = None) -> None:
         """``n`` more done; ``solved`` of them solved; ``tokens`` generated; ``loss`` the latest training loss."""
@@ -234,6 +238,19 @@ class Console:
                 _hf_progress_bars(enabled=True, only=bars)
                 for lg, handlers, propagate in saved_loggers:
                     lg.handlers, lg.propagate = handlers, propagate
+
+
+def _terminal_width(stream: TextIO) -> int | None:
+    """None when ``stream`` is a terminal that knows its width (tqdm follows it), else the width to draw at."""
+    import os
+    import shutil
+
+    try:
+        if os.get_terminal_size(stream.fileno()).columns > 0:
+            return None
+    except (AttributeError, ValueError, OSError):  # not a real file (StringIO) or not a terminal
+        pass
+    return int(os.environ.get("COLUMNS") or 0) or shutil.get_terminal_size((100, 24)).columns or 100
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -301,8 +301,17 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
     shards = [_Shard(i, {p.id: p for p in todo[i::n_workers]}) for i in range(n_workers)]
     # Engines load their models while the workers start: both are awaited here, so a model that cannot load
     # fails the phase before any search starts.
-    ready = phase.start_engines()
-    phase.await_ready(ready + [phase.start_worker(s) for s in shards], "engine and worker actors")
+    refs = phase.start_engines()
+    refs += [phase.start_worker(s) for s in shards]
+    # Loading a model can take minutes: the console shows the wait (a ticking bar) rather than nothing.
+    starting = log.console.bar(f"round {round_no} starting actors", len(refs), unit="actor") if log.console else None
+    try:
+        phase.await_ready(refs, "engine and worker actors")
+        if starting is not None:
+            starting.update(len(refs))
+    finally:
+        if starting is not None:
+            starting.close(line=False)
     writer = trees.writer(cfg.storage.shard_problems)
     progress = log.progress("rollouts", total=len(todo), round=round_no)
     reports: list[WorkerReport] = []

@@ -182,3 +182,26 @@ def test_a_run_config_written_with_the_search_defaults_still_loads_and_matches(t
     path.write_text(yaml.safe_dump(old))
     assert load_config(path) == cfg
     assert config_diff(path.read_text(), cfg) == []
+
+
+def test_round_py_names_missing_dependencies_and_what_to_do():
+    sys.path.insert(0, str(ROOT))
+    import round as entry
+
+    assert entry.missing_dependencies(find=lambda name: None if name in ("ray", "trl") else object()) == ["ray", "trl"]
+    assert entry.missing_dependencies() == []  # this interpreter is the project's environment
+    msg = entry.dependency_error(["ray"])
+    assert "cannot import ray" in msg and "ray start --head" in msg and "venv" in msg, msg
+
+
+def test_round_py_under_a_python_without_the_project_exits_2_at_once(tmp_path):
+    # The job of `ray job submit` runs the `python` on the head's PATH: a bare system Python here.
+    bare = "/usr/bin/python3"
+    if not Path(bare).is_file():
+        pytest.skip(f"{bare}: no system Python to play the head's interpreter")
+    proc = subprocess.run([bare, "-I", str(ROOT / "round.py"), "--config", "configs/tiny.yaml"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60)
+    if proc.returncode == 0 or "cannot import" not in proc.stderr:
+        pytest.skip(f"{bare} has the project's dependencies installed")
+    assert proc.returncode == 2 and proc.stderr.startswith("round.py: error: this Python"), proc.stderr
+    assert "ray start --head" in proc.stderr
