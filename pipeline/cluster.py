@@ -87,13 +87,12 @@ def resolve_address(cfg: RayConfig, env: Mapping[str, str]) -> str:
     return cfg.address or env.get("RAY_ADDRESS", "")
 
 
-def connect(cfg: RayConfig, env: Mapping[str, str] | None = None, log: Any = None,
-            log_to_driver: bool = True) -> Cluster:
+def connect(cfg: RayConfig, env: Mapping[str, str] | None = None, log: Any = None) -> Cluster:
     """Join or start Ray as described in the module doc; ``log`` (a ``RunLog``) records which.
 
     Idempotent: when Ray is already initialised (a test fixture, a notebook, an outer ``connect``) that
-    connection is used and left alone on exit. ``log_to_driver`` False keeps the actors' own output (library
-    warnings, load bars) in Ray's session logs instead of this process's console.
+    connection is used and left alone on exit. The actors' output is forwarded to this process (a run's console
+    sends it to RUN_DIR/libraries.log, ``pipeline.console``).
     """
     import ray
 
@@ -107,7 +106,7 @@ def connect(cfg: RayConfig, env: Mapping[str, str] | None = None, log: Any = Non
             return dataclasses.replace(_CURRENT, owned=False)
         return Cluster(address=_gcs_address(), started=False, joined_job=in_job, owned=False)
     elif address := resolve_address(cfg, env):
-        kwargs: dict[str, Any] = {"address": address, "log_to_driver": log_to_driver}
+        kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
         if not in_job:
             kwargs["runtime_env"] = job_runtime_env(REPO_ROOT)
         try:
@@ -125,7 +124,7 @@ def connect(cfg: RayConfig, env: Mapping[str, str] | None = None, log: Any = Non
             num_cpus=cfg.num_cpus or None,
             include_dashboard=cfg.include_dashboard,
             runtime_env={"env_vars": {"PYTHONPATH": _pythonpath_with_repo()}},
-            log_to_driver=log_to_driver,
+            log_to_driver=True,
         )
         cluster = Cluster(address=_gcs_address(), started=True, joined_job=False)
     _CURRENT = cluster
