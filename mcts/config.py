@@ -13,11 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mcts.behaviours import check_behaviours
-
-# terminal:  terminal-guided Q (rounds 1-2): reward +1 / -1 from the grader, backed up to the root.
-# ppm:       PPM-augmented Q (rounds 3-4): as terminal, and every new non-terminal node's Q starts at its PPM score.
-# test_time: no reference answer: PPM-initialised Q, and a terminal's reward is its own PPM score.
-SearchMode = Literal["terminal", "ppm", "test_time"]
+from mcts.node import SearchMode
 
 # How UCT scores a child with no visits (and no PPM prior): rStar-Math scores it 0, so a visited sibling
 # with a positive UCT value is preferred and high-Q branches are explored first ("zero", the default);

@@ -15,6 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# terminal:  terminal-guided Q (rounds 1-2): reward +1 / -1 from the grader, backed up to the root.
+# ppm:       PPM-augmented Q (rounds 3-4): as terminal, and every new non-terminal node's Q starts at its PPM score.
+# test_time: no reference answer: PPM-initialised Q, and a terminal's reward is its own PPM score.
+SearchMode = Literal["terminal", "ppm", "test_time"]
+
 # open:     may still be selected and expanded.
 # terminal: a final step (an answer, or the model stopped at <end_of_answer>); its reward was backed up.
 # dead:     a dead end (non-final step at max depth, or too many failed expansions); reward -1 backed up.

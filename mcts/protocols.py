@@ -8,7 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class ProblemLike(Protocol):
+    """What the search reads of a problem (``data.Problem`` is one; tests use small frozen dataclasses).
+
+    ``id`` is unique within a round and names the tree (a string: seeds derive from it, node tables store it);
+    ``answer`` is the reference, read only by the grader (None in a test-time search, which has none)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def question(self) -> str: ...
+
+    @property
+    def answer(self) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -69,4 +86,4 @@ class Scorer(Protocol):
 
 
 # (problem, extracted answer or None) -> correct?  Production: ``data.grade``.
-Grader = Callable[[object, "str | None"], bool]
+Grader = Callable[[ProblemLike, "str | None"], bool]

@@ -35,11 +35,12 @@ import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from mcts.config import SearchConfig
 from mcts.expand import Chain, parse_proposal
 from mcts.node import ROOT_ID, Node, NodeStatus, Verdict
-from mcts.protocols import ExecOutcome, ExecRequest, Grader, Proposal, SearchState
+from mcts.protocols import ExecOutcome, ExecRequest, Grader, ProblemLike, Proposal, SearchState
 from mcts.qvalues import CORRECT_REWARD, DEAD_END_REWARD, WRONG_REWARD, backup, check_unit, record
 from mcts.seeds import proposal_seed
 from mcts.steps import Step
@@ -106,11 +107,11 @@ class _Pending:
 
 
 class TreeSearch:
-    """MCTS over one problem. ``problem`` is any object with ``.id``, ``.question`` and ``.answer``."""
+    """MCTS over one problem (``mcts.protocols.ProblemLike``)."""
 
     def __init__(
         self,
-        problem: object,
+        problem: ProblemLike,
         config: SearchConfig,
         seed: int,
         grader: Grader | None = None,
@@ -118,14 +119,14 @@ class TreeSearch:
     ):
         if config.mode != "test_time" and grader is None:
             raise ValueError(f"search.mode={config.mode!r} grades terminals: pass a grader (e.g. data.grade)")
-        reference = getattr(problem, "answer", None)
+        reference = problem.answer
         self.problem = problem
         self.config = config
         self.grader = grader
         self.tree = Tree(
             TreeInfo(
-                problem_id=str(problem.id),  # type: ignore[attr-defined]
-                question=str(problem.question),  # type: ignore[attr-defined]
+                problem_id=problem.id,
+                question=problem.question,
                 reference="" if reference is None else str(reference),
                 round=round_index,
                 mode=config.mode,
@@ -162,16 +163,17 @@ class TreeSearch:
         req = self._request
         if req is None:
             raise RuntimeError(f"tree {self.tree_id}: search is done; nothing to feed")
+        # What ``result`` holds is fixed by the request it answers (the module doc's protocol): say so to the checker.
         if isinstance(req, ProposeRequest):
-            self._on_proposals(result)  # type: ignore[arg-type]
+            self._on_proposals(cast("Sequence[Proposal]", result))
         elif isinstance(req, ExecBatch):
             if len(result) != len(req.requests):
                 raise ValueError(f"tree {self.tree_id}: {len(result)} outcomes for {len(req.requests)} exec requests")
-            self._on_outcomes(result)  # type: ignore[arg-type]
+            self._on_outcomes(cast("Sequence[ExecOutcome]", result))
         else:
             if len(result) != len(req.states):
                 raise ValueError(f"tree {self.tree_id}: {len(result)} scores for {len(req.states)} states")
-            self._on_scores(req, result)  # type: ignore[arg-type]
+            self._on_scores(req, cast("Sequence[float]", result))
 
     def extend(self, rollouts: int) -> None:
         """Grant more rollouts (e.g. round 4's extra rollouts for unsolved problems); resumes a done search."""

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mcts.config import SearchMode
-from mcts.node import NO_PARENT, ROOT_ID, Failure, FailureStage, Node, NodeStatus, Verdict
+from mcts.node import NO_PARENT, ROOT_ID, Failure, FailureStage, Node, NodeStatus, SearchMode, Verdict
 from mcts.steps import Step, render_step
 
 

@@ -12,6 +12,7 @@ A worker that wants generation never to wait for the slowest tree skips this mod
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from mcts.protocols import Executor, Policy, Scorer
 from mcts.search import ExecBatch, ProposeRequest, Request, ScoreBatch, TreeSearch
@@ -32,35 +33,49 @@ def run_wave(searches: Sequence[TreeSearch], policy: Policy, executor: Executor,
 
     Returns the number of searches that were given proposals (0: nothing left to propose).
     """
-    proposing = [s for s in searches if isinstance(s.next_request(), ProposeRequest)]
-    by_k: dict[int, list[TreeSearch]] = {}
-    for s in proposing:
-        by_k.setdefault(s.next_request().k, []).append(s)  # type: ignore[union-attr]
+    proposing = _waiting(searches, ProposeRequest)
+    by_k: dict[int, list[tuple[TreeSearch, ProposeRequest]]] = {}
+    for s, req in proposing:
+        by_k.setdefault(req.k, []).append((s, req))
     for k, group in by_k.items():
-        states = [s.next_request().state for s in group]  # type: ignore[union-attr]
+        states = [req.state for _, req in group]
         outs = policy.propose(states, k)
         if len(outs) != len(states):
             raise ValueError(f"policy.propose returned {len(outs)} lists for {len(states)} states")
-        for s, proposals in zip(group, outs, strict=True):
+        for (s, _), proposals in zip(group, outs, strict=True):
             s.feed(proposals)
     while True:
-        execs = [s for s in searches if isinstance(s.next_request(), ExecBatch)]
+        execs = _waiting(searches, ExecBatch)
         if execs:
-            batches = [s.next_request().requests for s in execs]  # type: ignore[union-attr]
+            batches = [req.requests for _, req in execs]
             flat = executor.run([r for b in batches for r in b])
-            for s, part in zip(execs, _split(flat, [len(b) for b in batches], "executor.run"), strict=True):
+            for (s, _), part in zip(execs, _split(flat, [len(b) for b in batches], "executor.run"), strict=True):
                 s.feed(part)
             continue
-        scoring = [s for s in searches if isinstance(s.next_request(), ScoreBatch)]
+        scoring = _waiting(searches, ScoreBatch)
         if scoring:
             if scorer is None:
-                raise ValueError(f"search.mode={scoring[0].config.mode!r} needs a PPM scorer; none was given")
-            batches = [s.next_request().states for s in scoring]  # type: ignore[union-attr]
-            flat = scorer.score([st for b in batches for st in b])
-            for s, part in zip(scoring, _split(flat, [len(b) for b in batches], "scorer.score"), strict=True):
+                raise ValueError(f"search.mode={scoring[0][0].config.mode!r} needs a PPM scorer; none was given")
+            score_batches = [req.states for _, req in scoring]
+            scores = scorer.score([st for b in score_batches for st in b])
+            for (s, _), part in zip(scoring, _split(scores, [len(b) for b in score_batches], "scorer.score"),
+                                    strict=True):
                 s.feed(part)
             continue
         return len(proposing)
+
+
+R = TypeVar("R", ProposeRequest, ExecBatch, ScoreBatch)
+
+
+def _waiting(searches: Sequence[TreeSearch], kind: type[R]) -> list[tuple[TreeSearch, R]]:
+    """(search, its request) for every search whose current request is a ``kind``."""
+    out = []
+    for s in searches:
+        req = s.next_request()
+        if isinstance(req, kind):
+            out.append((s, req))
+    return out
 
 
 def run_search(

@@ -333,7 +333,7 @@ class RolloutWorker:
 
         t0 = time.perf_counter()
         spec = self.spec
-        searches = [TreeSearch(p, spec.search, tree_seed(spec.run_seed, spec.round_no, str(p.id)), self.grader,
+        searches = [TreeSearch(p, spec.search, tree_seed(spec.run_seed, spec.round_no, p.id), self.grader,
                                round_index=spec.round_no) for p in problems]
         n_groups = max(1, min(spec.groups, len(searches)))
         groups = [searches[g::n_groups] for g in range(n_groups)]

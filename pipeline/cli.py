@@ -4,7 +4,7 @@
     python -m pipeline export RUN_DIR --round 2 --out exported/
     python -m pipeline eval RUN_DIR --round 2
     python -m pipeline eval RUN_DIR --round 0 --problems my_benchmark.jsonl --json
-    python -m pipeline config configs/embedded.yaml --set search.rollouts=4
+    python -m pipeline config configs/embedded.yaml --set rounds.schedule.0.rollouts=4
     python -m pipeline capacity configs/qwen2.5-math-7b.yaml --problems 747000 --from-log runs/x/log.jsonl --gpus 64
     python -m pipeline solve --run runs/emb --round 4 --strategy beam --budget 8 --out solve/
 """
@@ -42,14 +42,10 @@ def _with_lease(args: argparse.Namespace, command) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.driver import export_round_cli
-
     return _with_lease(args, lambda root: export_round_cli(root, args.round, Path(args.out) if args.out else None))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.driver import eval_round_cli
-
     return _with_lease(args, lambda root: eval_round_cli(root, args.round,
                                                          Path(args.problems) if args.problems else None,
                                                          as_json=args.json, greedy_only=args.greedy_only))
@@ -71,6 +67,115 @@ def _cmd_capacity(args: argparse.Namespace) -> int:
     from pipeline.capacity import main as capacity
 
     return capacity(args)
+
+
+def stored_run(run_dir: Path):
+    """(config, RunDir) of a run directory, its config read from its config.yaml."""
+    from pipeline.config import load_config
+    from pipeline.storage import RunDir
+
+    run = RunDir(run_dir)
+    return load_config(run.config_path if run.config_path.is_file() else run_dir / "config.yaml"), run
+
+
+def export_round_cli(run_dir: Path, round_no: int, out: Path | None) -> int:
+    """``python -m pipeline export``: (re)write a round's four parquet files from its stored trees."""
+    from pipeline.context import prompt_fn
+    from pipeline.export import export_round
+    from pipeline.storage import StorageError
+
+    cfg, run = stored_run(run_dir)
+    if not run.trees(round_no).completed_problem_ids():
+        print(f"error: {run.trees_dir(round_no)}: no completed trees for round {round_no}", file=sys.stderr)
+        return 2
+    try:
+        result = export_round(run, round_no, prompt_fn(cfg.engines.policy_model, few_shot=False), out_dir=out,
+                              extract_config=cfg.search.extract)
+    except StorageError as e:  # e.g. a damaged shard: the message names it and how to repair it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for table, path in result.paths.items():
+        print(f"{table:10s} {result.rows[table]:7d} rows  {path}")
+    return 0
+
+
+def eval_round_cli(run_dir: Path, round_no: int, problems_file: Path | None = None, as_json: bool = False,
+                   greedy_only: bool = False) -> int:
+    """``python -m pipeline eval``: evaluate a round's policy and PPM (round 0 = the bootstrap model in its
+    bootstrap prompt) on the run's held-out set or on ``problems_file``. Returns the exit status."""
+    import json
+
+    from pipeline.cluster import connect
+    from pipeline.context import load_run_problems, run_lineage
+    from pipeline.evaluation import evaluate_model, full_eval
+    from pipeline.runlog import RunLog
+    from pipeline.storage import RunDir
+    from rounds.report import fraction_text
+
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        print(f"error: {run_dir}: not a run directory (no config.yaml); pass the directory a run wrote",
+              file=sys.stderr)
+        return 2
+    if round_no < 0:
+        print(f"error: --round {round_no}: must be >= 0 (0 = the base model)", file=sys.stderr)
+        return 2
+    cfg, run = stored_run(run_dir)
+    log = RunLog(run.log_path)
+    if problems_file is None:
+        _, problems = load_run_problems(cfg, run, log)
+        out_dir = None
+    else:
+        problems, error = read_problems_file(problems_file)
+        if error:
+            print(f"error: --problems {problems_file}: {error}", file=sys.stderr)
+            return 2
+        out_dir = run.root / f"round_{round_no}" / f"eval_{Path(problems_file).stem}"
+    lineage = run_lineage(cfg, run)
+    trained = lineage.newest_policy(round_no) if round_no else None
+    if round_no and trained is None and not run.round_dir(round_no).is_dir():
+        print(f"error: {run_dir}: round {round_no} was never run; rounds present: {run.rounds()}", file=sys.stderr)
+        return 2
+    policy = trained or lineage.bootstrap
+    ppm = lineage.newest_ppm(round_no) if round_no else None
+    full = not greedy_only and full_eval(cfg, round_no)
+    with connect(cfg.ray, log=log):
+        result = evaluate_model(cfg, run, round_no, policy, ppm, problems, log, trained=trained is not None,
+                                full=full, out_dir=out_dir)
+    counts = result.get("counts", {})
+    for key, counts_key in (("greedy_pass1", "greedy"), ("maj_at_k", "maj"), ("ppm_best_of_n", "best_of_n"),
+                            ("ppm_mcts", "mcts")):
+        c = counts.get(counts_key) or {}
+        value = result["metrics"].get(key)
+        text = fraction_text(c["correct"], c["problems"]) if value is not None and "correct" in c else "-"
+        print(f"{key:15s} {text}")
+    print(f"policy {policy}; ppm {ppm or '-'}; {len(problems)} problems; "
+          f"eval.json in {out_dir or run.root / f'round_{round_no}'}")
+    if as_json:
+        g = counts.get("greedy") or {}
+        summary = {"round": round_no, "n": len(problems), "policy": policy, "ppm": ppm,
+                   **{k: v for k, v in result["metrics"].items() if k != "train_solved"},
+                   "greedy_correct": g.get("correct"), "skipped": result.get("skipped", {})}
+        print(json.dumps(summary))
+    return 0
+
+
+def read_problems_file(path: Path) -> tuple[list, str | None]:
+    """(problems, None) from a user's jsonl/json/parquet/csv file, or ([], why it cannot be used)."""
+    from data.loaders import FILE_FORMATS, ProblemSourceError, load_problems_with_report
+
+    path = Path(path)
+    if not path.is_file():
+        return [], "no such file" if not path.exists() else "not a file"
+    if not str(path).lower().endswith(FILE_FORMATS):
+        return [], f"unsupported file type {path.suffix!r}; use one of {', '.join(FILE_FORMATS)}"
+    try:
+        result = load_problems_with_report(str(path))
+    except ProblemSourceError as e:
+        return [], str(e).removeprefix(f"{path}: ")
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # a corrupt parquet, undecodable bytes
+        return [], f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return result.problems, None
 
 
 def main(argv: list[str] | None = None) -> int:

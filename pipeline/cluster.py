@@ -18,6 +18,7 @@ git objects); Ray also honours ``.gitignore``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -38,6 +39,10 @@ JOB_EXCLUDES: tuple[str, ...] = (
 
 # Set by Ray's job supervisor in the environment of a submitted job's entrypoint.
 _JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot hold what the config asks for; the message names the resource, the ask and the supply."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,10 @@ class Cluster:
         disconnect(self)
 
 
+# The connection this process made (None: none, or Ray was initialised by someone else).
+_CURRENT: Cluster | None = None
+
+
 def job_runtime_env(working_dir: str | Path = ".") -> dict[str, Any]:
     """The runtime env a job needs: the repository as ``working_dir``, minus what it never needs."""
     return {"working_dir": str(working_dir), "excludes": list(JOB_EXCLUDES)}
@@ -82,14 +91,20 @@ def connect(cfg: RayConfig, env: Mapping[str, str] | None = None, log: Any = Non
     """Join or start Ray as described in the module doc; ``log`` (a ``RunLog``) records which.
 
     Idempotent: when Ray is already initialised (a test fixture, a notebook, an outer ``connect``) that
-    connection is used and left alone on exit.
+    connection is used and left alone on exit. The actors' output is forwarded to this process (a run's console
+    sends it to RUN_DIR/libraries.log, ``pipeline.console``).
     """
     import ray
 
+    global _CURRENT
     env = os.environ if env is None else env
     in_job = _JOB_ENV_VAR in env
     if ray.is_initialized():
-        cluster = Cluster(address=_gcs_address(), started=False, joined_job=in_job, owned=False)
+        # One connection per process: reuse it, and keep knowing whether we started it (a cluster we started
+        # cannot grow, so an ask it cannot hold fails at once instead of waiting out a timeout).
+        if _CURRENT is not None:
+            return dataclasses.replace(_CURRENT, owned=False)
+        return Cluster(address=_gcs_address(), started=False, joined_job=in_job, owned=False)
     elif address := resolve_address(cfg, env):
         kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
         if not in_job:
@@ -112,6 +127,7 @@ def connect(cfg: RayConfig, env: Mapping[str, str] | None = None, log: Any = Non
             log_to_driver=True,
         )
         cluster = Cluster(address=_gcs_address(), started=True, joined_job=False)
+    _CURRENT = cluster
     if log is not None:
         log.info("ray.connect", cluster=cluster.describe(), resources=ray.cluster_resources())
     return cluster
@@ -122,8 +138,11 @@ def disconnect(cluster: Cluster) -> None:
     A connection this ``connect`` did not make (``owned=False``) is left alone."""
     import ray
 
+    global _CURRENT
     if cluster.owned and ray.is_initialized():
         ray.shutdown()
+    if cluster.owned:
+        _CURRENT = None
 
 
 @contextmanager
@@ -134,6 +153,44 @@ def ray_cluster(cfg: RayConfig, env: Mapping[str, str] | None = None, log: Any =
         yield cluster
     finally:
         disconnect(cluster)
+
+
+def rollout_needs(cfg: RayConfig, workers: int, scorers: int) -> dict[str, float]:
+    """CPUs and GPUs the actors of one rollout phase reserve: engines, PPM scorers and rollout workers."""
+    return {"CPU": cfg.policy_engines * cfg.cpus_per_engine + scorers * cfg.cpus_per_scorer
+            + workers * cfg.cpus_per_worker,
+            "GPU": cfg.policy_engines * cfg.gpus_per_engine + scorers * cfg.gpus_per_scorer}
+
+
+def shortfall(cfg: RayConfig, workers: int, scorers: int, have: Mapping[str, float]) -> str | None:
+    """None when the actors fit in ``have`` (e.g. ``ray.cluster_resources()``); else one sentence naming each
+    short resource, the config keys that ask for it, the amount asked and what the cluster has."""
+    need = rollout_needs(cfg, workers, scorers)
+    short = {k: (v, float(have.get(k, 0.0))) for k, v in need.items() if v > float(have.get(k, 0.0)) + 1e-9}
+    if not short:
+        return None
+    what = ", ".join(f"{v:g} {k} needed, {h:g} in the cluster" for k, (v, h) in short.items())
+    scorer = (f" + {scorers} PPM scorer x (ray.cpus_per_scorer={cfg.cpus_per_scorer:g}, "
+              f"ray.gpus_per_scorer={cfg.gpus_per_scorer:g})" if scorers else "")
+    return (f"{cfg.policy_engines} policy engine(s) x (ray.cpus_per_engine={cfg.cpus_per_engine:g}, "
+            f"ray.gpus_per_engine={cfg.gpus_per_engine:g}){scorer} + {workers} rollout worker(s) "
+            f"x ray.cpus_per_worker={cfg.cpus_per_worker:g}: {what}")
+
+
+def check_resources(cfg: RayConfig, cluster: Cluster, workers: int, scorers: int, log: Any = None) -> None:
+    """Fail at once (``ResourceError``) when a cluster this process started cannot hold the run's actors: it will
+    never grow, and Ray would otherwise leave them pending until ``rollouts.startup_timeout_s``. A joined
+    cluster may grow (an autoscaler adds nodes): there the shortfall is logged as a warning."""
+    import ray
+
+    why = shortfall(cfg, workers, scorers, ray.cluster_resources())
+    if why is None:
+        return
+    if cluster.started:
+        raise ResourceError(f"{why}. Lower those (fractions are fine: they only reserve scheduling slots) or "
+                            f"raise ray.num_cpus (0 = all cores of this machine).")
+    if log is not None:
+        log.warning("ray.resources", reason=why + "; waiting for the cluster to grow")
 
 
 def _pythonpath_with_repo() -> str:

@@ -2,9 +2,12 @@
 
     cfg = load_config("configs/embedded.yaml", ["search.c_puct=1.5", "rounds.schedule.0.rollouts=4"])
 
+The search's mode, rollouts and children are set per round (``rounds.schedule.N.q_mode / rollouts / children``)
+and nowhere else: ``search.rollouts`` in a preset or ``--set`` is rejected with the key to use (``ROUND_OWNED``).
+
 Each part is a frozen dataclass owned by the code it configures (problems -> ``data``, search -> ``mcts``,
 sandbox / engines -> ``pipeline``, training / rounds -> ``rounds``); the parts that belong to orchestration
-(storage, ray, eval) are defined here. ``load_config`` validates everything once, before any work starts,
+(storage, ray) are defined here; eval is ``rounds.eval_config``. ``load_config`` validates everything once, before any work starts,
 and raises ``ConfigError`` with a one-line message naming the key, the value and what is allowed. It also
 checks that local paths named by the config exist (the one I/O step, kept out of the dataclasses).
 """
@@ -19,8 +22,8 @@ from data import ProblemsConfig
 from mcts.config import SearchConfig
 from pipeline.confload import ConfigError, apply_override, build, diff, to_plain
 from pipeline.engines.config import EngineConfig
-from pipeline.rollouts import RolloutConfig
 from pipeline.sandbox import SandboxConfig
+from rounds.eval_config import EvalConfig
 from rounds.schedule import RoundsConfig, RoundSpec
 from rounds.train_config import TrainingConfig
 
@@ -70,33 +73,26 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    enabled: bool = True
-    base_model: bool = True  # evaluate the untrained bootstrap policy as round 0
-    maj_k: int = 8  # samples for maj@k
-    best_of_n: int = 8  # samples scored by the PPM for best-of-N
-    mcts_rollouts: int = 8  # PPM-guided test-time MCTS rollouts per problem
-    mcts_children: int = 4
-    # Rounds (0 = the base model) that get the full evaluation (maj@k, PPM best-of-N, PPM-guided MCTS);
-    # every other round measures greedy pass@1 only. None: every round. A CPU preset sets [0, 4].
-    full_rounds: list[int] | None = None
-    # Extra test-time strategies from the registry (rounds.strategies), 'NAME@BUDGET', e.g. [beam@8, dvts@8]:
-    # measured in the full evaluations beside the four metrics, exactly as `python -m pipeline solve` runs them.
-    strategies: list[str] = field(default_factory=list)
+class RolloutConfig:
+    """Tunables of the rollout phase that are not resources (those are ``RayConfig``)."""
+
+    # Tree groups per worker, each advanced by its own thread: while one group's generation batch is with
+    # the engine, another group's code executes. 1 = strict alternation (no overlap); 2 is enough when
+    # executing a wave takes no longer than generating one.
+    groups: int = 2
+    engine_retries: int = 3  # re-sends of a request whose engine actor died, before the phase fails
+    retry_backoff_s: float = 0.5  # wait before the first re-send; doubles per attempt
+    startup_timeout_s: float = 900.0  # for actors to start and load their models (a cold GPU model takes minutes)
 
     def __post_init__(self) -> None:
-        for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        from rounds.solve import parse_spec
-
-        for spec in self.strategies:
-            try:
-                parse_spec(spec)
-            except ValueError as e:
-                raise ValueError(f"strategies={self.strategies}: {e}") from None
-        if self.full_rounds is not None and any(r < 0 for r in self.full_rounds):
-            raise ValueError(f"full_rounds={self.full_rounds}: round numbers must be >= 0 (0 = the base model)")
+        if self.groups < 1:
+            raise ValueError(f"groups={self.groups}: must be >= 1")
+        if self.engine_retries < 0:
+            raise ValueError(f"engine_retries={self.engine_retries}: must be >= 0")
+        if self.retry_backoff_s < 0:
+            raise ValueError(f"retry_backoff_s={self.retry_backoff_s}: must be >= 0")
+        if not self.startup_timeout_s > 0:
+            raise ValueError(f"startup_timeout_s={self.startup_timeout_s}: must be > 0")
 
 
 @dataclass(frozen=True)
@@ -117,6 +113,46 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name={self.name!r}: must be a non-empty name without '/'")
+
+
+# Search settings each round sets for itself: search.<key> -> rounds.schedule.N.<field>. The run config does not
+# offer them at top level (one place per number: a round spec always overrode them, silently).
+ROUND_OWNED: dict[str, str] = {"mode": "q_mode", "rollouts": "rollouts", "children": "children"}
+
+
+def _round_owned_error(key: str, rounds: int) -> ConfigError:
+    field_ = ROUND_OWNED[key]
+    return ConfigError(f"search.{key}: set per round, not here; use rounds.schedule.N.{field_} "
+                       f"(N = 0..{rounds - 1}), e.g. --set rounds.schedule.1.{field_}=...")
+
+
+def _drop_round_owned(data: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """``data`` without search.mode / rollouts / children. A value equal to the search default is what earlier
+    versions wrote into every run's config.yaml (it never took effect): dropped. Any other value: ConfigError."""
+    search = data.get("search")
+    if not isinstance(search, dict):
+        return data
+    defaults = SearchConfig()
+    for key in ROUND_OWNED:
+        if key in search:
+            if search[key] != getattr(defaults, key):
+                raise _round_owned_error(key, rounds)
+            search = {k: v for k, v in search.items() if k != key}
+    return {**data, "search": search}
+
+
+def _plain(cfg: RunConfig) -> dict[str, Any]:
+    """The config as YAML data, without the search keys the rounds own."""
+    data = to_plain(cfg)
+    data["search"] = {k: v for k, v in data["search"].items() if k not in ROUND_OWNED}
+    return data
+
+
+def _check_override_key(assignment: str, rounds: int) -> None:
+    key = assignment.split("=", 1)[0].strip()
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[0] == "search" and parts[1] in ROUND_OWNED:
+        raise _round_owned_error(parts[1], rounds)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -185,14 +221,21 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
         data = upgrade_legacy_keys(loaded or {}, str(path))
+    data = _drop_round_owned(data, _rounds_in(data))
     if overrides:
         # Overrides address the resolved tree so list items that only exist as defaults can be set.
-        data = _merge(to_plain(build(RunConfig, data)), data)
+        data = _merge(_plain(build(RunConfig, data)), data)
         for assignment in overrides:
+            _check_override_key(assignment, _rounds_in(data))
             apply_override(data, assignment)
     cfg = build(RunConfig, data)
     check_paths(cfg)
     return cfg
+
+
+def _rounds_in(data: dict[str, Any]) -> int:
+    schedule = (data.get("rounds") or {}).get("schedule") if isinstance(data.get("rounds"), dict) else None
+    return len(schedule) if isinstance(schedule, list) and schedule else RoundsConfig().count
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -205,14 +248,19 @@ def _merge(base: dict, top: dict) -> dict:
 def dump_config(cfg: RunConfig) -> str:
     import yaml
 
-    return yaml.safe_dump(to_plain(cfg), sort_keys=False)
+    return yaml.safe_dump(_plain(cfg), sort_keys=False)
 
 
 def config_diff(stored_yaml: str, cfg: RunConfig) -> list[str]:
     import yaml
 
-    return diff(yaml.safe_load(stored_yaml), to_plain(cfg))
+    stored = yaml.safe_load(stored_yaml) or {}
+    try:
+        stored = _drop_round_owned(stored, _rounds_in(stored))  # an earlier version's config.yaml holds them
+    except ConfigError:
+        pass  # a stored value that never took effect: shown in the diff as it is
+    return diff(stored, _plain(cfg))
 
 
-__all__ = ["RunConfig", "StorageConfig", "RayConfig", "EvalConfig", "ConfigError", "load_config", "dump_config",
-           "config_diff", "check_paths"]
+__all__ = ["RunConfig", "StorageConfig", "RayConfig", "RolloutConfig", "EvalConfig", "ConfigError", "load_config", "dump_config",
+           "config_diff", "check_paths", "ROUND_OWNED"]

@@ -132,7 +132,7 @@ def apply_override(data: dict, assignment: str) -> None:
     import yaml
 
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set search.rollouts=16")
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set search.c_puct=1.5")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     try:

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.storage import StorageError, atomic_write_text, host_identity, pid_alive, proc_start, utc_now
+from data.atomic_io import StorageError, atomic_write_text, host_identity, pid_alive, proc_start, utc_now
 
 LEASE_NAME = "_lease.json"
 DEFAULT_TIMEOUT_S = 120.0  # a holder without a heartbeat for this long may be taken over with --force

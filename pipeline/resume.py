@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--force", action="store_true",
                         help="resume even if --set changes the stored config, or take over a stale run lease")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every run-log event and what libraries print on the console (default: the run's "
+                             "log files only)")
     args = parser.parse_args(argv)
 
     from pipeline.engines.malloc import limit_arenas
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.driver import start
 
-    return start(cfg, args.run_dir, rounds, force=args.force)
+    return start(cfg, args.run_dir, rounds, force=args.force, verbose=args.verbose)
 
 
 if __name__ == "__main__":

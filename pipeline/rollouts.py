@@ -39,41 +39,22 @@ from pipeline.actors import (
     WorkerSpec,
     actor_class,
 )
+from pipeline.config import RolloutConfig
 
 if TYPE_CHECKING:
     from mcts.config import SearchConfig
-    from mcts.protocols import Executor, Grader, Policy, Scorer
+    from mcts.protocols import Executor, Grader, Policy, ProblemLike, Scorer
     from pipeline.config import RunConfig
     from pipeline.runlog import RunLog
     from pipeline.storage import RunDir, TreeStore
     from rounds.schedule import RoundSpec
 
 
+TICK_S = 10.0  # seconds between console refreshes and engine token polls while trees are in flight
+
+
 class RolloutError(RuntimeError):
     """The rollout phase cannot finish; the message names the worker or engine and what to do."""
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    """Tunables of the rollout phase that are not resources (those are ``RayConfig``)."""
-
-    # Tree groups per worker, each advanced by its own thread: while one group's generation batch is with
-    # the engine, another group's code executes. 1 = strict alternation (no overlap); 2 is enough when
-    # executing a wave takes no longer than generating one.
-    groups: int = 2
-    engine_retries: int = 3  # re-sends of a request whose engine actor died, before the phase fails
-    retry_backoff_s: float = 0.5  # wait before the first re-send; doubles per attempt
-    startup_timeout_s: float = 900.0  # for actors to start and load their models (a cold GPU model takes minutes)
-
-    def __post_init__(self) -> None:
-        if self.groups < 1:
-            raise ValueError(f"groups={self.groups}: must be >= 1")
-        if self.engine_retries < 0:
-            raise ValueError(f"engine_retries={self.engine_retries}: must be >= 0")
-        if self.retry_backoff_s < 0:
-            raise ValueError(f"retry_backoff_s={self.retry_backoff_s}: must be >= 0")
-        if not self.startup_timeout_s > 0:
-            raise ValueError(f"startup_timeout_s={self.startup_timeout_s}: must be > 0")
 
 
 @dataclass
@@ -224,25 +205,17 @@ class _Phase:
 
     def check_fit(self, n_workers: int, can_grow: bool) -> None:
         """Fail fast when the actors cannot all be placed (they would wait forever); only warn on a cluster
-        that may grow (an autoscaler can add nodes)."""
+        that may grow (an autoscaler can add nodes). The run checked this once at connect; this repeats it
+        for a direct caller of ``run_rollouts``."""
         import ray
 
-        r = self.cfg.ray
-        n_scorers = 1 if self.backends.scorer is not None else 0
-        need = {"CPU": r.policy_engines * r.cpus_per_engine + n_scorers * r.cpus_per_scorer
-                + n_workers * r.cpus_per_worker,
-                "GPU": r.policy_engines * r.gpus_per_engine + n_scorers * r.gpus_per_scorer}
-        have = ray.cluster_resources()
-        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-        if not short:
+        from pipeline.cluster import shortfall
+
+        why = shortfall(self.cfg.ray, n_workers, 1 if self.backends.scorer is not None else 0,
+                        ray.cluster_resources())
+        if why is None:
             return
-        what = ", ".join(f"{v:g} {k} needed, {h:g} in the cluster" for k, (v, h) in short.items())
-        scorer = (f" + 1 PPM scorer x (ray.cpus_per_scorer={r.cpus_per_scorer:g}, "
-                  f"ray.gpus_per_scorer={r.gpus_per_scorer:g})" if n_scorers else "")
-        msg = (f"round {self.round_no}: {r.policy_engines} policy engine(s)"
-               f" x (ray.cpus_per_engine={r.cpus_per_engine:g}, ray.gpus_per_engine={r.gpus_per_engine:g})"
-               f"{scorer} + {n_workers} rollout worker(s) "
-               f"x ray.cpus_per_worker={r.cpus_per_worker:g}: {what}")
+        msg = f"round {self.round_no}: {why}"
         if not can_grow:
             raise RolloutError(f"{msg}. Lower those (fractions are fine: they only reserve scheduling slots) "
                                f"or raise ray.num_cpus.")
@@ -269,15 +242,16 @@ class _Phase:
         for a in self.workers + self.engines + self.scorers:
             ray.kill(a, no_restart=True)
 
-    def engine_totals(self) -> tuple[float, int, list[str]]:
-        """(busy seconds, tokens, notes) summed over the policy engines that answer."""
+    def engine_totals(self, timeout: float = 60.0) -> tuple[float, int, list[str]]:
+        """(busy seconds, tokens, notes) summed over the policy engines that answer within ``timeout`` seconds
+        (engines serve ``stats`` beside their generation calls: it answers at once)."""
         import ray
         from ray.exceptions import RayActorError
 
         busy, tokens, notes = 0.0, 0, []
         for i, e in enumerate(self.engines):
             try:
-                st = ray.get(e.stats.remote(), timeout=60)
+                st = ray.get(e.stats.remote(), timeout=timeout)
             except (RayActorError, ray.exceptions.GetTimeoutError) as err:
                 notes.append(f"engine {i}: no stats ({type(err).__name__}); its busy time is not counted")
                 continue
@@ -286,20 +260,20 @@ class _Phase:
         return busy, tokens, notes
 
 
-def run_rollouts(cfg: RunConfig, round_no: int, spec: RoundSpec, problems: Sequence[Any], policy_model: str,
+def run_rollouts(cfg: RunConfig, round_no: int, spec: RoundSpec, problems: Sequence[ProblemLike], policy_model: str,
                  ppm_model: str | None, store: TreeStore | RunDir, log: RunLog, *,
                  settings: RolloutConfig | None = None, backends: Backends | None = None) -> RolloutStats:
     """Run the round's rollouts for every problem not yet stored; see the module doc."""
-    from pipeline.cluster import ray_cluster
+    from pipeline.cluster import ray_cluster  # the process's one connection (made by the driver, or here)
 
     settings = settings or RolloutConfig()
     trees = _tree_store(store, round_no)
-    ids = [str(p.id) for p in problems]
+    ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise RolloutError(f"round {round_no}: duplicate problem ids {dup}; problem ids must be unique")
     done_before = trees.completed_problem_ids()
-    todo = [p for p in problems if str(p.id) not in done_before]
+    todo = [p for p in problems if p.id not in done_before]
     stats = RolloutStats(round=round_no, problems=len(problems), skipped=len(problems) - len(todo))
     if not todo:
         log.info("rollouts.skip", round=round_no, reason="every problem already has a stored tree",
@@ -324,19 +298,35 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
     log.info("rollouts.start", round=round_no, problems=len(todo), skipped=stats.skipped, workers=n_workers,
              engines=cfg.ray.policy_engines, q_mode=phase.spec.q_mode, rollouts=phase.spec.rollouts,
              children=phase.spec.children)
-    shards = [_Shard(i, {str(p.id): p for p in todo[i::n_workers]}) for i in range(n_workers)]
+    shards = [_Shard(i, {p.id: p for p in todo[i::n_workers]}) for i in range(n_workers)]
     # Engines load their models while the workers start: both are awaited here, so a model that cannot load
     # fails the phase before any search starts.
-    ready = phase.start_engines()
-    phase.await_ready(ready + [phase.start_worker(s) for s in shards], "engine and worker actors")
+    refs = phase.start_engines()
+    refs += [phase.start_worker(s) for s in shards]
+    # Loading a model can take minutes: the console shows the wait (a ticking bar) rather than nothing.
+    starting = log.console.bar(f"round {round_no} starting actors", len(refs), unit="actor") if log.console else None
+    try:
+        phase.await_ready(refs, "engine and worker actors")
+        if starting is not None:
+            starting.update(len(refs))
+    finally:
+        if starting is not None:
+            starting.close(line=False)
     writer = trees.writer(cfg.storage.shard_problems)
     progress = log.progress("rollouts", total=len(todo), round=round_no)
     reports: list[WorkerReport] = []
     t0 = time.perf_counter()
     streams = {phase.run_shard(s): s for s in shards}
+    polled = time.monotonic()
     try:
         while streams:
-            ready, _ = ray.wait(list(streams), num_returns=1, timeout=60.0)
+            # A short wait keeps the console alive (elapsed, ETA, a plain line every 10 s) while trees take minutes.
+            ready, _ = ray.wait(list(streams), num_returns=1, timeout=TICK_S)
+            if time.monotonic() - polled >= TICK_S:
+                polled = time.monotonic()
+                progress.set_tokens(phase.engine_totals(timeout=TICK_S)[1])  # the live tokens/s
+            if not ready:
+                progress.tick()
             for gen in ready:
                 shard = streams[gen]
                 try:

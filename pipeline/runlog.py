@@ -11,7 +11,9 @@ and one human-readable line on the console (stderr)::
 Lines are appended with a single ``write`` on an ``O_APPEND`` descriptor, so several processes of one run
 (driver, resume) may share the file, and a killed process leaves at most its last line cut short
 (``read_log`` skips such a line). ``Progress`` shows a tqdm bar when stderr is a terminal and otherwise
-logs a ``<name>.progress`` event every ``interval_s`` seconds: Ray job logs are not a terminal.
+logs a ``<name>.progress`` event every ``interval_s`` seconds: Ray job logs are not a terminal. A run's log has a
+``pipeline.console.Console``: then the console prints (warnings and errors, or every event when verbose), a
+progress draws the console's bar, and ``<name>.progress`` events go to the file every ``interval_s`` seconds.
 """
 
 from __future__ import annotations
@@ -64,9 +66,12 @@ class RunLog:
     """Append structured events to a JSON-lines file (and the console)."""
 
     def __init__(self, path: str | Path | None, config: RunLogConfig = RunLogConfig(),
-                 stream: TextIO | None = None, clock: Callable[[], float] = time.time):
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.time, console: Any = None):
         self.path = Path(path) if path is not None else None
         self.config = config
+        # A ``pipeline.console.Console``: then it alone prints, warnings and errors only (every event if verbose),
+        # and ``progress`` draws its live bar; without one, events print to ``stream`` as lines.
+        self.console = console
         self._stream = stream
         self._clock = clock
         self._fd: int | None = None
@@ -90,10 +95,16 @@ class RunLog:
         record = {"ts": ts, "level": level, "event": event, **fields}
         if self._fd is not None:
             os.write(self._fd, (json.dumps(record, default=_json_default) + "\n").encode("utf-8"))
-        if self.config.console and LEVELS.index(level) >= LEVELS.index(self.config.console_level):
+        floor = "info" if self.console is None or self.console.verbose else "warning"
+        floor = max(floor, self.config.console_level, key=LEVELS.index)
+        if self.config.console and LEVELS.index(level) >= LEVELS.index(floor):
             clock = _dt.datetime.fromtimestamp(now).strftime("%H:%M:%S")
             kv = " ".join(f"{k}={_console_value(v)}" for k, v in fields.items())
-            print(f"{clock} {level:<7} {event} {kv}".rstrip(), file=self.stream, flush=True)
+            text = f"{clock} {level:<7} {event} {kv}".rstrip()
+            if self.console is not None:
+                self.console.line(text, stamp=False)
+            else:
+                print(text, file=self.stream, flush=True)
         return record
 
     def debug(self, event: str, /, **fields: Any) -> dict:
@@ -198,6 +209,11 @@ class Progress:
         self.rollouts = 0
         self.tokens = 0
         self._closed = False
+        self._live = None  # the console's bar (pipeline.console.Bar) when the log has a console
+        if log.console is not None and log.config.console:
+            label = f"round {context['round']} {name}" if "round" in context else name
+            self._live = log.console.bar(label, total, solved=True)
+            use_tqdm = False
         if use_tqdm is None:
             use_tqdm = log.config.console and log.stream.isatty()
         self._bar = None
@@ -219,14 +235,25 @@ class Progress:
         return snap
 
     def set_tokens(self, total: int) -> None:
-        """Set the token total from a source that counts them in one place (e.g. the engines, at the end)."""
+        """Set the token total from a source that counts them in one place (e.g. the engines)."""
         self.tokens = total
+        if self._live is not None:
+            self._live.set_tokens(total)
+
+    def tick(self) -> None:
+        """Nothing done, time passed: refresh the live display and write a due progress event."""
+        self.update()
 
     def update(self, problems: int = 0, solved: int = 0, rollouts: int = 0, tokens: int = 0) -> None:
         self.problems += problems
         self.solved += solved
         self.rollouts += rollouts
         self.tokens += tokens
+        if self._live is not None:
+            if problems or solved or tokens:
+                self._live.update(problems, solved=solved, tokens=tokens)
+            else:
+                self._live.tick()
         if self._bar is not None:
             snap = self.snapshot()
             if problems:
@@ -247,6 +274,8 @@ class Progress:
             self._closed = True
             if self._bar is not None:
                 self._bar.close()
+            if self._live is not None:
+                self._live.close(line=False)  # the phase's summary line follows (pipeline.driver.run_round)
             self.log.info(f"{self.name}.done", **self.context, **snap)
         return snap
 

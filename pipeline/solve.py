@@ -111,25 +111,25 @@ def solve_cli(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace):
     """(config, policy path, ppm path or None, trained?, problems)."""
+    from pipeline.cli import read_problems_file, stored_run
     from pipeline.config import ConfigError, load_config
-    from pipeline.driver import RoundContext, _problems_file, _stored_run
-    from pipeline.runlog import RunLog
+    from pipeline.context import run_lineage
 
     problems = None
     if args.problems:
-        problems, error = _problems_file(Path(args.problems))
+        problems, error = read_problems_file(Path(args.problems))
         if error:
             raise ValueError(f"--problems {args.problems}: {error}")
     if args.run:
         if not (Path(args.run) / "config.yaml").is_file():
             raise ValueError(f"--run {args.run}: not a run directory (no config.yaml)")
-        cfg, run = _stored_run(Path(args.run))
-        ctx = RoundContext(cfg, run, max(args.round, 1), RunLog(Path(args.out) / "solve_log.jsonl"), [], [])
+        cfg, run = stored_run(Path(args.run))
+        lineage = run_lineage(cfg, run)
         if args.round and not run.round_dir(args.round).is_dir():
             raise ValueError(f"--run {args.run}: round {args.round} was never run; rounds present: {run.rounds()}")
-        trained = ctx.newest_policy(args.round) if args.round else None
-        policy = trained or ctx.bootstrap_model()
-        ppm = ctx.newest_ppm(args.round) if args.round else None
+        trained = lineage.newest_policy(args.round) if args.round else None
+        policy = trained or lineage.bootstrap
+        ppm = lineage.newest_ppm(args.round) if args.round else None
         if problems is None:
             from data import load_problems_config
 
@@ -148,9 +148,11 @@ def _models(args: argparse.Namespace):
 
 def _solve(args: argparse.Namespace, names: list[str], budgets: list[int]) -> int:
     import data
-    from pipeline.driver import _cache_dir, _policy_settings, _problems_file
+    from pipeline.cli import read_problems_file
+    from pipeline.context import cache_dir
     from pipeline.engines import make_policy, make_scorer, with_generation
     from pipeline.sandbox import SandboxPool
+    from rounds.schedule import policy_settings
     from rounds.strategies import AUTO, STRATEGIES
     from rounds.strategies.auto import ChoiceTable
     from rounds.strategies.base import ScoreMemo, SolveContext, TokenMeter
@@ -164,7 +166,7 @@ def _solve(args: argparse.Namespace, names: list[str], budgets: list[int]) -> in
         raise ValueError("no problems to solve")
     calibration = None
     if args.calibration:
-        calibration, error = _problems_file(Path(args.calibration))
+        calibration, error = read_problems_file(Path(args.calibration))
         if error:
             raise ValueError(f"--calibration {args.calibration}: {error}")
     choices = ChoiceTable.load(args.choices) if args.choices else None
@@ -176,9 +178,9 @@ def _solve(args: argparse.Namespace, names: list[str], budgets: list[int]) -> in
         else:
             raise ValueError(f"strategy {needs[0]!r} needs a PPM; give --ppm MODEL or a run round with a PPM")
 
-    mode, few_shot = _policy_settings(cfg, trained) if args.run else ("step", args.few_shot)
+    mode, few_shot = policy_settings(cfg.rounds.schedule, trained) if args.run else ("step", args.few_shot)
     sampler = make_policy(cfg.engines, model=policy_path, mode=mode, few_shot=few_shot, seed=cfg.seed,
-                          cache_dir=_cache_dir(cfg))
+                          cache_dir=cache_dir(cfg))
     greedy = with_generation(sampler, dataclasses.replace(cfg.engines.generation, temperature=0.0))
     tok = sampler.builder.tokenizer  # type: ignore[attr-defined]
     meter = TokenMeter(sampler, lambda t: len(tok.encode(t, add_special_tokens=False)))

@@ -2,7 +2,7 @@
 
     result = evaluate(problems, round_index=2, greedy=greedy_policy, sampler=sampling_policy,
                       executor=sandbox, grade=data.grade, equivalent=data.is_equivalent, scorer=ppm,
-                      params=EvalParams(maj_k=8, best_of_n=8, mcts_rollouts=8, mcts_children=4),
+                      params=EvalConfig(maj_k=8, best_of_n=8, mcts_rollouts=8, mcts_children=4),
                       train_solved=TrainSolved(solved=37, problems=50), out_dir=run_dir / "round_2")
 
 Every solution is produced by the MCTS engine itself (``mcts.search.TreeSearch`` driven by
@@ -37,17 +37,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mcts.answers import terminal_answers
 from mcts.config import SearchConfig
-from mcts.protocols import Executor, Grader, Policy, Scorer, SearchState
+from mcts.protocols import Executor, Grader, Policy, ProblemLike, Scorer, SearchState
 from mcts.qvalues import check_unit
 from mcts.search import TreeSearch
 from mcts.seeds import derive_seed
 from mcts.wave import run_search
+from rounds.eval_config import EvalConfig
 from rounds.report import EVAL_FILE, write_json_atomic
 from rounds.solve import parse_spec, solve
 from rounds.strategies import STRATEGIES
@@ -57,26 +58,24 @@ from rounds.voting import Equivalent, best_scored, majority_vote
 METRIC_KEYS = ("greedy_pass1", "maj_at_k", "ppm_best_of_n", "ppm_mcts", "train_solved")
 
 
-@dataclass(frozen=True)
-class EvalParams:
-    """Sample and search budgets of one evaluation (the lead maps ``pipeline.config.EvalConfig`` onto it)."""
+class _NoMeter:
+    def update(self, n: int = 1, *, solved: int = 0) -> None:
+        pass
 
-    maj_k: int = 8  # sampled chains per problem that vote for maj@k
-    best_of_n: int = 8  # sampled chains per problem that the PPM ranks (the first N of the same samples)
-    mcts_rollouts: int = 8  # rollouts of the PPM-guided test-time search per problem
-    mcts_children: int = 4  # candidates per expansion in that search
-    strategies: tuple[str, ...] = ()  # extra registry strategies, 'NAME@BUDGET' (rounds.strategies)
+    def close(self, summary: str | None = None) -> None:
+        pass
 
-    def __post_init__(self) -> None:
-        for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"eval.{name}={value!r}: must be an integer >= 1")
-        for spec in self.strategies:
-            try:
-                parse_spec(spec)
-            except ValueError as e:
-                raise ValueError(f"eval.strategies: {e}") from None
+
+class Meter(Protocol):
+    """A live counter of one metric's problems (``pipeline.console.Bar`` is one)."""
+
+    def update(self, n: int = 1, *, solved: int = 0) -> None: ...
+
+    def close(self, summary: str | None = None) -> None: ...
+
+
+# (label, problems) -> a Meter for that metric, e.g. ("greedy", 50); None: no live display.
+Track = Callable[[str, int], Meter]
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ class _View:
     id: str
     question: str
     answer: object
-    problem: object
+    problem: ProblemLike
 
 
 @dataclass(frozen=True)
@@ -111,17 +110,17 @@ class ChainResult:
     solution: str  # the rendered steps root -> terminal; '' when the chain did not finish
 
 
-def _grade_view(view: object, answer: str | None, grade: Grader) -> bool:
-    return grade(view.problem, answer)  # type: ignore[attr-defined]
+def _grade_view(view: ProblemLike, answer: str | None, grade: Grader) -> bool:
+    assert isinstance(view, _View), view  # run_chains builds every tree over a _View
+    return grade(view.problem, answer)
 
 
-def _view(problem: object, suffix: str, with_reference: bool = True) -> _View:
-    reference = getattr(problem, "answer", None) if with_reference else None
-    return _View(f"{problem.id}#{suffix}", str(problem.question), reference, problem)  # type: ignore[attr-defined]
+def _view(problem: ProblemLike, suffix: str, with_reference: bool = True) -> _View:
+    return _View(f"{problem.id}#{suffix}", problem.question, problem.answer if with_reference else None, problem)
 
 
 def run_chains(
-    problems: Sequence[object],
+    problems: Sequence[ProblemLike],
     samples: int,
     policy: Policy,
     executor: Executor,
@@ -130,21 +129,34 @@ def run_chains(
     seed: int,
     round_index: int,
     phase: str,
+    meter: Meter | None = None,
 ) -> list[list[ChainResult]]:
-    """``samples`` linear chains per problem, all advanced together; result[i][j] = problem i, chain j."""
+    """``samples`` linear chains per problem, all advanced together; result[i][j] = problem i, chain j.
+    ``meter`` counts a problem done when its last chain finishes, solved when one of its chains is correct."""
     chain_cfg = replace(search, mode="terminal", rollouts=1, children=1)
     searches = [
         TreeSearch(
             _view(p, f"{phase}{j}"),
             chain_cfg,
-            derive_seed("eval", seed, round_index, phase, str(p.id), j),  # type: ignore[attr-defined]
+            derive_seed("eval", seed, round_index, phase, p.id, j),
             grader=lambda view, answer: _grade_view(view, answer, grade),
             round_index=round_index,
         )
         for p in problems
         for j in range(samples)
     ]
-    run_search(searches, policy, executor)
+    left = [samples] * len(problems)
+    solved = [False] * len(problems)
+    where = {id(s): i for i, s in enumerate(searches)}
+
+    def finished(search: TreeSearch) -> None:
+        i = where[id(search)] // samples
+        left[i] -= 1
+        solved[i] = solved[i] or any(t.verdict == "correct" for t in terminal_answers(search.tree))
+        if left[i] == 0 and meter is not None:
+            meter.update(1, solved=int(solved[i]))
+
+    run_search(searches, policy, executor, on_done=finished)
     out: list[list[ChainResult]] = []
     for i in range(len(problems)):
         row = []
@@ -160,7 +172,7 @@ def run_chains(
 
 
 def evaluate(
-    problems: Sequence[object],
+    problems: Sequence[ProblemLike],
     *,
     round_index: int,
     greedy: Policy,
@@ -169,7 +181,7 @@ def evaluate(
     grade: Grader,
     equivalent: Equivalent | None,
     scorer: Scorer | None = None,
-    params: EvalParams = EvalParams(),
+    params: EvalConfig = EvalConfig(),
     search: SearchConfig = SearchConfig(),
     seed: int = 0,
     train_solved: TrainSolved | None = None,
@@ -179,8 +191,9 @@ def evaluate(
     models: dict[str, str | None] | None = None,
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    track: Track | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one round on held-out ``problems`` (objects with ``.id``, ``.question``, ``.answer``).
+    """Evaluate one round on held-out ``problems`` (``mcts.protocols.ProblemLike``).
 
     ``greedy`` decodes greedily; ``sampler`` samples (it is also the MCTS policy). ``search`` supplies the
     search settings the chains and the test-time MCTS share (c_puct, max_depth, unvisited, ...); mode,
@@ -194,23 +207,27 @@ def evaluate(
     if not problems:
         raise ValueError(f"evaluate(round {round_index}): no held-out problems; give at least one "
                          f"(problems.eval_source / the held-out split)")
-    ids = [str(p.id) for p in problems]  # type: ignore[attr-defined]
+    ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"evaluate(round {round_index}): duplicate problem ids {dup}; ids must be unique")
     say = log or (lambda _msg: None)
+
+    def meter(label: str) -> Meter:  # one live counter per metric (``track``), or none
+        return track(label, len(problems)) if track is not None else _NoMeter()
     n = len(problems)
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
     skipped: dict[str, str] = {}
     metrics: dict[str, float | None] = dict.fromkeys(METRIC_KEYS)
     counts: dict[str, dict[str, Any]] = {}
-    per_problem: list[dict[str, Any]] = [{"id": i, "reference": str(getattr(p, "answer", ""))}
+    per_problem: list[dict[str, Any]] = [{"id": i, "reference": "" if p.answer is None else str(p.answer)}
                                          for i, p in zip(ids, problems, strict=True)]
 
     # --- greedy pass@1 ---
     t = time.perf_counter()
-    greedy_runs = run_chains(problems, 1, greedy, executor, grade, search, seed, round_index, "greedy")
+    m = meter("greedy")
+    greedy_runs = run_chains(problems, 1, greedy, executor, grade, search, seed, round_index, "greedy", m)
     wall["greedy"] = time.perf_counter() - t
     correct = 0
     for row, (chain,) in zip(per_problem, greedy_runs, strict=True):
@@ -219,6 +236,7 @@ def evaluate(
     metrics["greedy_pass1"] = correct / n
     counts["greedy"] = {"correct": correct, "problems": n,
                         "answered": sum(c[0].answer is not None for c in greedy_runs)}
+    m.close(f"greedy pass@1 {correct}/{n}")
     say(f"eval round {round_index}: greedy pass@1 {correct}/{n} ({wall['greedy']:.1f}s)")
 
     if greedy_only_reason is not None:
@@ -227,11 +245,12 @@ def evaluate(
     else:
         _sampled_metrics(problems, per_problem, metrics, counts, skipped, wall, sampler=sampler, executor=executor,
                          grade=grade, equivalent=equivalent, scorer=scorer, params=params, search=search, seed=seed,
-                         round_index=round_index, no_ppm_reason=no_ppm_reason, say=say)
+                         round_index=round_index, no_ppm_reason=no_ppm_reason, say=say, meter=meter)
 
     strategies = _registry_strategies(problems, per_problem, skipped, wall, params, greedy=greedy, sampler=sampler,
                                       executor=executor, grade=grade, equivalent=equivalent, scorer=scorer,
-                                      search=search, seed=seed, greedy_only_reason=greedy_only_reason, say=say)
+                                      search=search, seed=seed, greedy_only_reason=greedy_only_reason, say=say,
+                                      meter=meter)
 
     if train_solved is None:
         skipped["train_solved"] = no_train_reason or (
@@ -249,7 +268,7 @@ def evaluate(
         "counts": counts,
         "skipped": skipped,
         "wall_s": {k_: round(v_, 3) for k_, v_ in wall.items()},
-        "params": _params_json(params),
+        "params": params.budgets(),
         "search": {"c_puct": search.c_puct, "max_depth": search.max_depth, "unvisited": search.unvisited,
                    "max_consecutive_errors": search.max_consecutive_errors, "prior_weight": search.prior_weight},
         "seed": seed,
@@ -264,18 +283,20 @@ def evaluate(
     return result
 
 
-def _sampled_metrics(problems: Sequence[object], per_problem: list[dict[str, Any]], metrics: dict[str, Any],
+def _sampled_metrics(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], metrics: dict[str, Any],
                      counts: dict[str, Any], skipped: dict[str, str], wall: dict[str, float], *, sampler: Policy,
                      executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
-                     params: EvalParams, search: SearchConfig, seed: int, round_index: int,
-                     no_ppm_reason: str | None, say: Callable[[str], None]) -> None:
+                     params: EvalConfig, search: SearchConfig, seed: int, round_index: int,
+                     no_ppm_reason: str | None, say: Callable[[str], None],
+                     meter: Callable[[str], Meter]) -> None:
     """maj@k over sampled chains and, with a scorer, PPM best-of-N over the same samples and PPM-guided MCTS;
     fills ``metrics``, ``counts``, ``skipped``, ``wall`` and the per-problem rows in place."""
     n = len(problems)
     # --- sampled chains: maj@k, and best-of-N when there is a PPM ---
     n_samples = max(params.maj_k, params.best_of_n if scorer is not None else 0)
     t = time.perf_counter()
-    sampled = run_chains(problems, n_samples, sampler, executor, grade, search, seed, round_index, "sample")
+    m = meter(f"{n_samples} samples")
+    sampled = run_chains(problems, n_samples, sampler, executor, grade, search, seed, round_index, "sample", m)
     wall["samples"] = time.perf_counter() - t
     correct = any_correct = 0
     k = params.maj_k
@@ -292,6 +313,7 @@ def _sampled_metrics(problems: Sequence[object], per_problem: list[dict[str, Any
                      "answered_samples": sum(c.answer is not None for cs in sampled for c in cs[:k]),
                      "pass_at_k": any_correct}
     counts["samples"] = {"per_problem": n_samples, "shared_by": "maj@k and best-of-N"}
+    m.close(f"maj@{k} {correct}/{n}, pass@{k} {any_correct}/{n}")
     say(f"eval round {round_index}: maj@{k} {correct}/{n} ({wall['samples']:.1f}s for {n * n_samples} chains)")
 
     if scorer is None:
@@ -306,14 +328,16 @@ def _sampled_metrics(problems: Sequence[object], per_problem: list[dict[str, Any
         say(f"eval round {round_index}: PPM best-of-{params.best_of_n} {counts['best_of_n']['correct']}/{n}")
 
         t = time.perf_counter()
+        m = meter("PPM MCTS")
         counts["mcts"] = _mcts(problems, per_problem, params, sampler, executor, scorer, grade, search, seed,
-                               round_index)
+                               round_index, m)
+        m.close(f"PPM MCTS {counts['mcts']['correct']}/{n}")
         wall["mcts"] = time.perf_counter() - t
         metrics["ppm_mcts"] = counts["mcts"]["correct"] / n
         say(f"eval round {round_index}: PPM MCTS {counts['mcts']['correct']}/{n} ({wall['mcts']:.1f}s)")
 
 
-def _best_of_n(problems: Sequence[object], per_problem: list[dict[str, Any]], sampled: list[list[ChainResult]],
+def _best_of_n(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], sampled: list[list[ChainResult]],
                n_best: int, scorer: Scorer) -> dict[str, Any]:
     """Score every complete answered solution among the first N samples in ONE scorer batch, pick the best."""
     states: list[SearchState] = []
@@ -321,7 +345,7 @@ def _best_of_n(problems: Sequence[object], per_problem: list[dict[str, Any]], sa
     for i, (p, chains) in enumerate(zip(problems, sampled, strict=True)):
         for j, c in enumerate(chains[:n_best]):
             if c.answer is not None:
-                states.append(SearchState(f"{p.id}#sample{j}", str(p.question), c.solution, 0))  # type: ignore[attr-defined]
+                states.append(SearchState(f"{p.id}#sample{j}", p.question, c.solution, 0))
                 where.append((i, j))
     raw = scorer.score(states) if states else []
     if len(raw) != len(states):
@@ -338,18 +362,18 @@ def _best_of_n(problems: Sequence[object], per_problem: list[dict[str, Any]], sa
     return {"n": n_best, "correct": correct, "problems": len(problems), "scored": len(states)}
 
 
-def _mcts(problems: Sequence[object], per_problem: list[dict[str, Any]], params: EvalParams, sampler: Policy,
+def _mcts(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], params: EvalConfig, sampler: Policy,
           executor: Executor, scorer: Scorer, grade: Grader, search: SearchConfig, seed: int,
-          round_index: int) -> dict[str, Any]:
+          round_index: int, meter: Meter | None = None) -> dict[str, Any]:
     """PPM-guided test-time MCTS per problem (no reference in the search), then grade the best answer."""
     cfg = replace(search, mode="test_time", rollouts=params.mcts_rollouts, children=params.mcts_children)
     searches = [
         # The test-time tree never holds the reference: only the final best answer is graded, outside it.
-        TreeSearch(_view(p, "mcts", with_reference=False), cfg, derive_seed("eval", seed, round_index, "mcts", str(p.id)),  # type: ignore[attr-defined]
+        TreeSearch(_view(p, "mcts", with_reference=False), cfg, derive_seed("eval", seed, round_index, "mcts", p.id),
                    grader=None, round_index=round_index)
         for p in problems
     ]
-    run_search(searches, sampler, executor, scorer)
+    run_search(searches, sampler, executor, scorer, on_done=meter and (lambda _s: meter.update(1)))
     correct = answered = terminals = 0
     for row, p, s in zip(per_problem, problems, searches, strict=True):
         terms = terminal_answers(s.tree)
@@ -364,11 +388,11 @@ def _mcts(problems: Sequence[object], per_problem: list[dict[str, Any]], params:
             "problems": len(problems), "answered": answered, "terminals": terminals}
 
 
-def _registry_strategies(problems: Sequence[object], per_problem: list[dict[str, Any]], skipped: dict[str, str],
-                         wall: dict[str, float], params: EvalParams, *, greedy: Policy, sampler: Policy,
+def _registry_strategies(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], skipped: dict[str, str],
+                         wall: dict[str, float], params: EvalConfig, *, greedy: Policy, sampler: Policy,
                          executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
                          search: SearchConfig, seed: int, greedy_only_reason: str | None,
-                         say: Callable[[str], None]) -> dict[str, Any]:
+                         say: Callable[[str], None], meter: Callable[[str], Meter]) -> dict[str, Any]:
     """``params.strategies`` through the registry (``rounds.solve.solve``): {spec: counts}, answers per problem."""
     out: dict[str, Any] = {}
     ctx = SolveContext(sampler, executor, scorer, greedy, search, seed, mcts_children=params.mcts_children,
@@ -382,21 +406,15 @@ def _registry_strategies(problems: Sequence[object], per_problem: list[dict[str,
             skipped[spec] = f"strategy {name!r} needs a PPM; none was given for this round"
             continue
         t = time.perf_counter()
+        m = meter(spec)
         rows = solve(problems, name, budget, ctx, grade=grade, batch=max(1, len(problems)))
         wall[spec] = time.perf_counter() - t
+        m.update(len(rows), solved=sum(bool(r["correct"]) for r in rows))
+        m.close(f"{spec} {sum(bool(r['correct']) for r in rows)}/{len(rows)}")
         for row, r in zip(per_problem, rows, strict=True):
             row[f"{spec}_answer"], row[f"{spec}_correct"] = r["answer"], r["correct"]
         correct = sum(bool(r["correct"]) for r in rows)
         out[spec] = {"strategy": name, "budget": budget, "correct": correct, "problems": len(rows),
                      "answered": sum(r["answer"] is not None for r in rows)}
         say(f"eval: {spec} {correct}/{len(rows)} ({wall[spec]:.1f}s)")
-    return out
-
-
-def _params_json(params: EvalParams) -> dict[str, Any]:
-    """The params as eval.json stores them: ``strategies`` only when some were asked for (as a JSON list)."""
-    out = asdict(params)
-    strategies = out.pop("strategies")
-    if strategies:
-        out["strategies"] = list(strategies)
     return out

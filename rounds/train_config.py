@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +95,10 @@ class TrainingConfig:
     # The prompt of each SFT row. "search": the prompt the trained policy will be searched and evaluated with
     # (the later rounds' few-shot setting: a 135M model still needs its examples); "plain": no examples.
     sft_prompt: Literal["search", "plain"] = "search"
+    # Experiment tracking through transformers' own integrations (``TrainingArguments.report_to``): () = none;
+    # "tensorboard" writes RUN/round_N/tensorboard/{policy,ppm}/ (needs the tensorboard package); "wandb" and
+    # "mlflow" log where their own environment says (WANDB_PROJECT, MLFLOW_TRACKING_URI, ...).
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ()
 
     def __post_init__(self) -> None:
         if self.ppm_pair_weight not in ("uniform", "inverse_count"):
@@ -107,6 +112,9 @@ class TrainingConfig:
         for name in ("logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ValueError(f"report_to={list(self.report_to)}: {name!r} is not one of {', '.join(TRACKERS)}")
         if self.sft_prompt not in ("search", "plain"):
             raise ValueError(f"sft_prompt={self.sft_prompt!r}: must be 'search' or 'plain'")
         if self.save_total_limit < 2:
@@ -144,6 +152,33 @@ def use_gpu(cfg: TrainingConfig, cuda_available: bool) -> bool:
     if cfg.device == "cuda" and not cuda_available:
         raise ValueError("training.device='cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
     return cfg.device == "cuda" or (cfg.device == "auto" and cuda_available)
+
+
+# report_to name -> the module it needs.
+TRACKERS: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(cfg: TrainingConfig, find: Callable[[str], object] | None = None) -> None:
+    """Raise (naming the key and the package) when a tracker of ``training.report_to`` is not installed; run
+    where training runs, before a model is loaded."""
+    import importlib.util
+
+    find = find or importlib.util.find_spec
+    missing = [n for n in cfg.report_to if find(TRACKERS[n]) is None]
+    if missing:
+        raise ValueError(f"training.report_to={list(cfg.report_to)}: {', '.join(missing)} not installed here; "
+                         f"`pip install {' '.join(TRACKERS[n] for n in missing)}` or drop it from training.report_to")
+
+
+def tracking_callbacks(cfg: TrainingConfig, out_dir: Path) -> list[Any]:
+    """Trainer callbacks of ``training.report_to`` that transformers' own ``report_to`` cannot place: TensorBoard
+    into ``out_dir.parent / "tensorboard" / out_dir.name`` (round_N/tensorboard/policy), kept after training."""
+    if "tensorboard" not in cfg.report_to:
+        return []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(SummaryWriter(log_dir=str(out_dir.parent / "tensorboard" / out_dir.name)))]
 
 
 def training_argument_names() -> frozenset[str]:
@@ -195,7 +230,9 @@ def trainer_arguments(cfg: TrainingConfig, stage: StageConfig, work_dir: Path, *
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         save_only_model=False,  # resuming needs the optimizer, scheduler and RNG states
-        report_to="none",
+        # tensorboard is a callback of ours (``tracking_callbacks``): its default directory is inside work_dir,
+        # which is deleted after a successful run.
+        report_to=[n for n in cfg.report_to if n != "tensorboard"] or "none",
         dataloader_num_workers=0,
         disable_tqdm=True,
         **renamed,

@@ -30,7 +30,7 @@ from typing import Any
 
 from data.atomic_io import install_dir
 from rounds.models import resolve_model
-from rounds.train_config import TrainingConfig, TrainResult, trainer_arguments
+from rounds.train_config import TrainingConfig, TrainResult, check_trackers, tracking_callbacks, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def build_sft_trainer(base_model: str | Path, data: dict[str, list[str]], out_di
         packing=False,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data), processing_class=tok,
-                         callbacks=list(callbacks))
+                         callbacks=list(callbacks) + tracking_callbacks(cfg, out_dir))
     return trainer, truncated
 
 
@@ -218,6 +218,7 @@ def train_policy(base_model: str | Path, sft_path: Path, out_dir: Path, cfg: Tra
     if done is not None:
         return done
 
+    check_trackers(cfg)
     data = load_sft(Path(sft_path))
     trainer, truncated = build_sft_trainer(base_model, data, out_dir, cfg, callbacks)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rounds.ppm_model import encode_texts, init_ppm, ppm_rewards, ppm_scores
-from rounds.train_config import TrainingConfig, TrainResult, trainer_arguments
+from rounds.train_config import TrainingConfig, TrainResult, check_trackers, tracking_callbacks, trainer_arguments
 from rounds.train_policy import (
     column_names,
     device_flags,
@@ -142,6 +142,7 @@ def train_ppm(init_model: str | Path, pairs_path: Path, out_dir: Path, cfg: Trai
     if done is not None:
         return done
 
+    check_trackers(cfg)
     from datasets import Dataset
     from trl import RewardConfig
 
@@ -180,7 +181,7 @@ def train_ppm(init_model: str | Path, pairs_path: Path, out_dir: Path, cfg: Trai
     trainer_class, collator_class = _tanh_reward_trainer_class()
     collator = collator_class(pad_token_id=tok.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
     trainer = trainer_class(model=model, args=args, train_dataset=train_set, processing_class=tok,
-                            data_collator=collator, callbacks=list(callbacks))
+                            data_collator=collator, callbacks=list(callbacks) + tracking_callbacks(cfg, out_dir))
 
     def make_result(train_output, resumed_from: str) -> TrainResult:
         accuracy = -1.0

@@ -63,15 +63,16 @@ def phase_rollouts_in_process(ctx) -> dict:
     from mcts.seeds import tree_seed
     from mcts.serialize import trees_to_table
     from mcts.wave import run_search
-    from pipeline.driver import search_spec
     from pipeline.rollouts import default_backends, round_search_config
+    from rounds.schedule import search_spec
 
     cfg, spec = ctx.cfg, ctx.spec
-    ppm = ctx.search_ppm()
+    lineage = ctx.lineage
+    ppm = lineage.search_ppm(ctx.round_no)
     if spec.q_mode == "ppm" and ppm is None:
         spec = dataclasses.replace(spec, q_mode="terminal")  # as phase_rollouts does without an earlier PPM
-    policy_model = ctx.search_policy()
-    spec = search_spec(cfg, spec, policy_trained=ctx.newest_policy(ctx.round_no - 1) is not None)
+    policy_model = lineage.search_policy(ctx.round_no)
+    spec = search_spec(cfg.rounds.schedule, spec, policy_trained=lineage.newest_policy(ctx.round_no - 1) is not None)
     trees = ctx.run.trees(ctx.round_no)
     trees.collect_garbage()
     trees.write_plan([p.id for p in ctx.problems])

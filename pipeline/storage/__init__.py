@@ -1,8 +1,8 @@
 """Storage of a run, by concept:
 
 - ``data.atomic_io``          atomic file and directory writes, writer identity (re-exported here);
-- ``pipeline.storage.trees``  the tree store: node-table shards, manifest with checksums, repair, garbage;
-- ``pipeline.storage.writer`` the tree writer: buffers finished trees into whole-problem shards;
+- ``pipeline.storage.trees``  the tree store: node-table shards, manifest with checksums, repair, garbage, and
+  the tree writer that buffers finished trees into whole-problem shards;
 - ``pipeline.storage.rundir`` the run directory: paths, stored config, completion markers;
 - ``pipeline.storage.remote`` run directories on object storage (s3://, gs://) through a local staging copy.
 
@@ -27,8 +27,7 @@ from data.atomic_io import (
 )
 from pipeline.storage.remote import StagedRun, is_remote, local_run_dir
 from pipeline.storage.rundir import EXPORT_TABLES, PHASES, RunDir, opened_run, stored_config
-from pipeline.storage.trees import CORRUPT_DIR, MANIFEST_NAME, PLAN_NAME, ShardInfo, TreeStore
-from pipeline.storage.writer import TreeWriter
+from pipeline.storage.trees import CORRUPT_DIR, MANIFEST_NAME, PLAN_NAME, ShardInfo, TreeStore, TreeWriter
 
 __all__ = ["PHASES", "CORRUPT_DIR", "EXPORT_TABLES", "MANIFEST_NAME", "PLAN_NAME", "StorageError", "RunDir",
            "TreeStore", "TreeWriter", "ShardInfo", "StagedRun", "is_remote", "local_run_dir", "opened_run",

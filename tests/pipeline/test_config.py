@@ -78,7 +78,8 @@ def test_unknown_key_in_yaml_names_the_file_key(tmp_path):
 @pytest.mark.parametrize(
     "content, expected",
     [
-        ("search: {rollouts: [1, 2]}", "search.rollouts=[1, 2]"),
+        ("search: {c_puct: [1, 2]}", "search.c_puct=[1, 2]"),
+        ("search: {rollouts: 3}", "search.rollouts: set per round, not here; use rounds.schedule.N.rollouts"),
         ("- 1\n- 2\n", "top level must be a mapping"),
         ("search: {rollouts: 4\n", "not valid YAML"),
     ],
@@ -148,3 +149,59 @@ def test_a_config_written_before_the_renames_still_loads(tmp_path):
     assert [s.unsolved_rollouts for s in cfg.rounds.schedule] == [(), (3,)]
     said = " ".join(str(w.message) for w in caught)
     assert "extra_rollouts_unsolved=1 read as unsolved_rollouts=[3]" in said and "ppm_max_length=2048 dropped" in said
+
+
+@pytest.mark.parametrize("key, field", [("rollouts", "rollouts"), ("children", "children"), ("mode", "q_mode")])
+def test_a_search_key_the_rounds_own_is_refused_with_the_key_to_use(key, field):
+    # Every round spec sets its own rollouts / children / q_mode, so search.<key> would silently do nothing.
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "tiny.yaml", [f"search.{key}=3"])
+    # tiny.yaml has 4 rounds: N = 0..3
+    assert str(err.value) == (f"search.{key}: set per round, not here; use rounds.schedule.N.{field} (N = 0..3), "
+                              f"e.g. --set rounds.schedule.1.{field}=..."), err.value
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"rounds.schedule.1.{field}=" + ("ppm" if key == "mode" else "3")])
+    assert getattr(cfg.rounds.schedule[1], field) == ("ppm" if key == "mode" else 3)
+    assert f"  {key}:" not in dump_config(cfg).split("search:")[1].split("sandbox:")[0]  # not offered in the dump
+
+
+def test_round_py_exits_2_on_a_round_owned_key(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "round.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+         "--run-dir", str(tmp_path / "run"), "--set", "search.rollouts=3"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "use rounds.schedule.N.rollouts" in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_run_config_written_with_the_search_defaults_still_loads_and_matches(tmp_path):
+    # Earlier versions dumped search.mode/rollouts/children (always their defaults: the rounds overrode them).
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    old = yaml.safe_load(dump_config(cfg))
+    old["search"].update(mode="terminal", rollouts=16, children=8)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert load_config(path) == cfg
+    assert config_diff(path.read_text(), cfg) == []
+
+
+def test_round_py_names_missing_dependencies_and_what_to_do():
+    sys.path.insert(0, str(ROOT))
+    import round as entry
+
+    assert entry.missing_dependencies(find=lambda name: None if name in ("ray", "trl") else object()) == ["ray", "trl"]
+    assert entry.missing_dependencies() == []  # this interpreter is the project's environment
+    msg = entry.dependency_error(["ray"])
+    assert "cannot import ray" in msg and "ray start --head" in msg and "venv" in msg, msg
+
+
+def test_round_py_under_a_python_without_the_project_exits_2_at_once(tmp_path):
+    # The job of `ray job submit` runs the `python` on the head's PATH: a bare system Python here.
+    bare = "/usr/bin/python3"
+    if not Path(bare).is_file():
+        pytest.skip(f"{bare}: no system Python to play the head's interpreter")
+    proc = subprocess.run([bare, "-I", str(ROOT / "round.py"), "--config", "configs/tiny.yaml"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60)
+    if proc.returncode == 0 or "cannot import" not in proc.stderr:
+        pytest.skip(f"{bare} has the project's dependencies installed")
+    assert proc.returncode == 2 and proc.stderr.startswith("round.py: error: this Python"), proc.stderr
+    assert "ray start --head" in proc.stderr

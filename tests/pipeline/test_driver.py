@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.driver import search_spec
+from rounds.schedule import search_spec
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -13,11 +13,11 @@ def test_an_untrained_previous_policy_keeps_the_bootstrap_prompt():
     boot, second = cfg.rounds.schedule[0], cfg.rounds.schedule[1]
     # the SFT policy keeps its few-shot examples (it is trained on that prompt), but searches step by step
     assert (boot.gen_mode, boot.few_shot) == ("solution", True) and (second.gen_mode, second.few_shot) == ("step", True)
-    kept = search_spec(cfg, second, policy_trained=False)
+    kept = search_spec(cfg.rounds.schedule, second, policy_trained=False)
     assert (kept.gen_mode, kept.few_shot) == ("solution", True)
     assert (kept.rollouts, kept.children, kept.q_mode) == (second.rollouts, second.children, second.q_mode)
-    assert search_spec(cfg, second, policy_trained=True) == second  # a fine-tuned policy uses the round's own
-    assert search_spec(cfg, boot, policy_trained=False) == boot
+    assert search_spec(cfg.rounds.schedule, second, policy_trained=True) == second  # a fine-tuned policy uses the round's own
+    assert search_spec(cfg.rounds.schedule, boot, policy_trained=False) == boot
 
 
 def test_the_policy_trains_before_the_ppm_which_starts_from_it(tmp_path):
@@ -31,16 +31,16 @@ def test_the_policy_trains_before_the_ppm_which_starts_from_it(tmp_path):
     cfg = load_config(CONFIGS / "embedded.yaml")
     run = RunDir(tmp_path / "run")
     ctx = RoundContext(cfg, run, 2, log=None, problems=[], eval_problems=[])
-    assert ctx.ppm_backbone() == cfg.engines.policy_model  # no policy trained yet: the base model
+    assert ctx.lineage.ppm_backbone(2) == cfg.engines.policy_model  # no policy trained yet: the base model
     run.policy_dir(1).mkdir(parents=True)
     (run.policy_dir(1) / "config.json").write_text("{}")
-    assert ctx.ppm_backbone() == str(run.policy_dir(1))  # round 2 trained none: the newest before it
+    assert ctx.lineage.ppm_backbone(2) == str(run.policy_dir(1))  # round 2 trained none: the newest before it
     run.policy_dir(2).mkdir(parents=True)
     (run.policy_dir(2) / "config.json").write_text("{}")
-    assert ctx.ppm_backbone() == str(run.policy_dir(2))  # this round's fine-tuned policy
+    assert ctx.lineage.ppm_backbone(2) == str(run.policy_dir(2))  # this round's fine-tuned policy
     base = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, ppm_init="base"))
     ctx = RoundContext(base, run, 2, log=None, problems=[], eval_problems=[])
-    assert ctx.ppm_backbone() == (cfg.engines.ppm_model or cfg.engines.policy_model)  # the earlier rule
+    assert ctx.lineage.ppm_backbone(2) == (cfg.engines.ppm_model or cfg.engines.policy_model)  # the earlier rule
 
 
 def _store_trees(run, round_no, solved, unsolved):
@@ -53,7 +53,7 @@ def _store_trees(run, round_no, solved, unsolved):
 
 
 def test_train_coverage_is_a_union_over_rounds_and_never_falls(tmp_path):
-    from pipeline.driver import train_coverage
+    from pipeline.evaluation import train_coverage
     from pipeline.storage import RunDir
 
     run = RunDir(tmp_path / "run")
@@ -75,7 +75,7 @@ def _eval_json(run, r, policy, ppm, full, greedy=(3, 10), extra=None):
 
 
 def test_a_round_that_changed_no_model_reuses_the_earlier_evaluation(tmp_path):
-    from pipeline.driver import _same_models_eval, reuse_eval
+    from pipeline.evaluation import reuse_eval, same_models_eval
     from pipeline.storage import RunDir
     from rounds.report import write_report
 
@@ -83,19 +83,19 @@ def test_a_round_that_changed_no_model_reuses_the_earlier_evaluation(tmp_path):
     _eval_json(run, 0, "base", None, full=True)
     _eval_json(run, 1, "r1/policy", None, full=False, greedy=(5, 10))
     # round 2 trained nothing new: same models as round 1, greedy-only both -> reuse round 1
-    assert _same_models_eval(run, 2, {"policy": "r1/policy", "ppm": None}, full=False) == 1
+    assert same_models_eval(run, 2, {"policy": "r1/policy", "ppm": None}, full=False) == 1
     # a full evaluation is not replaced by round 1's greedy-only numbers
-    assert _same_models_eval(run, 2, {"policy": "r1/policy", "ppm": None}, full=True) is None
+    assert same_models_eval(run, 2, {"policy": "r1/policy", "ppm": None}, full=True) is None
     # a new PPM is a new evaluation
-    assert _same_models_eval(run, 2, {"policy": "r1/policy", "ppm": "r2/ppm"}, full=False) is None
+    assert same_models_eval(run, 2, {"policy": "r1/policy", "ppm": "r2/ppm"}, full=False) is None
     # round 1 that trained nothing: the base model again, round 0 was full
-    assert _same_models_eval(run, 1, {"policy": "base", "ppm": None}, full=False) == 0
+    assert same_models_eval(run, 1, {"policy": "base", "ppm": None}, full=False) == 0
 
     out = reuse_eval(run, 2, 1, (4, 8))
     assert out["same_as_round"] == 1 and out["metrics"]["greedy_pass1"] == 0.5
     assert out["metrics"]["train_solved"] == 0.5  # round 2's own search: 4/8
     # a chain of reuses points at the round that was measured
-    assert _same_models_eval(run, 3, {"policy": "r1/policy", "ppm": None}, full=False) == 1
+    assert same_models_eval(run, 3, {"policy": "r1/policy", "ppm": None}, full=False) == 1
     table = write_report(run.root, [0, 1, 2])
     r2 = [c.strip() for c in table.splitlines()[4].strip("|").split("|")]
     # 5/10 -> Wilson [24-76]; 4/8 -> centre (4 + 1.92) / 11.84 = 0.5, half 1.96 * sqrt(2 + 0.96) / 11.84 = 0.285
@@ -105,8 +105,9 @@ def test_a_round_that_changed_no_model_reuses_the_earlier_evaluation(tmp_path):
 
 
 def test_unchanged_sft_data_is_not_retrained(tmp_path):
-    from pipeline.driver import RoundContext, _same_data_round
+    from pipeline.driver import RoundContext
     from pipeline.storage import RunDir
+    from pipeline.training import same_data_round
 
     cfg = load_config(CONFIGS / "tiny.yaml")
     run = RunDir(tmp_path / "run")
@@ -115,10 +116,10 @@ def test_unchanged_sft_data_is_not_retrained(tmp_path):
     (run.policy_dir(1) / "config.json").write_text("{}")
     run.mark_done(2, "train_policy", {"data": {"digest": "d1"}, "same_as_round": 1})
     ctx3 = RoundContext(cfg, run, 3, None, [], [])
-    assert _same_data_round(ctx3, "d1") == 1  # round 2 skipped as round 1's; round 3 the same again
-    assert _same_data_round(ctx3, "d2") is None  # new trajectories: train
+    assert same_data_round(ctx3, "d1") == 1  # round 2 skipped as round 1's; round 3 the same again
+    assert same_data_round(ctx3, "d2") is None  # new trajectories: train
     run.mark_done(3, "train_policy", {"data": {"digest": "d3"}})
     (run.policy_dir(3)).mkdir(parents=True)
     (run.policy_dir(3) / "config.json").write_text("{}")
     ctx4 = RoundContext(cfg, run, 4, None, [], [])
-    assert _same_data_round(ctx4, "d1") is None  # round 3 trained other data since: round 1's model is not newest
+    assert same_data_round(ctx4, "d1") is None  # round 3 trained other data since: round 1's model is not newest

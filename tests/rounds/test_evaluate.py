@@ -26,7 +26,8 @@ import pytest
 
 from mcts.protocols import ExecRequest, Proposal, SearchState
 from mcts.steps import ANSWER_END, STEP_END, last_boxed
-from rounds.evaluate import EvalParams, TrainSolved, evaluate
+from rounds.eval_config import EvalConfig
+from rounds.evaluate import TrainSolved, evaluate
 from rounds.voting import normalise
 
 
@@ -152,7 +153,7 @@ def executor(request):
         yield pool
 
 
-def _run(executor, scorer, tmp_path=None, params=EvalParams(maj_k=4, best_of_n=4, mcts_rollouts=2, mcts_children=2),
+def _run(executor, scorer, tmp_path=None, params=EvalConfig(maj_k=4, best_of_n=4, mcts_rollouts=2, mcts_children=2),
          **kw):
     return evaluate(PROBLEMS, round_index=kw.pop("round_index", 2), greedy=kw.pop("greedy", ScriptedPolicy(GREEDY)),
                     sampler=kw.pop("sampler", ScriptedPolicy(SAMPLES)), executor=executor, grade=grade,
@@ -233,7 +234,7 @@ def test_k_and_n_take_the_first_samples(executor):
     # maj@2 over samples 0..1: p1 {6, 5} tie -> 6 wrong; p2 {25, 25} wrong; p3 {3, 3.0} right -> 1/3
     # best-of-3 over samples 0..2: p1 (6:-0.5, 5:0.9, 5:0.9) -> right; p2 (25, 25, 24:0.9) -> right;
     # p3 (3, 3.0, 4) -> 3 right => 3/3
-    res = _run(executor, ScriptedPPM(), params=EvalParams(maj_k=2, best_of_n=3, mcts_rollouts=1, mcts_children=1))
+    res = _run(executor, ScriptedPPM(), params=EvalConfig(maj_k=2, best_of_n=3, mcts_rollouts=1, mcts_children=1))
     assert res["metrics"]["maj_at_k"] == pytest.approx(1 / 3)
     assert res["metrics"]["ppm_best_of_n"] == pytest.approx(1.0)
     assert res["counts"]["samples"]["per_problem"] == 3
@@ -247,8 +248,8 @@ def test_reproducible(executor):
 
 
 def test_input_errors(executor):
-    with pytest.raises(ValueError, match="eval.maj_k=0: must be an integer >= 1"):
-        EvalParams(maj_k=0)
+    with pytest.raises(ValueError, match="maj_k=0: must be an integer >= 1"):
+        EvalConfig(maj_k=0)
     with pytest.raises(ValueError, match="train_solved.solved=11"):
         TrainSolved(11, 10)
     with pytest.raises(ValueError, match="no held-out problems"):
@@ -276,14 +277,14 @@ def test_with_the_real_grader(executor):
     problems = [data.Problem(id=p.id, question=p.question, answer=p.answer, source="test") for p in PROBLEMS]
     res = evaluate(problems, round_index=1, greedy=ScriptedPolicy(GREEDY), sampler=ScriptedPolicy(SAMPLES),
                    executor=executor, grade=data.grade, equivalent=data.is_equivalent, scorer=ScriptedPPM(),
-                   params=EvalParams(maj_k=4, best_of_n=4, mcts_rollouts=2, mcts_children=2))
+                   params=EvalConfig(maj_k=4, best_of_n=4, mcts_rollouts=2, mcts_children=2))
     # the same hand-checked values as test_all_metrics_hand_checked: 1/3, 2/3, 2/3, 2/3
     assert [res["metrics"][k] for k in ("greedy_pass1", "maj_at_k", "ppm_best_of_n", "ppm_mcts")] == \
         pytest.approx([1 / 3, 2 / 3, 2 / 3, 2 / 3])
 
 
 def test_registry_strategies_run_beside_the_four_metrics(tmp_path):
-    params = EvalParams(maj_k=4, best_of_n=4, mcts_rollouts=2, mcts_children=2,
+    params = EvalConfig(maj_k=4, best_of_n=4, mcts_rollouts=2, mcts_children=2,
                         strategies=("majority@4", "weighted_majority@4"))
     res = _run(LiteralExecutor(), ScriptedPPM(), tmp_path, params=params)
     s = res["strategies"]
@@ -296,5 +297,5 @@ def test_registry_strategies_run_beside_the_four_metrics(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["strategies"] == s
     without = _run(LiteralExecutor(), None, params=params)
     assert "weighted_majority@4" in without["skipped"] and "majority@4" in without["strategies"]
-    with pytest.raises(ValueError, match="eval.strategies: unknown strategy 'nope'"):
-        EvalParams(strategies=("nope@2",))
+    with pytest.raises(ValueError, match="strategies=\\['nope@2'\\]: unknown strategy 'nope'"):
+        EvalConfig(strategies=("nope@2",))

@@ -119,3 +119,29 @@ def test_init_checkpoint_from_base_or_previous():
     assert init_checkpoint(TrainingConfig(from_base=True), "base", "r1/policy") == "base"
     assert init_checkpoint(TrainingConfig(from_base=False), "base", "r1/policy") == "r1/policy"
     assert init_checkpoint(TrainingConfig(from_base=False), "base", None) == "base"  # round 1 has no previous
+
+
+def test_report_to_is_off_by_default_and_names_what_is_missing():
+    from rounds.train_config import check_trackers, tracking_callbacks
+
+    off = trainer_arguments(TrainingConfig(), StageConfig(), Path("/w"), cuda_available=False, bf16_supported=False)
+    assert off["report_to"] == "none" and tracking_callbacks(TrainingConfig(), Path("/w/policy")) == []
+    cfg = TrainingConfig(report_to=("tensorboard", "wandb"))
+    on = trainer_arguments(cfg, StageConfig(), Path("/w"), cuda_available=False, bf16_supported=False)
+    # wandb goes to transformers as is; tensorboard is our callback (its default directory is the work dir,
+    # which is deleted after training)
+    assert on["report_to"] == ["wandb"]
+    with pytest.raises(ValueError, match=r"training.report_to=\['tensorboard', 'wandb'\]: wandb not installed here; "
+                                         r"`pip install wandb`"):
+        check_trackers(cfg, find=lambda name: None if name == "wandb" else object())
+    check_trackers(cfg, find=lambda name: object())  # both there: fine
+    with pytest.raises(ValueError, match="report_to=\\['tensorbord'\\]: 'tensorbord' is not one of"):
+        TrainingConfig(report_to=("tensorbord",))
+
+
+def test_report_to_from_the_run_config():
+    from pipeline.config import ConfigError, load_config
+
+    assert load_config(None, ["training.report_to=[wandb]"]).training.report_to == ("wandb",)
+    with pytest.raises(ConfigError, match="training.report_to"):
+        load_config(None, ["training.report_to=[neptune]"])

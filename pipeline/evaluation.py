@@ -1,0 +1,174 @@
+"""Evaluation wiring of a run: which model each round evaluates, whether an earlier round's numbers stand, and
+the call of ``rounds.evaluate.evaluate`` with the run's engines and sandbox (in-process, or as a GPU Ray task).
+
+    phase_eval(ctx)                      # the eval phase of a round (``pipeline.driver.PHASES``)
+    evaluate_model(cfg, run, 0, policy, None, problems, log)   # round 0 = the base model; ``python -m pipeline eval``
+
+Round N evaluates the newest policy trained by round N (else the bootstrap model) and the newest PPM. When both
+are the ones an earlier round evaluated, that round's numbers are copied (``reuse_eval``) with this round's own
+search coverage. ``eval.full_rounds`` picks the rounds that get maj@k and the PPM metrics besides greedy pass@1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.context import RoundContext, cache_dir, on_accelerators
+from rounds.schedule import policy_settings
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+    from pipeline.runlog import RunLog
+    from pipeline.storage import RunDir
+
+
+def phase_eval(ctx: RoundContext) -> dict:
+    if not ctx.cfg.eval.enabled:
+        return {"skipped": "eval.enabled is false"}
+    write_metrics(ctx)
+    solved = len(ctx.run.trees(ctx.round_no).solved_problem_ids())
+    lineage = ctx.lineage
+    trained = lineage.newest_policy(ctx.round_no)
+    policy = trained or lineage.bootstrap
+    ppm = lineage.newest_ppm(ctx.round_no)
+    full = full_eval(ctx.cfg, ctx.round_no)
+    same = same_models_eval(ctx.run, ctx.round_no, {"policy": policy, "ppm": ppm}, full)
+    if same is not None:
+        # Nothing this round trained changed what is evaluated: the earlier numbers stand, re-measuring costs minutes.
+        ctx.log.info("eval_reused", round=ctx.round_no, same_as_round=same,
+                     reason="the policy and PPM are the ones an earlier round evaluated")
+        return reuse_eval(ctx.run, ctx.round_no, same, (solved, len(ctx.problems)))
+    return evaluate_model(ctx.cfg, ctx.run, ctx.round_no, policy, ppm, ctx.eval_problems,
+                          ctx.log, trained=trained is not None, train_solved=(solved, len(ctx.problems)), full=full)
+
+
+def full_eval(cfg: RunConfig, round_no: int) -> bool:
+    """Whether ``round_no`` gets maj@k and the PPM metrics besides greedy pass@1 (``eval.full_rounds``)."""
+    return cfg.eval.full_rounds is None or round_no in cfg.eval.full_rounds
+
+
+def same_models_eval(run: RunDir, round_no: int, models: dict, full: bool) -> int | None:
+    """The previous evaluated round when it evaluated exactly ``models`` (and fully, if this round is full)."""
+    from rounds.report import read_json
+
+    for r in range(round_no - 1, -1, -1):
+        ev, _ = read_json(run.root / f"round_{r}" / "eval.json")
+        if ev is None:
+            continue
+        if ev.get("models") == models and (ev.get("full", True) or not full):
+            return ev.get("same_as_round", r)
+        return None
+    return None
+
+
+def reuse_eval(run: RunDir, round_no: int, same: int, train_solved: tuple[int, int]) -> dict:
+    """round_N/eval.json as a copy of round ``same``'s held-out numbers, with this round's own search coverage."""
+    from rounds.report import read_json, write_json_atomic
+
+    ev, reason = read_json(run.root / f"round_{same}" / "eval.json")
+    if ev is None:
+        raise RuntimeError(f"round {round_no}: cannot reuse round {same}'s evaluation ({reason})")
+    solved, n = train_solved
+    ev = dict(ev, round=round_no, same_as_round=same)
+    ev["metrics"] = dict(ev["metrics"], train_solved=solved / n if n else None)
+    ev["counts"] = dict(ev.get("counts") or {})
+    ev["skipped"] = dict(ev.get("skipped") or {})
+    if n:
+        ev["counts"]["train"] = {"solved": solved, "problems": n}
+        ev["skipped"].pop("train_solved", None)
+    write_json_atomic(run.root / f"round_{round_no}" / "eval.json", ev)
+    return {"metrics": ev["metrics"], "skipped": ev["skipped"], "same_as_round": same}
+
+
+def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm: str | None, problems: list,
+                   log: RunLog, trained: bool = False, train_solved: tuple[int, int] | None = None,
+                   full: bool = True, out_dir: Path | None = None) -> dict:
+    """Evaluate one policy (+ PPM) on ``problems``; writes eval.json into ``out_dir`` (default round_N/; round 0 =
+    the base model). ``full`` False: greedy pass@1 only."""
+    out_dir = out_dir if out_dir is not None else run.root / f"round_{round_no}"
+    args = (cfg, out_dir, round_no, policy, ppm, problems, trained, train_solved, full)
+    log.info("eval_start", round=round_no, policy=policy, ppm=ppm, problems=len(problems))
+    # Progress lines reach the run log only in-process; a Ray task's output goes to the job log instead.
+    say = None if cfg.ray.gpus_per_engine else (lambda msg: log.info("eval_progress", message=msg))
+    console = getattr(log, "console", None)  # the live bars too (one per metric), in-process only
+    track = None if cfg.ray.gpus_per_engine or console is None else (
+        lambda label, total: console.bar(f"round {round_no} eval {label}", total, solved=True))
+    result = on_accelerators(cfg, _evaluate, *args, say=say, track=track)
+    log.info("eval_done", round=round_no, **{k: v for k, v in result["metrics"].items() if v is not None})
+    return {"metrics": result["metrics"], "skipped": result.get("skipped", {}), "counts": result.get("counts", {}),
+            "n": result.get("n_problems")}
+
+
+def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: str | None, problems: list,
+              trained: bool, train_solved: tuple[int, int] | None, full: bool = True,
+              say: Callable[[str], None] | None = None, track: Callable | None = None) -> dict:
+    import data
+    from pipeline.engines import make_policy, make_scorer, with_generation
+    from pipeline.sandbox import SandboxPool
+    from rounds.evaluate import TrainSolved, evaluate
+
+    mode, few_shot = policy_settings(cfg.rounds.schedule, trained)
+    cache = cache_dir(cfg)
+    greedy_gen = dataclasses.replace(cfg.engines.generation, temperature=0.0)
+    sampler = make_policy(cfg.engines, model=policy, mode=mode, few_shot=few_shot, seed=cfg.seed, cache_dir=cache)
+    greedy = with_generation(sampler, greedy_gen)  # the same loaded model, decoding greedily
+    scorer = make_scorer(cfg.engines, ppm) if ppm else None
+    solved = TrainSolved(*train_solved) if train_solved and train_solved[1] else None
+    with SandboxPool(cfg.sandbox) as pool:
+        return evaluate(problems, round_index=round_no, greedy=greedy, sampler=sampler, executor=pool,
+                        grade=data.grade, equivalent=data.is_equivalent, scorer=scorer, params=cfg.eval,
+                        search=cfg.search, seed=cfg.seed, train_solved=solved,
+                        no_ppm_reason=None if ppm else "no PPM trained yet at this round",
+                        no_train_reason="round 0 is the base model: no search of its own" if round_no == 0 else None,
+                        greedy_only_reason=None if full else f"greedy only at round {round_no} (eval.full_rounds="
+                                                             f"{cfg.eval.full_rounds})",
+                        models={"policy": policy, "ppm": ppm}, out_dir=out_dir, log=say, track=track)
+
+
+def write_metrics(ctx: RoundContext) -> None:
+    """round_N/metrics.json: the training figures the report shows beside the eval numbers."""
+    from rounds.report import update_metrics
+
+    ppm = (ctx.run.marker(ctx.round_no, "train_ppm") or {}).get("info", {})
+    pol = (ctx.run.marker(ctx.round_no, "train_policy") or {}).get("info", {})
+    export = (ctx.run.marker(ctx.round_no, "export") or {}).get("info", {}).get("rows", {})
+    # pairwise_accuracy is -1.0 when no pair was held out: that is "not measured", never a figure to show.
+    acc = ppm.get("pairwise_accuracy") if ppm.get("heldout_pairs") else None
+    solved, searched = train_coverage(ctx.run, ctx.round_no)
+    update_metrics(ctx.dir, ppm_pairwise_acc=acc, ppm_heldout_pairs=ppm.get("heldout_pairs"),
+                   sft_final_loss=pol.get("final_loss"), ppm_pairs=export.get("ppm_pairs"),
+                   # the rows the policy trained on: the pool over rounds so far (this round's export without one)
+                   sft_rows=(pol.get("data") or {}).get("rows", export.get("sft")),
+                   coverage_solved=solved, coverage_problems=searched)
+
+
+def train_coverage(run: RunDir, upto: int) -> tuple[int, int]:
+    """(training problems with a correct trajectory in any of rounds 1..upto, problems searched in any of them).
+    A union over rounds, so it never falls: a problem solved once stays in the policy's SFT pool."""
+    solved: set[str] = set()
+    searched: set[str] = set()
+    for r in range(1, upto + 1):
+        trees = run.trees(r)
+        solved |= trees.solved_problem_ids()
+        searched |= trees.completed_problem_ids()
+    return len(solved), len(searched)
+
+
+def write_run_report(run: RunDir, log: RunLog) -> str:
+    from rounds.report import write_report
+
+    rounds = sorted({0, *run.rounds()}) if round0_done(run) else run.rounds()
+    table = write_report(run.root, rounds)
+    log.info("report_written", path=str(run.report_path))
+    return table
+
+
+def round0_done(run: RunDir) -> bool:
+    return (run.root / "round_0" / "eval.json").is_file()
+
+
+__all__ = ["phase_eval", "evaluate_model", "full_eval", "reuse_eval", "same_models_eval", "train_coverage",
+           "write_metrics", "write_run_report", "round0_done"]
