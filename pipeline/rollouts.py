@@ -305,6 +305,7 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
     refs += [phase.start_worker(s) for s in shards]
     # Loading a model can take minutes: the console shows the wait (a ticking bar) rather than nothing.
     starting = log.console.bar(f"round {round_no} starting actors", len(refs), unit="actor") if log.console else None
+    t_start = time.perf_counter()
     try:
         phase.await_ready(refs, "engine and worker actors")
         if starting is not None:
@@ -312,6 +313,7 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
     finally:
         if starting is not None:
             starting.close(line=False)
+    log.info("rollouts.actors_ready", round=round_no, actors=len(refs), wait_s=round(time.perf_counter() - t_start, 2))
     writer = trees.writer(cfg.storage.shard_problems)
     progress = log.progress("rollouts", total=len(todo), round=round_no)
     reports: list[WorkerReport] = []
