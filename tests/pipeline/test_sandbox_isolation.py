@@ -131,7 +131,7 @@ def test_every_process_of_a_cell_dies_with_it(pool):
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in [cell, *members]):
         time.sleep(0.05)
-    alive = [p for p in [cell, *members] if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    alive = [p for p in [cell, *members] if _running(p)]
     assert alive == [], alive
 
 
@@ -180,3 +180,10 @@ def test_fresh_steps_start_in_cells_made_ahead(pool):
     assert r.ok
     assert set(spare) & set(pool.processes()["cells"]), (spare, pool.processes()["cells"])
     pool.release("ahead")
+
+
+def _running(pid: int) -> bool:
+    try:  # a process may exit between any two looks at it
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
