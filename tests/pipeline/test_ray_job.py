@@ -92,15 +92,22 @@ def head_node():
                 time.sleep(0.5)
         yield url, f"127.0.0.1:{gcs_port}", env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        time.sleep(1)
-        for pid in _our_processes(temp_dir):  # anything of this head that outlived its group
-            os.kill(pid, signal.SIGKILL)
+        _stop_node(head, temp_dir)
+
+
+def _stop_node(proc: subprocess.Popen, temp_dir: str) -> None:
+    """Stop a ``ray start --block`` node and anything of it (by its temp dir) that outlived its process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+    for pid in _our_processes(temp_dir):
+        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ from test_end_to_end import (  # noqa: E402  (the kill-resume helpers, shared)
     _tail,
     _wait_gone,
 )
-from test_ray_job import BIN, _free_port, _our_processes  # noqa: E402
+from test_ray_job import BIN, _free_port, _stop_node  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PHASE_TIMEOUT_S = 900  # the round on a loaded 2-core machine takes about a minute; a hang fails the test
@@ -61,20 +61,6 @@ def _ray_node(args: list[str], temp_dir: str, env: dict[str, str]) -> subprocess
         cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen, temp_dir: str) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(1)
-    for pid in _our_processes(temp_dir):  # anything of this node that outlived its group
-        os.kill(pid, signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def two_nodes():
     """(head gcs address, the worker node's process, env); both nodes stopped on exit."""
@@ -92,8 +78,8 @@ def two_nodes():
         yield f"127.0.0.1:{gcs}", worker, env
     finally:
         if worker is not None:
-            _stop(worker, f"{temp}/w")
-        _stop(head, f"{temp}/h")
+            _stop_node(worker, f"{temp}/w")
+        _stop_node(head, f"{temp}/h")
 
 
 def _nodes_alive(dash: int) -> int:
@@ -116,23 +102,22 @@ def _wait_for(probe, proc: subprocess.Popen, what: str, timeout: float = 120) ->
             time.sleep(0.5)
 
 
-def _actors_on(proc: subprocess.Popen) -> dict[int, tuple[str, float]]:
-    """Rollout and engine actor processes below the worker node's ``ray start``: pid -> (title, CPU seconds)."""
+def _actors_on(proc: subprocess.Popen) -> list[str]:
+    """Rollout and engine actor processes below the worker node's ``ray start`` (their process titles)."""
     import psutil
 
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        return {}
-    out = {}
+        return []
+    out = []
     for c in children:
         try:
             title = " ".join(c.cmdline())
-            if title.startswith(("ray::RolloutWorker", "ray::PolicyEngine")):
-                cpu = c.cpu_times()
-                out[c.pid] = (title.split()[0], cpu.user + cpu.system)
         except psutil.NoSuchProcess:
             continue
+        if title.startswith(("ray::RolloutWorker", "ray::PolicyEngine")):
+            out.append(title.split()[0])
     return out
 
 
@@ -163,8 +148,8 @@ def _run_and_kill(tmp_path, args: list[str], attempt: int) -> tuple[object, dict
             while proc.poll() is None and time.monotonic() < deadline:
                 seen.update(_descendants(worker.pid))
                 done = trees.completed_problem_ids() if trees.manifest_path.exists() else set()
-                now = _actors_on(worker) if killed_at is None else {}
-                on_worker = on_worker or [title for title, _ in now.values()]
+                now = _actors_on(worker) if killed_at is None else []
+                on_worker = on_worker or now
                 # Once the actors are up (killing them while they start fails the phase by design) and before any
                 # tree is committed: every shard still has work then. Later, the trees of all shards advance
                 # together through the one engine and finish within moments of each other, so a kill at the first
