@@ -8,7 +8,8 @@ through ctypes on libc and libseccomp (Python 3.11 has no ``os.unshare``). Three
   but a loopback that is down, and a mount namespace whose root is a fresh tmpfs holding read-only binds of
   only what Python needs: /usr and the /lib links, the interpreter's prefixes and sys.path directories,
   five /dev nodes, ld.so.cache. Nothing else of the host is visible: of /root and /work only those
-  directories exist; /home, /etc (but ld.so.cache, localtime), /sys and the project checkout do not.
+  directories exist; /home, /etc (but ld.so.cache, localtime), /sys and the project checkout do not (a
+  virtual environment inside the checkout, such as make setup's .venv, is bound: it is the interpreter's own).
 * ``enter_cell``: per sandbox cell, i.e. per process tree forked from the warm worker (a tree's first
   step, or a rebuild). A PID namespace whose init is a tiny reaper forked from the worker, a private mount
   namespace with its own tmpfs on /tmp (the only writable place) and its own /proc (only the cell's
@@ -143,6 +144,24 @@ def visible_paths() -> list[str]:
     return out
 
 
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def bound_paths(visible: list[str], hidden: tuple[str, ...]) -> list[str]:
+    """The ``visible`` paths to bind: none under a ``hidden`` one, except inside an interpreter prefix.
+
+    A virtual environment inside the hidden checkout (``make setup``'s ``.venv``) is the interpreter's own
+    prefix: its site-packages must be there, or only modules imported before the fork work and a lazy
+    submodule (``sympy.solve`` importing ``sympy.tensor``) fails in every step. The checkout itself stays
+    hidden: a prefix that holds a hidden path (a venv made at the checkout's root) does not unhide it.
+    """
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
+    prefixes |= {os.path.abspath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
+    allowed = [pre for pre in prefixes if not any(_under(h, pre) for h in hidden)]
+    return [p for p in visible if not any(_under(p, h) for h in hidden) or any(_under(p, a) for a in allowed)]
+
+
 def enter_zygote(base_dir: str, outer_uid: int, outer_gid: int, hidden: tuple[str, ...] = ()) -> None:
     """User, network and mount namespaces for the warm worker, and a read-only root made of ``visible_paths``.
 
@@ -153,7 +172,7 @@ def enter_zygote(base_dir: str, outer_uid: int, outer_gid: int, hidden: tuple[st
     if euid == 0:
         os.setgroups([])  # no supplementary groups (root's group 0) inside
     hidden = (*hidden, "/tmp", "/proc", "/dev")  # these three are the sandbox's own
-    binds = [p for p in visible_paths() if not any(p == h or p.startswith(h.rstrip("/") + "/") for h in hidden)]
+    binds = bound_paths(visible_paths(), hidden)
     if euid == 0:
         _enter_user_namespace_as_root(outer_uid, outer_gid)
     else:  # an ordinary user may map exactly its own uid and gid, and needs no helper

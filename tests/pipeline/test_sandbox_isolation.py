@@ -89,6 +89,32 @@ def test_trees_cannot_see_each_others_scratch(pool):
     assert b.ok and "secret.txt" not in b.stdout, b.stdout
 
 
+def test_packages_import_lazily_but_the_checkout_stays_hidden(pool):
+    # make setup puts .venv inside the checkout, which is hidden: its site-packages must still be bound, or
+    # a lazy submodule (sympy.solve imports sympy.tensor on first use) fails with ModuleNotFoundError.
+    code = (
+        "import os, sympy as sp\nx = sp.symbols('x')\nprint(sp.solve(sp.diff((x + 1) ** 4 * (x - 2), x, 2), x)[:1])\n"
+        f"print(os.path.exists({procs._PROJECT_ROOT + '/configs'!r}), os.path.exists({__file__!r}))"
+    )
+    [r] = pool.run([req("lazy", "n", None, code)])
+    assert r.ok, r
+    assert r.stdout.splitlines()[-1] == "False False", r.stdout
+
+
+def test_bound_paths_keep_an_interpreter_prefix_inside_a_hidden_checkout(monkeypatch):
+    monkeypatch.setattr(isolation.sys, "prefix", "/co/.venv")
+    monkeypatch.setattr(isolation.sys, "exec_prefix", "/co/.venv")
+    monkeypatch.setattr(isolation.sys, "base_prefix", "/usr")
+    visible = ["/usr", "/co/.venv", "/co/.venv/lib/python3.11/site-packages", "/co", "/co/src", "/tmp", "/srv/x"]
+    assert isolation.bound_paths(visible, ("/co", "/tmp")) == [
+        "/usr", "/co/.venv", "/co/.venv/lib/python3.11/site-packages", "/srv/x"
+    ]
+    # A venv made at the checkout's own root does not unhide the checkout.
+    monkeypatch.setattr(isolation.sys, "prefix", "/co")
+    monkeypatch.setattr(isolation.sys, "exec_prefix", "/co")
+    assert isolation.bound_paths(["/usr", "/co", "/co/lib"], ("/co",)) == ["/usr"]
+
+
 def test_stuck_state_times_out_only_its_own_child(pool):
     # The parent's step leaves a state that never answers a fork request (its serve loop replaced).
     parent = UNGUARD + "import time, sys\nsys.modules['pipeline.sandbox.worker']._serve = lambda *a: time.sleep(3600)"
