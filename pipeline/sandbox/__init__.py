@@ -1,6 +1,7 @@
 """Run model-written Python isolated by the kernel, fast, and without replaying history.
 
-``pool`` (the parent side), ``worker`` (the sandbox processes), ``isolation`` (namespaces, read-only root,
+``pool`` (the parent side: ``SandboxPool``, put together from ``reactor``, ``dispatch``, ``states`` and
+``zygote``; see its docstring), ``worker`` (the sandbox processes), ``isolation`` (namespaces, read-only root,
 seccomp, Landlock, hard rlimits: what security rests on), ``limits`` (the in-process guard: clear errors
 for common mistakes, not a boundary). The README's sandbox section lists what is isolated and what is not.
 
