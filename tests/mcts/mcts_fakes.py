@@ -48,11 +48,11 @@ class TableScript:
         self.default = default or []
 
     def __call__(self, state: SearchState) -> list[Proposal]:
-        key = _last_step(state.history)
+        key = last_step(state.history)
         return list(self.table.get(key, self.default))
 
 
-def _last_step(history: str) -> str:
+def last_step(history: str) -> str:
     if not history:
         return ""
     body = history.rstrip("\n").rsplit("\n", 1)[0]  # drop the delimiter line
@@ -121,7 +121,7 @@ class TableScorer:
 
     def score(self, states: Sequence[SearchState]) -> list[float]:
         self.batches.append(list(states))
-        return [self.table.get(_last_step(s.history), self.default) for s in states]
+        return [self.table.get(last_step(s.history), self.default) for s in states]
 
 
 def exact_grader(problem: Problem, answer: str | None) -> bool:

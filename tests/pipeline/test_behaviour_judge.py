@@ -3,13 +3,12 @@ from a script. It tests the judge's protocol and parsing (prompts, retries, <cou
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
-import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from scripted_server import ScriptedServer
 
 from data.generators.countdown import countdown_question
 from mcts.behaviours import BEHAVIOURS, StepText
@@ -47,42 +46,7 @@ def scripted(body: dict) -> tuple[int, dict]:
     return 400, {"error": "unrecognised prompt"}
 
 
-class Server:
-    """A chat-completions server on a free port; ``reply(body) -> (status, payload)`` decides each answer."""
-
-    def __init__(self, reply: Callable[[dict], tuple[int, dict]]):
-        self.bodies: list[dict] = []
-        self.paths: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.bodies.append(body)
-                outer.paths.append(self.path)
-                status, payload = reply(body) if self.path == "/v1/chat/completions" else (404, {"error": "no route"})
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+Server = functools.partial(ScriptedServer, route="/v1/chat/completions")  # a real HTTP server, scripted replies
 
 
 def test_judge_sends_one_chat_request_per_behaviour_and_parses_counts_and_evidence():

@@ -7,13 +7,11 @@ scripted to fail in the ways retries must handle: 5xx, a closed port, a 4xx.
 
 from __future__ import annotations
 
-import json
+import functools
 import socket
-import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from scripted_server import ScriptedServer
 
 from mcts.protocols import Proposal, SearchState
 from mcts.steps import ANSWER_END, BRACE_STOP, OUTPUT_STOP, STEP_END
@@ -24,40 +22,7 @@ from rounds.models import load_tokenizer, resolve_model
 State = SearchState("t1", "What is 2 plus 3?", "", 42)
 
 
-class Server:
-    """A completions server on a free port; ``reply(body) -> (status, payload)`` decides each answer."""
-
-    def __init__(self, reply: Callable[[dict], tuple[int, dict]]):
-        self.bodies: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.bodies.append(body)
-                status, payload = reply(body) if self.path == "/v1/completions" else (404, {"error": "no route"})
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+Server = functools.partial(ScriptedServer, route="/v1/completions")  # a real HTTP server, scripted replies
 
 
 def _scripted(text: str = "# two and three\nprint(2 + 3)\n", stop: str | None = STEP_END):
