@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from crash_after_save import Crash, CrashAfterSave
+from transformers import AutoModelForCausalLM
 
 from rounds.models import resolve_model
 from rounds.train_config import StageConfig, TrainingConfig
@@ -42,21 +43,6 @@ def tiny_cfg(**kw):
     kw.setdefault("policy", StageConfig(epochs=1, lr=1e-3, batch_size=4, max_steps=STEPS, max_length=128,
                                         warmup_ratio=0.0))
     return TrainingConfig(logging_steps=1, save_steps=2, **kw)
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAfterSave(TrainerCallback):
-    """Stands in for a killed process: raises right after the trainer checkpoint at ``step`` is on disk."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Crash(f"simulated crash after checkpoint-{self.step}")
 
 
 @pytest.fixture(scope="module")

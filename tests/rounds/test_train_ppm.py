@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from crash_after_save import Crash, CrashAfterSave
+from transformers import AutoModelForCausalLM
 
 from rounds.models import resolve_model
 from rounds.ppm_model import load_ppm, ppm_scores
@@ -41,19 +42,6 @@ def write_pairs(path):
 def tiny_cfg():
     stage = StageConfig(epochs=1, lr=3e-3, batch_size=4, max_steps=STEPS, max_length=64, warmup_ratio=0.0)
     return TrainingConfig(ppm=stage, logging_steps=1, save_steps=3, heldout_fraction=0.25)
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAfterSave(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Crash(f"simulated crash after checkpoint-{self.step}")
 
 
 @pytest.fixture(scope="module")
