@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,8 @@ from data.atomic_io import StorageError, host_identity, pid_alive, publish_under
 _URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 LOCAL_ONLY = ("_lease.json", "_manifest.lock")  # never uploaded: the lease lives on the store itself
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # what a read-only pull may skip
+LOG_NAME = "log.jsonl"
+LOG_EVERY_S = 30.0  # the log is uploaded with a commit at most this often, and at every phase marker
 
 
 def uri_scheme(run_dir: str | os.PathLike) -> str | None:
@@ -159,6 +162,20 @@ class ObjectStore:
         except OSError as e:
             raise self._failed("deleting", rel, e) from None
 
+    def entries(self, rel: str) -> dict[str, tuple[int, int]]:
+        """{path relative to the run: (size, modification time in ns)} of the object ``rel``, or of every object
+        below ``rel`` when it names a directory; {} when there is none."""
+        from pyarrow import fs
+
+        try:
+            info = self.fs.get_file_info(self.key(rel))
+            if info.type == fs.FileType.File:
+                return {rel: (info.size, info.mtime_ns or 0)}
+            infos = self.fs.get_file_info(fs.FileSelector(self.key(rel), recursive=True, allow_not_found=True))
+        except OSError as e:
+            raise self._failed("listing", rel, e) from None
+        return {i.path[len(self.base) + 1:]: (i.size, i.mtime_ns or 0) for i in infos if i.type == fs.FileType.File}
+
     def list(self, rel: str = "") -> dict[str, int]:
         """{path relative to the run: size} of every object below ``rel``."""
         from pyarrow import fs
@@ -222,6 +239,8 @@ class StagedRun:
         self.local = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{host_identity()}-{os.getpid()}-",
                                            dir=root)).resolve()
         self.publishing = False
+        self._log_lock = threading.Lock()
+        self._log_sent_at = time.monotonic()
 
     def lease_file(self, settle_s: float = 1.0) -> ObjectLeaseFile:
         from pipeline.lease import LEASE_NAME
@@ -257,25 +276,49 @@ class StagedRun:
                     self.store.delete(old)
         elif path.name not in LOCAL_ONLY and not path.name.startswith(".tmp-"):
             self.store.put_file(path, rel)
+        if time.monotonic() - self._log_sent_at >= LOG_EVERY_S:  # a commit: the log goes too, now and then
+            self.upload_log()
+
+    def upload_log(self) -> None:
+        """Upload ``log.jsonl`` up to its last complete line (other threads may be appending to it)."""
+        with self._log_lock:
+            log = self.local / LOG_NAME
+            if log.is_file():
+                data = log.read_bytes()
+                self.store.write_bytes(LOG_NAME, data[:data.rfind(b"\n") + 1])
+            self._log_sent_at = time.monotonic()
 
     def sync_up(self, rel: str) -> list[str]:
         """Upload every file below ``rel`` that the store lacks or holds with another size; return their paths.
 
         Run before a phase marker: a file written by another process on this node (a Ray task training on the
         local GPU) never passed through this process's publisher, and must be on the store before the marker."""
-        stored = self.store.list(rel)
+        base = self.local / rel
+        stored = self.store.entries(rel)
         sent = []
-        for p in sorted((self.local / rel).rglob("*")):
+        for p in [base] if base.is_file() else sorted(base.rglob("*")):
             r = p.relative_to(self.local).as_posix()
             if p.is_file() and p.name not in LOCAL_ONLY and not p.name.startswith((".tmp-", ".dl-")) \
-                    and stored.get(r) != p.stat().st_size:
+                    and stored.get(r, (None,))[0] != p.stat().st_size:
                 self.store.put_file(p, r)
                 sent.append(r)
         return sent
 
-    def upload_if_exists(self, rel: str) -> None:
-        if (self.local / rel).is_file():
-            self.upload(self.local / rel)
+    def fetch(self, rel: str) -> list[str]:
+        """Download the objects below ``rel`` that work shipped to another node published (``pipeline.storage.
+        shipping``) into the staging copy, checkpoint weights excepted: on this driver only shipped work reads
+        them, and it reads them from the store. Returns the paths downloaded."""
+        got = []
+        if (self.local / rel).is_dir():  # an earlier version's files (a resumed run's download) must not linger
+            shutil.rmtree(self.local / rel)
+        for obj in sorted(self.store.entries(rel)):
+            if not obj.endswith(WEIGHT_SUFFIXES):
+                self.store.get_file(obj, self.local / obj)
+                got.append(obj)
+        if not got:
+            raise StorageError(f"{self.uri}: {rel} is not on the store after the work that writes it returned; "
+                               f"rerun the round (its phase was not marked done)")
+        return got
 
     def start_publishing(self) -> None:
         publish_under(self.local, self.upload)

@@ -166,8 +166,8 @@ def test_markers_checkpoints_and_cleared_markers_reach_the_store(s3_bucket):
                 "round_1/_SUCCESS", "round_1/eval.json"} <= set(store.list())
         with atomic_dir(run.policy_dir(1)) as tmp:  # replaced: the old version's extra file goes too
             (tmp / "config.json").write_text('{"v": 2}')
-        with pytest.raises(StorageError, match="ran as a Ray task on another node"):
-            # a checkpoint written on another node is not in our staging copy: no marker may say it is done
+        with pytest.raises(StorageError, match="did not go through RunDir.ship / RunDir.fetch"):
+            # a checkpoint that never reached our staging copy: no marker may say it is done
             run.mark_done(1, "train_ppm", {"out_dir": str(run.ppm_dir(1))})
         assert "round_1/_done/train_ppm.json" not in store.list()
         run.clear_done(1, "rollouts")
