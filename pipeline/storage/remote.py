@@ -9,9 +9,13 @@ the append-only log. So a run directory on object storage is worked on in a fres
 2. Every atomic write below the staging directory (``data.atomic_io``: a shard, the manifest, a marker, an
    export, a checkpoint directory) is uploaded right after its local rename, by the same thread, so objects appear
    on the store in the order the files were committed: a shard before the manifest naming it, a checkpoint
-   before the phase marker saying it is done. ``log.jsonl`` (appended, not atomic) is uploaded after each phase
-   marker and when the lease is released. Files that other processes of this node wrote into the staging copy
-   (a training or evaluation Ray task on the local GPU) are uploaded before each phase marker (``sync_up``).
+   before the phase marker saying it is done. ``log.jsonl`` (appended, not atomic) is uploaded, up to its last
+   complete line: after each phase marker, at each heartbeat of the lease (every 30 s by default, also while
+   nothing is committed, as during training), with a commit when ``LOG_EVERY_S`` (30 s) have passed since it
+   last went up, and when the lease is released. Files that other processes of this node wrote into the staging
+   copy are uploaded before each phase marker (``sync_up``). Work shipped to other nodes (training and
+   evaluation Ray tasks, engine actors loading a checkpoint) never sees the staging copy: it reads and writes
+   the run through the store (``pipeline.storage.shipping``).
 3. Releasing the lease syncs the run up (the log included), removes the staging directory, then the lease object.
 
 Guarantees on object storage (what holds instead of flock / fsync / rename):
@@ -25,8 +29,8 @@ Guarantees on object storage (what holds instead of flock / fsync / rename):
   job: create-if-absent is "read, write, wait ``settle_s``, read back our token". Two drivers starting within
   the same instant both see absent, both write, and the read-back after ``settle_s`` tells the loser; it fails
   only if a driver stalls longer than ``settle_s`` between its read and its write;
-- what a crash loses: the problems in flight (as locally), and the log lines since the last phase marker;
-  the staging directory of a killed driver stays on its local disk (under ``OPEN_RSTAR_STAGING`` or the
+- what a crash loses: the problems in flight (as locally), and the log lines since the last heartbeat (30 s
+  by default: ``lease timeout / 4``); the staging directory of a killed driver stays on its local disk (under ``OPEN_RSTAR_STAGING`` or the
   system temp directory); it is never reused, and the next run staged there on the same host removes it.
 Removals are published too: a cleared marker (``data.atomic_io.remove_file``), a damaged shard moved to
 ``trees/_corrupt/`` (the copy is uploaded there) and an unlisted shard removed by garbage collection are deleted
@@ -35,6 +39,7 @@ on the store. Readers trust only what the manifest and the markers name in any c
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -50,7 +55,7 @@ _URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 LOCAL_ONLY = ("_lease.json", "_manifest.lock")  # never uploaded: the lease lives on the store itself
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # what a read-only pull may skip
 LOG_NAME = "log.jsonl"
-LOG_EVERY_S = 30.0  # the log is uploaded with a commit at most this often, and at every phase marker
+LOG_EVERY_S = 30.0  # a commit uploads the log when it went up longer ago (besides markers and heartbeats)
 
 
 def uri_scheme(run_dir: str | os.PathLike) -> str | None:
@@ -276,8 +281,19 @@ class StagedRun:
                     self.store.delete(old)
         elif path.name not in LOCAL_ONLY and not path.name.startswith(".tmp-"):
             self.store.put_file(path, rel)
-        if time.monotonic() - self._log_sent_at >= LOG_EVERY_S:  # a commit: the log goes too, now and then
+        if self.log_due():  # a commit: the log goes too, now and then
             self.upload_log()
+
+    def log_due(self) -> bool:
+        return time.monotonic() - self._log_sent_at >= LOG_EVERY_S
+
+    def upload_log_on_heartbeat(self) -> None:
+        """The lease's heartbeat hook: upload the log, also while nothing is committed (training). A failure is
+        logged and retried at the next beat; the thread must go on renewing the lease."""
+        try:
+            self.upload_log()
+        except StorageError as e:
+            logging.getLogger(__name__).warning("log.jsonl not uploaded (retried at the next heartbeat): %s", e)
 
     def upload_log(self) -> None:
         """Upload ``log.jsonl`` up to its last complete line (other threads may be appending to it)."""

@@ -96,6 +96,7 @@ class RunDir:
         if self.remote:
             self.remote.start_publishing()
             lease.on_release.append(self.remote.close)
+            lease.on_heartbeat.append(self.remote.upload_log_on_heartbeat)
         self.lease = lease
         return lease
 
