@@ -98,6 +98,17 @@ def _s3_at(endpoint: str):
                            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
 
 
+def _gcs_at(emulator: str):
+    """A GCS filesystem on an emulator (``STORAGE_EMULATOR_HOST``, as Google's client libraries read it): anonymous,
+    ``http(s)://host:port``. pyarrow's own GCS client does not read the variable."""
+    from urllib.parse import urlparse
+
+    from pyarrow import fs
+
+    url = urlparse(emulator if "://" in emulator else f"http://{emulator}")
+    return fs.GcsFileSystem(anonymous=True, scheme=url.scheme or "http", endpoint_override=url.netloc)
+
+
 class ObjectStore:
     """A prefix on a ``pyarrow.fs`` filesystem, addressed by paths relative to it ("round_1/trees/x")."""
 
@@ -108,6 +119,8 @@ class ObjectStore:
         try:
             if uri_scheme(self.uri) == "s3" and (endpoint := _s3_endpoint()):
                 self.fs, base = _s3_at(endpoint), self.uri[len("s3://"):]
+            elif uri_scheme(self.uri) == "gs" and (emulator := os.environ.get("STORAGE_EMULATOR_HOST")):
+                self.fs, base = _gcs_at(emulator), self.uri[len("gs://"):]
             else:
                 self.fs, base = fs.FileSystem.from_uri(self.uri)
         except (ValueError, OSError) as e:  # unknown scheme, no credentials, bad bucket name
