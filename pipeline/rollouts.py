@@ -122,10 +122,11 @@ def default_backends(cfg: RunConfig, spec: RoundSpec, policy_model: str, ppm_mod
                      ship: Ship | None = None) -> Backends:
     """Production backends: the configured policy engine, the sandbox pool, ``data.grade``, the PPM scorer.
     The model factories are bound with ``ship`` (default ``functools.partial``)."""
-    ship = ship or functools.partial
     from data import grade
     from pipeline.engines import make_policy, make_scorer
     from pipeline.sandbox import SandboxPool
+
+    ship = ship or functools.partial
 
     scorer = None
     if spec.q_mode == "ppm":
