@@ -12,7 +12,8 @@ Layout (DESIGN.md, "Storage layout of a run")::
         trees/_manifest.json         the committed shards, the problem ids, size and sha256 of each: the only truth
         trees/_corrupt/              damaged shards moved aside by TreeStore.repair
         sft.parquet  ppm_pairs.parquet  steps.parquet  trees.parquet   exports (pipeline.export)
-        policy/  ppm/                HF checkpoints (written via ``atomic_dir``)
+        policy/  ppm/                HF checkpoints (written via ``atomic_dir``; by a task on another node of a
+                                     run on object storage: uploaded with _COMPLETE.json last, pipeline.storage.shipping)
         eval.json
         _done/<phase>.json           one completion marker per phase; resume skips marked phases
         _SUCCESS                     the whole round is done
