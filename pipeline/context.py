@@ -72,15 +72,24 @@ def prompt_fn(model: str, few_shot: bool) -> Callable[[str, str], str]:
     return build(model, few_shot=few_shot).build
 
 
-def on_accelerators(cfg: RunConfig, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+def on_accelerators(cfg: RunConfig, run: RunDir, fn: Callable, *args: Any, writes: Path | None = None,
+                    **kwargs: Any) -> Any:
     """Run a training or evaluation function where the accelerators are: in-process on a CPU-only run, as a Ray
-    task with a GPU otherwise (the driver of a cluster job usually sits on a CPU-only head node)."""
+    task with a GPU otherwise (the driver of a cluster job usually sits on a CPU-only head node). ``writes``: the
+    directory of the run ``fn`` writes (a checkpoint). The task may run on another node: on object storage its
+    paths of the run travel through the store (``RunDir.ship``), and ``writes`` is fetched when it returns."""
     gpus = cfg.ray.gpus_per_engine
     if not gpus:
         return fn(*args, **kwargs)
     import ray
 
-    return ray.get(ray.remote(num_gpus=max(1.0, gpus), num_cpus=1)(fn).remote(*args, **kwargs))
+    from pipeline.storage.shipping import call_shipped
+
+    task = ray.remote(num_gpus=max(1.0, gpus), num_cpus=1)(call_shipped).options(name=getattr(fn, "__name__", "task"))
+    result = ray.get(task.remote(run.ship(fn, *args, writes=writes, **kwargs)))
+    if writes is not None:
+        run.fetch(writes)
+    return result
 
 
 def parquet_rows(path: Path) -> int:

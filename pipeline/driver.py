@@ -54,7 +54,7 @@ def phase_rollouts(ctx: RoundContext) -> dict:
     trees.write_plan([p.id for p in ctx.problems])
     # Unsolved trees escalate through spec.unsolved_rollouts (round 4), inside the same call.
     stats = run_rollouts(ctx.cfg, ctx.round_no, spec, ctx.problems, policy, ppm, trees, ctx.log,
-                         settings=ctx.cfg.rollouts)
+                         settings=ctx.cfg.rollouts, ship=ctx.run.ship)
     stored = trees.completed_problem_ids()
     solved = trees.solved_problem_ids()
     ctx.log.info("rollouts_done", round=ctx.round_no, stored=len(stored), solved=len(solved),

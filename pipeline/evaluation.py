@@ -88,22 +88,27 @@ def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm:
                    full: bool = True, out_dir: Path | None = None) -> dict:
     """Evaluate one policy (+ PPM) on ``problems``; writes eval.json into ``out_dir`` (default round_N/; round 0 =
     the base model). ``full`` False: greedy pass@1 only."""
+    from rounds.report import EVAL_FILE, write_json_atomic
+
     out_dir = out_dir if out_dir is not None else run.root / f"round_{round_no}"
-    args = (cfg, out_dir, round_no, policy, ppm, problems, trained, train_solved, full)
+    # The models as this driver names them: the task may see them at other paths (a node cache, on object storage).
+    models = {"policy": policy, "ppm": ppm}
+    args = (cfg, round_no, policy, ppm, problems, trained, train_solved, full, models)
     log.info("eval_start", round=round_no, policy=policy, ppm=ppm, problems=len(problems))
     # Progress lines reach the run log only in-process; a Ray task's output goes to the job log instead.
     say = None if cfg.ray.gpus_per_engine else (lambda msg: log.info("eval_progress", message=msg))
     console = getattr(log, "console", None)  # the live bars too (one per metric), in-process only
     track = None if cfg.ray.gpus_per_engine or console is None else (
         lambda label, total: console.bar(f"round {round_no} eval {label}", total, solved=True))
-    result = on_accelerators(cfg, _evaluate, *args, say=say, track=track)
+    result = on_accelerators(cfg, run, _evaluate, *args, say=say, track=track)
+    write_json_atomic(out_dir / EVAL_FILE, result)  # here, not in the task: it may run on a node without the run
     log.info("eval_done", round=round_no, **{k: v for k, v in result["metrics"].items() if v is not None})
     return {"metrics": result["metrics"], "skipped": result.get("skipped", {}), "counts": result.get("counts", {}),
             "n": result.get("n_problems")}
 
 
-def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: str | None, problems: list,
-              trained: bool, train_solved: tuple[int, int] | None, full: bool = True,
+def _evaluate(cfg: RunConfig, round_no: int, policy: str, ppm: str | None, problems: list, trained: bool,
+              train_solved: tuple[int, int] | None, full: bool, models: dict,
               say: Callable[[str], None] | None = None, track: Callable | None = None) -> dict:
     import data
     from pipeline.engines import make_policy, make_scorer, with_generation
@@ -125,7 +130,7 @@ def _evaluate(cfg: RunConfig, out_dir: Path, round_no: int, policy: str, ppm: st
                         no_train_reason="round 0 is the base model: no search of its own" if round_no == 0 else None,
                         greedy_only_reason=None if full else f"greedy only at round {round_no} (eval.full_rounds="
                                                              f"{cfg.eval.full_rounds})",
-                        models={"policy": policy, "ppm": ppm}, out_dir=out_dir, log=say, track=track)
+                        models=models, log=say, track=track)
 
 
 def write_metrics(ctx: RoundContext) -> None:

@@ -115,6 +115,7 @@ class RunLease:
         self.file: LeaseFile = file or LocalLeaseFile(self.root)
         self.name = name or str(self.root)  # the run as people name it (a URI on object storage), for messages
         self.on_release: list[Callable[[], None]] = []  # run by release() while the lease is still ours
+        self.on_heartbeat: list[Callable[[], None]] = []  # run by the heartbeat thread after each renewal
         self.timeout_s = timeout_s
         self._clock = clock
         self.mine: Holder | None = None  # set while we hold the lease
@@ -185,7 +186,9 @@ class RunLease:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.timeout_s / 4):
-            self.renew()
+            if self.renew():
+                for hook in self.on_heartbeat:
+                    hook()
 
     def renew(self) -> bool:
         """Refresh our heartbeat; False (and ``lost`` set) when someone has taken the lease from us."""

@@ -113,11 +113,20 @@ def round_search_config(cfg: RunConfig, spec: RoundSpec) -> SearchConfig:
     return dataclasses.replace(cfg.search, mode=spec.q_mode, rollouts=spec.rollouts, children=spec.children)
 
 
-def default_backends(cfg: RunConfig, spec: RoundSpec, policy_model: str, ppm_model: str | None) -> Backends:
-    """Production backends: the configured policy engine, the sandbox pool, ``data.grade``, the PPM scorer."""
+# Binds a factory to its arguments for an actor to call: functools.partial, or RunDir.ship (a run on object
+# storage names its checkpoints by the run, and the actor's node downloads them).
+Ship = Callable[..., Callable[[], Any]]
+
+
+def default_backends(cfg: RunConfig, spec: RoundSpec, policy_model: str, ppm_model: str | None,
+                     ship: Ship | None = None) -> Backends:
+    """Production backends: the configured policy engine, the sandbox pool, ``data.grade``, the PPM scorer.
+    The model factories are bound with ``ship`` (default ``functools.partial``)."""
     from data import grade
     from pipeline.engines import make_policy, make_scorer
     from pipeline.sandbox import SandboxPool
+
+    ship = ship or functools.partial
 
     scorer = None
     if spec.q_mode == "ppm":
@@ -125,12 +134,12 @@ def default_backends(cfg: RunConfig, spec: RoundSpec, policy_model: str, ppm_mod
             raise RolloutError("q_mode='ppm' needs a trained PPM, but no ppm_model was given for this round; "
                                "train one in the previous round (rounds.schedule.*.train_ppm=true)")
         # The PPM was trained on prompts exported without few-shot examples; score the same text.
-        scorer = functools.partial(make_scorer, cfg.engines, ppm_model, few_shot=False)
+        scorer = ship(make_scorer, cfg.engines, ppm_model, few_shot=False)
     cache_dir = Path(cfg.storage.cache_dir).expanduser() if cfg.storage.cache_dir else None
     return Backends(
         # Built inside each engine actor: the model is resolved and loaded where the engine (GPU) is.
-        policy=functools.partial(make_policy, cfg.engines, model=policy_model, mode=spec.gen_mode,
-                                 few_shot=spec.few_shot, seed=cfg.seed, cache_dir=cache_dir),
+        policy=ship(make_policy, cfg.engines, model=policy_model, mode=spec.gen_mode, few_shot=spec.few_shot,
+                    seed=cfg.seed, cache_dir=cache_dir),
         executor=functools.partial(SandboxPool, cfg.sandbox),
         grader=grade,
         scorer=scorer,
@@ -262,8 +271,10 @@ class _Phase:
 
 def run_rollouts(cfg: RunConfig, round_no: int, spec: RoundSpec, problems: Sequence[ProblemLike], policy_model: str,
                  ppm_model: str | None, store: TreeStore | RunDir, log: RunLog, *,
-                 settings: RolloutConfig | None = None, backends: Backends | None = None) -> RolloutStats:
-    """Run the round's rollouts for every problem not yet stored; see the module doc."""
+                 settings: RolloutConfig | None = None, backends: Backends | None = None,
+                 ship: Ship | None = None) -> RolloutStats:
+    """Run the round's rollouts for every problem not yet stored; see the module doc. ``ship``: how the default
+    backends bind the model factories (``RunDir.ship``: checkpoints of a run on object storage travel through it)."""
     from pipeline.cluster import ray_cluster  # the process's one connection (made by the driver, or here)
 
     settings = settings or RolloutConfig()
@@ -279,7 +290,7 @@ def run_rollouts(cfg: RunConfig, round_no: int, spec: RoundSpec, problems: Seque
         log.info("rollouts.skip", round=round_no, reason="every problem already has a stored tree",
                  problems=len(problems))
         return stats
-    backends = backends or default_backends(cfg, spec, policy_model, ppm_model)
+    backends = backends or default_backends(cfg, spec, policy_model, ppm_model, ship=ship)
     with ray_cluster(cfg.ray) as cluster:
         phase = _Phase(cfg, round_no, spec, backends, settings, log)
         phase.check_fit(min(cfg.ray.rollout_workers, len(todo)), can_grow=not cluster.started)

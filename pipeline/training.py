@@ -38,12 +38,14 @@ def phase_train_policy(ctx: RoundContext) -> dict:
                      reason="the SFT pool is unchanged since that round (no new correct trajectory)")
         return {"skipped": f"SFT data unchanged since round {same}", "same_as_round": same, "data": data}
     init = init_checkpoint(ctx.cfg.training, ctx.cfg.engines.policy_model, ctx.lineage.newest_policy(ctx.round_no - 1))
+    out = ctx.run.policy_dir(ctx.round_no)
     with _step_bar(ctx, "train policy") as callbacks:
-        result = on_accelerators(ctx.cfg, train_policy, init, sft, ctx.run.policy_dir(ctx.round_no), ctx.cfg.training,
-                                 callbacks=callbacks)
+        result = on_accelerators(ctx.cfg, ctx.run, train_policy, init, sft, out, ctx.cfg.training, callbacks=callbacks,
+                                 writes=out)
     ctx.log.info("policy_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps, rows=n,
                  problems=data["problems"], pooled=ctx.cfg.training.policy_pool)
-    return dataclasses.asdict(result) | {"out_dir": str(result.out_dir), "data": data}
+    # out_dir as this driver sees it (a task on another node wrote the checkpoint into its own node cache first)
+    return dataclasses.asdict(result) | {"out_dir": str(out), "data": data}
 
 
 def phase_train_ppm(ctx: RoundContext) -> dict:
@@ -61,12 +63,13 @@ def phase_train_ppm(ctx: RoundContext) -> dict:
         return {"skipped": f"{n} preference pairs"}
     # Runs after phase_train_policy, so under ppm_init="policy" the backbone is this round's fine-tuned policy.
     init = init_checkpoint(ctx.cfg.training, ctx.lineage.ppm_backbone(ctx.round_no), ctx.lineage.newest_ppm(ctx.round_no - 1))
+    out = ctx.run.ppm_dir(ctx.round_no)
     with _step_bar(ctx, "train ppm") as callbacks:
-        result = on_accelerators(ctx.cfg, train_ppm, init, pairs, ctx.run.ppm_dir(ctx.round_no), ctx.cfg.training,
-                                 callbacks=callbacks)
+        result = on_accelerators(ctx.cfg, ctx.run, train_ppm, init, pairs, out, ctx.cfg.training, callbacks=callbacks,
+                                 writes=out)
     ctx.log.info("ppm_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps,
                  heldout_accuracy=result.pairwise_accuracy, heldout_pairs=result.heldout_pairs)
-    return dataclasses.asdict(result) | {"out_dir": str(result.out_dir)}
+    return dataclasses.asdict(result) | {"out_dir": str(out)}
 
 
 def policy_sft_data(ctx: RoundContext) -> tuple[Path, dict]:

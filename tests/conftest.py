@@ -8,6 +8,7 @@ finds a non-daemon thread, a thread of one of our pools, a child process, or an 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -67,18 +68,18 @@ def ray_session():
     disconnect(cluster)
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-protocol server for the session: moto in server mode (the [dev] extra) on 127.0.0.1 and a free
-    port, in its own process. Yields the standard AWS_* variables that point a client at it."""
+@contextlib.contextmanager
+def _local_server(argv_for_port, what: str):
+    """Start ``argv_for_port(port)`` on 127.0.0.1 and a free port, in its own process; yield the port once it
+    accepts connections; stop it on exit."""
     import socket
     import subprocess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv_for_port(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -87,11 +88,10 @@ def s3_server():
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto S3 server on 127.0.0.1:{port} did not start (exit status {proc.poll()}); "
-                                f"is moto[server] installed (pip install -e '.[dev]')?")
+                    pytest.fail(f"{what} on 127.0.0.1:{port} did not start (exit status {proc.poll()}); is the "
+                                f"[dev] extra installed (pip install -e '.[dev]')?")
                 time.sleep(0.1)
-        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+        yield port
     finally:
         proc.terminate()
         try:
@@ -99,6 +99,40 @@ def s3_server():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server for the session: moto in server mode (the [dev] extra) on 127.0.0.1 and a free
+    port, in its own process. Yields the standard AWS_* variables that point a client at it."""
+    with _local_server(lambda p: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(p)],
+                       "moto S3 server") as port:
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A GCS-protocol (JSON API) server for the session: gcp-storage-emulator (the [dev] extra), in memory, on
+    127.0.0.1 and a free port. Yields STORAGE_EMULATOR_HOST, the variable Google's clients read for one."""
+    with _local_server(lambda p: [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                                  "--port", str(p), "--in-memory"], "gcp-storage-emulator") as port:
+        yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch, request):
+    """A fresh bucket on the session's GCS emulator, with STORAGE_EMULATOR_HOST set: yields ``gs://<bucket>``."""
+    import re
+    import uuid
+
+    from pyarrow import fs
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server["STORAGE_EMULATOR_HOST"])
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    fs.GcsFileSystem(anonymous=True, scheme="http", project_id="test",
+                     endpoint_override=gcs_server["STORAGE_EMULATOR_HOST"].removeprefix("http://")).create_dir(name)
+    return f"gs://{name}"
 
 
 @pytest.fixture

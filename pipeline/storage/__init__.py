@@ -4,7 +4,8 @@
 - ``pipeline.storage.trees``  the tree store: node-table shards, manifest with checksums, repair, garbage, and
   the tree writer that buffers finished trees into whole-problem shards;
 - ``pipeline.storage.rundir`` the run directory: paths, stored config, completion markers;
-- ``pipeline.storage.remote`` run directories on object storage (s3://, gs://) through a local staging copy.
+- ``pipeline.storage.remote`` run directories on object storage (s3://, gs://) through a local staging copy;
+- ``pipeline.storage.shipping`` work shipped to other nodes of such a run: its files travel through the store.
 
 Everything public is importable from ``pipeline.storage`` as before the split.
 """

@@ -9,9 +9,13 @@ the append-only log. So a run directory on object storage is worked on in a fres
 2. Every atomic write below the staging directory (``data.atomic_io``: a shard, the manifest, a marker, an
    export, a checkpoint directory) is uploaded right after its local rename, by the same thread, so objects appear
    on the store in the order the files were committed: a shard before the manifest naming it, a checkpoint
-   before the phase marker saying it is done. ``log.jsonl`` (appended, not atomic) is uploaded after each phase
-   marker and when the lease is released. Files that other processes of this node wrote into the staging copy
-   (a training or evaluation Ray task on the local GPU) are uploaded before each phase marker (``sync_up``).
+   before the phase marker saying it is done. ``log.jsonl`` (appended, not atomic) is uploaded, up to its last
+   complete line: after each phase marker, at each heartbeat of the lease (every 30 s by default, also while
+   nothing is committed, as during training), with a commit when ``LOG_EVERY_S`` (30 s) have passed since it
+   last went up, and when the lease is released. Files that other processes of this node wrote into the staging
+   copy are uploaded before each phase marker (``sync_up``). Work shipped to other nodes (training and
+   evaluation Ray tasks, engine actors loading a checkpoint) never sees the staging copy: it reads and writes
+   the run through the store (``pipeline.storage.shipping``).
 3. Releasing the lease syncs the run up (the log included), removes the staging directory, then the lease object.
 
 Guarantees on object storage (what holds instead of flock / fsync / rename):
@@ -25,8 +29,8 @@ Guarantees on object storage (what holds instead of flock / fsync / rename):
   job: create-if-absent is "read, write, wait ``settle_s``, read back our token". Two drivers starting within
   the same instant both see absent, both write, and the read-back after ``settle_s`` tells the loser; it fails
   only if a driver stalls longer than ``settle_s`` between its read and its write;
-- what a crash loses: the problems in flight (as locally), and the log lines since the last phase marker;
-  the staging directory of a killed driver stays on its local disk (under ``OPEN_RSTAR_STAGING`` or the
+- what a crash loses: the problems in flight (as locally), and the log lines since the last heartbeat (30 s
+  by default: ``lease timeout / 4``); the staging directory of a killed driver stays on its local disk (under ``OPEN_RSTAR_STAGING`` or the
   system temp directory); it is never reused, and the next run staged there on the same host removes it.
 Removals are published too: a cleared marker (``data.atomic_io.remove_file``), a damaged shard moved to
 ``trees/_corrupt/`` (the copy is uploaded there) and an unlisted shard removed by garbage collection are deleted
@@ -35,10 +39,12 @@ on the store. Readers trust only what the manifest and the markers name in any c
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +54,8 @@ from data.atomic_io import StorageError, host_identity, pid_alive, publish_under
 _URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 LOCAL_ONLY = ("_lease.json", "_manifest.lock")  # never uploaded: the lease lives on the store itself
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # what a read-only pull may skip
+LOG_NAME = "log.jsonl"
+LOG_EVERY_S = 30.0  # a commit uploads the log when it went up longer ago (besides markers and heartbeats)
 
 
 def uri_scheme(run_dir: str | os.PathLike) -> str | None:
@@ -90,6 +98,17 @@ def _s3_at(endpoint: str):
                            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
 
 
+def _gcs_at(emulator: str):
+    """A GCS filesystem on an emulator (``STORAGE_EMULATOR_HOST``, as Google's client libraries read it): anonymous,
+    ``http(s)://host:port``. pyarrow's own GCS client does not read the variable."""
+    from urllib.parse import urlparse
+
+    from pyarrow import fs
+
+    url = urlparse(emulator if "://" in emulator else f"http://{emulator}")
+    return fs.GcsFileSystem(anonymous=True, scheme=url.scheme or "http", endpoint_override=url.netloc)
+
+
 class ObjectStore:
     """A prefix on a ``pyarrow.fs`` filesystem, addressed by paths relative to it ("round_1/trees/x")."""
 
@@ -100,6 +119,8 @@ class ObjectStore:
         try:
             if uri_scheme(self.uri) == "s3" and (endpoint := _s3_endpoint()):
                 self.fs, base = _s3_at(endpoint), self.uri[len("s3://"):]
+            elif uri_scheme(self.uri) == "gs" and (emulator := os.environ.get("STORAGE_EMULATOR_HOST")):
+                self.fs, base = _gcs_at(emulator), self.uri[len("gs://"):]
             else:
                 self.fs, base = fs.FileSystem.from_uri(self.uri)
         except (ValueError, OSError) as e:  # unknown scheme, no credentials, bad bucket name
@@ -158,6 +179,20 @@ class ObjectStore:
             pass
         except OSError as e:
             raise self._failed("deleting", rel, e) from None
+
+    def entries(self, rel: str) -> dict[str, tuple[int, int]]:
+        """{path relative to the run: (size, modification time in ns)} of the object ``rel``, or of every object
+        below ``rel`` when it names a directory; {} when there is none."""
+        from pyarrow import fs
+
+        try:
+            info = self.fs.get_file_info(self.key(rel))
+            if info.type == fs.FileType.File:
+                return {rel: (info.size, info.mtime_ns or 0)}
+            infos = self.fs.get_file_info(fs.FileSelector(self.key(rel), recursive=True, allow_not_found=True))
+        except OSError as e:
+            raise self._failed("listing", rel, e) from None
+        return {i.path[len(self.base) + 1:]: (i.size, i.mtime_ns or 0) for i in infos if i.type == fs.FileType.File}
 
     def list(self, rel: str = "") -> dict[str, int]:
         """{path relative to the run: size} of every object below ``rel``."""
@@ -222,6 +257,8 @@ class StagedRun:
         self.local = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{host_identity()}-{os.getpid()}-",
                                            dir=root)).resolve()
         self.publishing = False
+        self._log_lock = threading.Lock()
+        self._log_sent_at = time.monotonic()
 
     def lease_file(self, settle_s: float = 1.0) -> ObjectLeaseFile:
         from pipeline.lease import LEASE_NAME
@@ -257,25 +294,60 @@ class StagedRun:
                     self.store.delete(old)
         elif path.name not in LOCAL_ONLY and not path.name.startswith(".tmp-"):
             self.store.put_file(path, rel)
+        if self.log_due():  # a commit: the log goes too, now and then
+            self.upload_log()
+
+    def log_due(self) -> bool:
+        return time.monotonic() - self._log_sent_at >= LOG_EVERY_S
+
+    def upload_log_on_heartbeat(self) -> None:
+        """The lease's heartbeat hook: upload the log, also while nothing is committed (training). A failure is
+        logged and retried at the next beat; the thread must go on renewing the lease."""
+        try:
+            self.upload_log()
+        except StorageError as e:
+            logging.getLogger(__name__).warning("log.jsonl not uploaded (retried at the next heartbeat): %s", e)
+
+    def upload_log(self) -> None:
+        """Upload ``log.jsonl`` up to its last complete line (other threads may be appending to it)."""
+        with self._log_lock:
+            log = self.local / LOG_NAME
+            if log.is_file():
+                data = log.read_bytes()
+                self.store.write_bytes(LOG_NAME, data[:data.rfind(b"\n") + 1])
+            self._log_sent_at = time.monotonic()
 
     def sync_up(self, rel: str) -> list[str]:
         """Upload every file below ``rel`` that the store lacks or holds with another size; return their paths.
 
         Run before a phase marker: a file written by another process on this node (a Ray task training on the
         local GPU) never passed through this process's publisher, and must be on the store before the marker."""
-        stored = self.store.list(rel)
+        base = self.local / rel
+        stored = self.store.entries(rel)
         sent = []
-        for p in sorted((self.local / rel).rglob("*")):
+        for p in [base] if base.is_file() else sorted(base.rglob("*")):
             r = p.relative_to(self.local).as_posix()
             if p.is_file() and p.name not in LOCAL_ONLY and not p.name.startswith((".tmp-", ".dl-")) \
-                    and stored.get(r) != p.stat().st_size:
+                    and stored.get(r, (None,))[0] != p.stat().st_size:
                 self.store.put_file(p, r)
                 sent.append(r)
         return sent
 
-    def upload_if_exists(self, rel: str) -> None:
-        if (self.local / rel).is_file():
-            self.upload(self.local / rel)
+    def fetch(self, rel: str) -> list[str]:
+        """Download the objects below ``rel`` that work shipped to another node published (``pipeline.storage.
+        shipping``) into the staging copy, checkpoint weights excepted: on this driver only shipped work reads
+        them, and it reads them from the store. Returns the paths downloaded."""
+        got = []
+        if (self.local / rel).is_dir():  # an earlier version's files (a resumed run's download) must not linger
+            shutil.rmtree(self.local / rel)
+        for obj in sorted(self.store.entries(rel)):
+            if not obj.endswith(WEIGHT_SUFFIXES):
+                self.store.get_file(obj, self.local / obj)
+                got.append(obj)
+        if not got:
+            raise StorageError(f"{self.uri}: {rel} is not on the store after the work that writes it returned; "
+                               f"rerun the round (its phase was not marked done)")
+        return got
 
     def start_publishing(self) -> None:
         publish_under(self.local, self.upload)

@@ -12,7 +12,8 @@ Layout (DESIGN.md, "Storage layout of a run")::
         trees/_manifest.json         the committed shards, the problem ids, size and sha256 of each: the only truth
         trees/_corrupt/              damaged shards moved aside by TreeStore.repair
         sft.parquet  ppm_pairs.parquet  steps.parquet  trees.parquet   exports (pipeline.export)
-        policy/  ppm/                HF checkpoints (written via ``atomic_dir``)
+        policy/  ppm/                HF checkpoints (written via ``atomic_dir``; by a task on another node of a
+                                     run on object storage: uploaded with _COMPLETE.json last, pipeline.storage.shipping)
         eval.json
         _done/<phase>.json           one completion marker per phase; resume skips marked phases
         _SUCCESS                     the whole round is done
@@ -27,14 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from data.atomic_io import StorageError, atomic_write_json, atomic_write_text, read_json, remove_file, utc_now
 from pipeline.storage.remote import WEIGHT_SUFFIXES, ObjectStore, StagedRun, is_remote, local_run_dir
+from pipeline.storage.shipping import ship
 from pipeline.storage.trees import TreeStore
 
 if TYPE_CHECKING:
@@ -94,6 +97,7 @@ class RunDir:
         if self.remote:
             self.remote.start_publishing()
             lease.on_release.append(self.remote.close)
+            lease.on_heartbeat.append(self.remote.upload_log_on_heartbeat)
         self.lease = lease
         return lease
 
@@ -113,6 +117,22 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({self.location!r})"
+
+    def ship(self, fn: Callable[..., Any], *args: Any, writes: Path | None = None, **kwargs: Any) -> Callable[[], Any]:
+        """``fn`` bound to its arguments, to be called in another process, maybe on another node (a Ray task, an
+        actor's model factory). On object storage every argument that is a path of the run is named by the run
+        (``pipeline.storage.shipping``): inputs are uploaded now and downloaded there; ``writes``, the output
+        directory, is uploaded there when ``fn`` returns; then call ``fetch(writes)`` here. On a local run
+        this is ``functools.partial(fn, *args, **kwargs)``."""
+        if self.remote is None:
+            return functools.partial(fn, *args, **kwargs)
+        return ship(self.remote, fn, args, kwargs, writes)
+
+    def fetch(self, path: Path) -> None:
+        """After a shipped call that wrote ``path`` returned: its files in the staging copy, weights excepted
+        (``StagedRun.fetch``), so the rest of the round sees the checkpoint. Nothing to do on a local run."""
+        if self.remote:
+            self.remote.fetch(Path(path).resolve().relative_to(self.root.resolve()).as_posix())
 
     @staticmethod
     def fresh(runs_dir: str | Path, name: str, now: _dt.datetime | None = None) -> RunDir:
@@ -219,15 +239,14 @@ class RunDir:
             out = Path((info or {}).get("out_dir") or self.root)
             if out.is_relative_to(self.root) and not out.exists():
                 raise StorageError(f"{self.location}: {phase} of round {round} reports writing {out}, which is not "
-                                   f"in this driver's staging copy: it ran as a Ray task on another node, which "
-                                   f"cannot write an object-store run directory yet. Run training on the "
-                                   f"driver's node, or use a shared filesystem for --run-dir (README, 'Run "
-                                   f"directories on object storage').")
+                                   f"in this driver's staging copy: the work that wrote it did not go through "
+                                   f"RunDir.ship / RunDir.fetch (pipeline.storage.shipping), so its output never "
+                                   f"reached the store. The phase is not marked done; rerun it once that is fixed.")
             self.remote.sync_up(self.round_dir(round).relative_to(self.root).as_posix())
         atomic_write_json(self.marker_path(round, phase), {"phase": phase, "round": round,
                                                             "done_at": utc_now(), "info": info or {}})
         if self.remote:  # the log is appended, not written atomically: publish it at each phase boundary
-            self.remote.upload_if_exists("log.jsonl")
+            self.remote.upload_log()
 
     def is_done(self, round: int, phase: str) -> bool:
         return self.marker_path(round, phase).is_file()

@@ -223,6 +223,13 @@ def test_object_store_variant_needs_no_shared_volume_and_takes_credentials_from_
         hf_home = runtime_env(m)["env_vars"]["HF_HOME"]
         for group, pod in pod_specs(m):  # the cache is on each pod's own disk, not in the container's layer
             assert any(_under(hf_home, p) for p in _mounts(pod, "emptyDir")), f"k8s/{name} {group}: HF_HOME {hf_home}"
+    # Checkpoints that shipped work downloads (pipeline.storage.shipping) go to each pod's emptyDir as well.
+    for group, pod in pod_specs(m):
+        for c in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])} | runtime_env(m).get("env_vars", {})
+            cache = env.get("OPEN_RSTAR_NODE_CACHE")
+            assert cache and any(_under(cache, p) for p in _mounts(pod, "emptyDir")), \
+                f"k8s/{name} {group}/{c['name']}: OPEN_RSTAR_NODE_CACHE={cache!r} is not on the pod's emptyDir"
 
 
 def _quantity(resources: dict, key: str, which: str) -> int:

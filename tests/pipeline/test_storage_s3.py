@@ -166,8 +166,8 @@ def test_markers_checkpoints_and_cleared_markers_reach_the_store(s3_bucket):
                 "round_1/_SUCCESS", "round_1/eval.json"} <= set(store.list())
         with atomic_dir(run.policy_dir(1)) as tmp:  # replaced: the old version's extra file goes too
             (tmp / "config.json").write_text('{"v": 2}')
-        with pytest.raises(StorageError, match="ran as a Ray task on another node"):
-            # a checkpoint written on another node is not in our staging copy: no marker may say it is done
+        with pytest.raises(StorageError, match="did not go through RunDir.ship / RunDir.fetch"):
+            # a checkpoint that never reached our staging copy: no marker may say it is done
             run.mark_done(1, "train_ppm", {"out_dir": str(run.ppm_dir(1))})
         assert "round_1/_done/train_ppm.json" not in store.list()
         run.clear_done(1, "rollouts")
@@ -217,3 +217,49 @@ def test_export_is_refused_while_a_driver_holds_the_run_and_info_names_it(s3_buc
         run.close()
     assert main(["info", uri]) == 0
     assert "lease: free" in capsys.readouterr().out
+
+
+def test_the_log_goes_up_with_commits_at_most_every_log_every_s_whole_lines_only(s3_bucket, monkeypatch):
+    from pipeline.storage import remote
+
+    uri = f"{s3_bucket}/run"
+    store = ObjectStore(uri)
+    run = RunDir.open(uri)
+    run.acquire_lease()
+    try:
+        with open(run.log_path, "a") as f:
+            f.write('{"n": 1}\n')
+        driven_commit = run.trees(1, SCHEMA, "problem_id")
+        driven_commit.write_plan(list(PROBLEMS))
+        with driven_commit.writer(shard_problems=1) as w:
+            w.append("a", tree("a", 2), solved=False)
+        assert store.read_bytes("log.jsonl") is None, "the log went up sooner than LOG_EVERY_S after the last time"
+        monkeypatch.setattr(remote, "LOG_EVERY_S", 0.0)
+        with open(run.log_path, "a") as f:
+            f.write('{"n": 2}\n{"n": 3, "cut sh')  # a line being appended while the commit uploads the log
+        with driven_commit.writer(shard_problems=1) as w:
+            w.append("b", tree("b", 2), solved=False)
+        assert store.read_bytes("log.jsonl") == b'{"n": 1}\n{"n": 2}\n', store.read_bytes("log.jsonl")
+        with open(run.log_path, "a") as f:
+            f.write('ort"}\n')
+    finally:
+        run.close()
+    assert store.read_bytes("log.jsonl") == b'{"n": 1}\n{"n": 2}\n{"n": 3, "cut short"}\n'
+
+
+def test_the_log_goes_up_at_each_heartbeat_while_nothing_is_committed(s3_bucket):
+    import time
+
+    uri = f"{s3_bucket}/run"
+    store = ObjectStore(uri)
+    run = RunDir.open(uri)
+    run.acquire_lease(timeout_s=0.4)  # a heartbeat every 0.1 s (+ the object lease's 1 s settle)
+    try:
+        with open(run.log_path, "a") as f:
+            f.write('{"event": "training"}\n')  # and then a long phase that commits nothing
+        deadline = time.monotonic() + 15
+        while store.read_bytes("log.jsonl") is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert store.read_bytes("log.jsonl") == b'{"event": "training"}\n', "no heartbeat uploaded the log in 15 s"
+    finally:
+        run.close()
