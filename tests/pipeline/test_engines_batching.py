@@ -178,19 +178,7 @@ def test_engine_prefix_store_respects_its_bound(tiny, tok):
     assert pol.store.longest(pol._prefix_ids, len(pol._prefix_ids))[0] == len(pol._prefix_ids), "pinned prefix kept"
 
 
-# -- CPU fast paths ------------------------------------------------------------------------------------
-
-
-def test_auto_fast_path_follows_the_cpu_not_a_timing_and_records_the_timings(tiny, tok):
-    from pipeline.engines import fastpath
-
-    pol = _policy(tiny, tok, cpu_fast_path="auto", max_batch_rows=4)
-    assert set(pol.probe.ms_per_step) == set(fastpath.candidates())
-    # the same on every run of this machine: a resumed run decodes with the numbers of the run it resumes
-    assert pol.probe.chosen == ("bf16" if fastpath.native_bf16() else "fp32")
-    assert pol.model.dtype == (torch.bfloat16 if fastpath.native_bf16() else torch.float32)
-    assert "cpu fast path" in pol.probe.summary()
-    assert len(pol.propose(_states(2), 2)) == 2
+# -- CPU fast paths (auto's probe and its cache: test_engines_fastpath.py) ------------------------------------
 
 
 @pytest.mark.parametrize("path", ["bf16", "int8"])
