@@ -45,6 +45,14 @@ class GenStats:
     new_tokens: int = 0  # sampled tokens, stop/EOS tokens included
     reused_tokens: int = 0  # prompt tokens whose KV came from the prefix store instead
     seconds: float = 0.0
+    # The running batch's own clock (pipeline.engines.batcher): ticks that decoded rows (new_tokens / decode_ticks
+    # = mean rows per decode step) and seconds per part of a tick, which say where a phase's tokens/s goes.
+    decode_ticks: int = 0
+    prefill_s: float = 0.0  # prompt forwards of admitted requests
+    join_s: float = 0.0  # storing prompt KV, copying it to sample rows, joining the running batch
+    sample_s: float = 0.0  # choosing each row's token
+    retire_s: float = 0.0  # stop checks and dropping finished rows from the cache
+    decode_s: float = 0.0  # the decode forward of the running rows
 
 
 def pick_device(device: str) -> str:

@@ -101,6 +101,20 @@ def test_concurrent_callers_share_one_batch_and_keep_their_samples(tiny, tok):
     assert pol.stats.calls == 3 and pol.batch.peak_rows <= 16
 
 
+def test_the_batch_clock_counts_rows_per_step_and_time_per_part(tiny, tok):
+    from pipeline.actors import BATCH_PARTS, PolicyEngine
+
+    engine = PolicyEngine(lambda: _policy(tiny, tok, max_batch_rows=4))
+    engine.propose(_states(3), 2)  # 6 rows through 4 slots
+    st, gen = engine.stats(), engine.backend.stats
+    # every decode step ran 1..4 rows; each sampled row is one new token
+    assert 0 < gen.decode_ticks <= gen.new_tokens <= 4 * (gen.decode_ticks + 1), gen
+    assert st.decode_ticks == gen.decode_ticks and set(st.parts_s) == set(BATCH_PARTS), st
+    assert all(v > 0 for v in st.parts_s.values()), st.parts_s
+    # the parts are disjoint stretches of the calls' time (the shared prefix's forward is outside them)
+    assert sum(st.parts_s.values()) <= gen.seconds, (st.parts_s, gen.seconds)
+
+
 def test_a_failing_tick_fails_the_requests_and_the_batch_recovers(tiny, tok):
     pol = _policy(tiny, tok, max_batch_rows=8)
     class Broken:  # the next tick's forward fails
