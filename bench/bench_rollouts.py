@@ -172,6 +172,11 @@ def main() -> None:
         for g, st in results.items():
             print(f"groups={g}: rollout {st.tokens / st.wall_s:.1f} tok/s over the engine's batch-64 {batch64:.1f} tok/s "
                   f"= {st.tokens / st.wall_s / batch64:.0%} (machine shared with other work)")
+    for g, st in results.items():
+        if st.engine_parts_s:
+            total = sum(st.engine_parts_s.values())
+            parts = ", ".join(f"{p} {s:.1f} s ({s / total:.0%})" for p, s in st.engine_parts_s.items())
+            print(f"groups={g}: {st.engine_rows_per_tick:.1f} rows per decode step; the running batch's time: {parts}")
     base_g = min(results)
     base = results[base_g]
     for g, st in results.items():

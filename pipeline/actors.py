@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mcts.config import SearchConfig
@@ -59,6 +59,9 @@ def actor_class(cls: type) -> Any:
 # --------------------------------------------------------------------------------------------- engines
 
 
+BATCH_PARTS = ("prefill", "join", "sample", "retire", "decode")  # GenStats' <part>_s clocks
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """What one engine actor did since it (last) started. Times in seconds; ``started_at`` is epoch time."""
@@ -70,6 +73,10 @@ class EngineStats:
     tokens: int  # new tokens generated, when the backend counts them (``stats.new_tokens``); else 0
     started_at: float
     pid: int
+    # The transformers backend's running batch (``GenStats``): decode steps that ran rows, and seconds per part of
+    # a tick (prefill, join, sample, retire, decode); empty for backends that do not keep them.
+    decode_ticks: int = 0
+    parts_s: dict[str, float] = field(default_factory=dict)
 
 
 class _Metered:
@@ -112,8 +119,11 @@ class _Metered:
         return os.getpid()
 
     def stats(self) -> EngineStats:
+        gen = getattr(self.backend, "stats", None)
+        parts = {p: float(getattr(gen, f"{p}_s")) for p in BATCH_PARTS if hasattr(gen, f"{p}_s")}
         return EngineStats(busy_s=self._busy, calls=self._calls, items=self._items, outputs=self._outputs,
-                           tokens=self._tokens(), started_at=self._started, pid=os.getpid())
+                           tokens=self._tokens(), started_at=self._started, pid=os.getpid(),
+                           decode_ticks=int(getattr(gen, "decode_ticks", 0) or 0), parts_s=parts)
 
 
 class PolicyEngine(_Metered):

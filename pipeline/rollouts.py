@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.actors import (
+    BATCH_PARTS,
+    EngineStats,
     PolicyEngine,
     RolloutWorker,
     ScorerEngine,
@@ -74,6 +76,10 @@ class RolloutStats:
     wall_s: float = 0.0  # from the first worker start to the last tree committed
     engine_busy_s: float = 0.0
     engine_utilisation: float = 0.0  # engine_busy_s / (engines * wall_s)
+    # Running-batch engines (transformers): mean rows per decode step, and the engines' seconds per part of a
+    # tick (prefill, join, sample, retire, decode; pipeline.engines.hf_policy.GenStats), summed over engines.
+    engine_rows_per_tick: float = 0.0
+    engine_parts_s: dict[str, float] = field(default_factory=dict)
     engines: int = 0
     workers: int = 0
     engine_retries: int = 0  # engine requests re-sent after their engine actor died
@@ -251,13 +257,13 @@ class _Phase:
         for a in self.workers + self.engines + self.scorers:
             ray.kill(a, no_restart=True)
 
-    def engine_totals(self, timeout: float = 60.0) -> tuple[float, int, list[str]]:
-        """(busy seconds, tokens, notes) summed over the policy engines that answer within ``timeout`` seconds
-        (engines serve ``stats`` beside their generation calls: it answers at once)."""
+    def engine_totals(self, timeout: float = 60.0) -> tuple[float, int, list[str], list[EngineStats]]:
+        """(busy seconds, tokens, notes, each answering engine's stats) over the policy engines that answer within
+        ``timeout`` seconds (engines serve ``stats`` beside their generation calls: it answers at once)."""
         import ray
         from ray.exceptions import RayActorError
 
-        busy, tokens, notes = 0.0, 0, []
+        busy, tokens, notes, each = 0.0, 0, [], []
         for i, e in enumerate(self.engines):
             try:
                 st = ray.get(e.stats.remote(), timeout=timeout)
@@ -266,7 +272,8 @@ class _Phase:
                 continue
             busy += st.busy_s
             tokens += st.tokens
-        return busy, tokens, notes
+            each.append(st)
+        return busy, tokens, notes, each
 
 
 def run_rollouts(cfg: RunConfig, round_no: int, spec: RoundSpec, problems: Sequence[ProblemLike], policy_model: str,
@@ -412,8 +419,12 @@ def _replace_worker(phase: _Phase, shard: _Shard, error: BaseException, stats: R
 
 
 def _summarise(phase: _Phase, stats: RolloutStats, reports: list[WorkerReport],
-               totals: tuple[float, int, list[str]]) -> None:
-    busy, tokens, notes = totals  # phase.engine_totals(), read once when the last tree arrived
+               totals: tuple[float, int, list[str], list[EngineStats]]) -> None:
+    busy, tokens, notes, each = totals  # phase.engine_totals(), read once when the last tree arrived
+    ticks = sum(st.decode_ticks for st in each)
+    stats.engine_rows_per_tick = sum(st.tokens for st in each if st.decode_ticks) / ticks if ticks else 0.0
+    stats.engine_parts_s = {p: sum(st.parts_s.get(p, 0.0) for st in each) for p in BATCH_PARTS
+                            if any(p in st.parts_s for st in each)}
     stats.engines = len(phase.engines)
     stats.workers = len(phase.workers)
     stats.engine_busy_s = busy

@@ -79,8 +79,15 @@ class TrainingConfig:
     # Fraction of PPM pairs held out (whole problems, so none is on both sides) to measure
     # pairwise accuracy after training; 0 = no held-out measurement.
     heldout_fraction: float = 0.1
-    # "auto": bf16 on a GPU that supports it, fp32 on CPU. bf16 on CPU is ~10x slower here, hence not auto.
+    # "auto": bf16 on a GPU that supports it; on CPU, bf16 autocast (fp32 weights and optimizer) for the policy SFT
+    # where the CPU computes bf16 natively (AMX / AVX-512 BF16; bench/bench_training.py, README "Training speed"),
+    # fp32 for the PPM (not measured) and on other CPUs.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # The policy SFT's loss: "trl" = TRL's fused LM head (projects only the completion's positions, in tiles, and
+    # logs entropy and token accuracy; saves the (batch, seq, vocab) logits' memory on a GPU); "plain" =
+    # transformers' own causal-LM loss on the same labels (the same value; on CPU the fused head made a step 1.1x
+    # slower in fp32 and ~2x slower under bf16 autocast); "auto" = plain on CPU, trl on a GPU.
+    sft_loss: Literal["auto", "trl", "plain"] = "auto"
     # "auto": the GPU when one is present, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Trades compute for memory; worth it for 7B models on a GPU, only a slowdown for small ones or on CPU.
@@ -115,6 +122,8 @@ class TrainingConfig:
         for name in self.report_to:
             if name not in TRACKERS:
                 raise ValueError(f"report_to={list(self.report_to)}: {name!r} is not one of {', '.join(TRACKERS)}")
+        if self.sft_loss not in ("auto", "trl", "plain"):
+            raise ValueError(f"sft_loss={self.sft_loss!r}: must be 'auto', 'trl' or 'plain'")
         if self.sft_prompt not in ("search", "plain"):
             raise ValueError(f"sft_prompt={self.sft_prompt!r}: must be 'search' or 'plain'")
         if self.save_total_limit < 2:
@@ -190,11 +199,19 @@ def training_argument_names() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(TrainingArguments))
 
 
+def plain_sft_loss(cfg: TrainingConfig, cuda_available: bool) -> bool:
+    """Whether the policy SFT uses transformers' own loss instead of TRL's fused LM head (``sft_loss``)."""
+    return cfg.sft_loss == "plain" or (cfg.sft_loss == "auto" and not use_gpu(cfg, cuda_available))
+
+
 def trainer_arguments(cfg: TrainingConfig, stage: StageConfig, work_dir: Path, *, cuda_available: bool,
-                      bf16_supported: bool, arg_names: frozenset[str] | None = None) -> dict[str, Any]:
+                      bf16_supported: bool, cpu_bf16: bool = False,
+                      arg_names: frozenset[str] | None = None) -> dict[str, Any]:
     """Keyword arguments shared by ``SFTConfig`` and ``RewardConfig`` (both ``TrainingArguments``).
 
-    ``arg_names``: the fields of the installed ``TrainingArguments`` (default: read them). Each renamed
+    ``cpu_bf16``: precision 'auto' on CPU trains with bf16 autocast (the caller says the CPU computes bf16 natively
+    and that this trainer's bf16 was measured: the policy SFT). ``arg_names``: the fields of the installed
+    ``TrainingArguments`` (default: read them). Each renamed
     argument is chosen on its own, because transformers renamed them in different releases: 4.x has
     ``gradient_checkpointing`` and ``warmup_ratio``; 5.17 has ``gradient_checkpointing`` and only
     ``warmup_steps`` (a float < 1 is a ratio); 5.24 adds ``activation_checkpointing``.
@@ -203,8 +220,9 @@ def trainer_arguments(cfg: TrainingConfig, stage: StageConfig, work_dir: Path, *
     gpu = use_gpu(cfg, cuda_available)
     if cfg.precision == "bf16" and gpu and not bf16_supported:
         raise ValueError("training.precision='bf16' but this GPU has no bf16 support; use 'fp32' or 'auto'")
-    # TRL defaults bf16=True and gradient_checkpointing=True; on CPU both make a small model ~10x slower.
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and gpu and bf16_supported)
+    # TRL defaults bf16=True and gradient_checkpointing=True; on CPU checkpointing only slows a small model, and bf16
+    # pays only where the CPU has bf16 units (bench/bench_training.py).
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (gpu and bf16_supported or not gpu and cpu_bf16))
     checkpointing = cfg.gradient_checkpointing and gpu
     renamed = {
         "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": checkpointing,

@@ -30,7 +30,14 @@ from typing import Any
 
 from data.atomic_io import install_dir
 from rounds.models import resolve_model
-from rounds.train_config import TrainingConfig, TrainResult, check_trackers, tracking_callbacks, trainer_arguments
+from rounds.train_config import (
+    TrainingConfig,
+    TrainResult,
+    check_trackers,
+    plain_sft_loss,
+    tracking_callbacks,
+    trainer_arguments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +86,13 @@ def device_flags() -> dict[str, bool]:
 
     cuda = torch.cuda.is_available()
     return {"cuda_available": cuda, "bf16_supported": cuda and torch.cuda.is_bf16_supported()}
+
+
+def cpu_has_bf16() -> bool:
+    """The CPU computes bf16 natively (AMX or AVX-512 BF16); elsewhere bf16 autocast is emulated and slow."""
+    from pipeline.engines.fastpath import cpu_flags
+
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def run_and_save(trainer, out_dir: Path, cfg: TrainingConfig, make_result) -> TrainResult:
@@ -195,15 +209,32 @@ def build_sft_trainer(base_model: str | Path, data: dict[str, list[str]], out_di
     lengths = tok([p + c for p, c in zip(data["prompt"], data["completion"], strict=True)])["input_ids"]
     # +1: SFTTrainer appends EOS to each completion.
     truncated = sum(len(ids) + 1 > stage.max_length for ids in lengths)
+    flags = device_flags()
     args = SFTConfig(
-        **trainer_arguments(cfg, stage, work_dir_for(out_dir), **device_flags()),
+        **trainer_arguments(cfg, stage, work_dir_for(out_dir), **flags, cpu_bf16=cpu_has_bf16()),
         max_length=stage.max_length,
         completion_only_loss=True,
         packing=False,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data), processing_class=tok,
-                         callbacks=list(callbacks) + tracking_callbacks(cfg, out_dir))
+    trainer_class = _plain_loss_trainer() if plain_sft_loss(cfg, flags["cuda_available"]) else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_dict(data), processing_class=tok,
+                            callbacks=list(callbacks) + tracking_callbacks(cfg, out_dir))
     return trainer, truncated
+
+
+def _plain_loss_trainer():
+    """``SFTTrainer`` with transformers' own causal-LM loss (``training.sft_loss: plain``): the same labels (the
+    prompt masked with -100, the completion and its EOS counted), the full logits instead of TRL's fused LM head,
+    and no entropy / token-accuracy metrics."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return PlainLossSFTTrainer
 
 
 def train_policy(base_model: str | Path, sft_path: Path, out_dir: Path, cfg: TrainingConfig,

@@ -24,6 +24,7 @@ and it has no stop strings; see the README's generation section for what was mea
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -130,7 +131,10 @@ class RunningBatch:
         self._admit()
         if not self._rows:
             return
+        t0 = time.perf_counter()
         chosen = self._sample_all()
+        t1 = time.perf_counter()
+        self.stats.sample_s += t1 - t0
         keep: list[int] = []
         for pos, (row, tok) in enumerate(zip(self._rows, chosen, strict=True)):
             self.stats.new_tokens += 1
@@ -146,6 +150,8 @@ class RunningBatch:
         if len(keep) < len(self._rows):
             self._select(keep)
             chosen = [chosen[i] for i in keep]
+        t2 = time.perf_counter()
+        self.stats.retire_s += t2 - t1
         if not self._rows:
             return
         dev = self.device
@@ -154,6 +160,8 @@ class RunningBatch:
                          position_ids=self._pos.unsqueeze(-1), past_key_values=self._cache, use_cache=True)
         self._logits = out.logits[:, -1, :].float()
         self._pos = self._pos + 1
+        self.stats.decode_ticks += 1
+        self.stats.decode_s += time.perf_counter() - t2
 
     def _select(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]
@@ -240,8 +248,11 @@ class RunningBatch:
 
             cache = growing_cache(self.model.config)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+        t0 = time.perf_counter()
         out = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
+        t1 = time.perf_counter()
+        self.stats.prefill_s += t1 - t0
         self.stats.prefill_tokens += sum(len(ids) - n for ids, (n, _) in zip(prompts, found, strict=True))
         self.stats.reused_tokens += sum(n for n, _ in found)
         mask = mask.to(dev)
@@ -267,3 +278,4 @@ class RunningBatch:
         self._pos = pos if self._pos is None else torch.cat([self._pos, pos])
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
         self._rows += rows
+        self.stats.join_s += time.perf_counter() - t1

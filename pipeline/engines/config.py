@@ -97,9 +97,10 @@ class EngineConfig:
     # Rows (prompts x samples) decoded together by the transformers backend's running batch, all callers
     # together; see bench/bench_generation.py.
     max_batch_rows: int = 64
-    # CPU numeric path of the transformers backend: 'auto' is bf16 where the CPU has it natively, else fp32 (a
-    # rule, not a timing, so reruns decode alike; pipeline/engines/fastpath.py); or name one, including 'int8' (dynamic
-    # quantization of the linear layers: faster at small batches, but greedy text differs from fp32's; README).
+    # CPU numeric path of the transformers backend: 'auto' probes at engine start and takes the fastest path whose
+    # greedy text equals fp32's, a decision cached per machine so reruns decode alike (pipeline/engines/fastpath.py;
+    # OPEN_RSTAR_REPROBE=1 measures again); or name one, including 'int8' (dynamic quantization of the linear layers:
+    # faster at small batches, but greedy text differs from fp32's; README).
     cpu_fast_path: CpuFastPath = "auto"
     # KV of prompts already prefilled (instruction prefix, every node's question + history), kept for the
     # prompts that extend them; least recently used entries beyond this bound are evicted. 0 turns it off.

@@ -1,30 +1,33 @@
-"""The CPU's fast paths for the transformers policy: bf16 weights, int8 dynamic quantization, chosen by CPU flags.
+"""The CPU's fast paths for the transformers policy: bf16 weights, int8 dynamic quantization, chosen by a probe.
 
 A CPU engine decodes at most a few hundred tokens a second, and which numeric format is fastest depends on
 the CPU: bf16 halves the bytes read per token and runs on the AVX-512 BF16 / AMX units where they exist
 (and is slow, emulated, where not); int8 dynamic quantization of the linear layers (``torch.ao``) runs the
 matmuls on VNNI with a quarter of the weight bytes, at the cost of quantizing every activation.
 
-``choose`` under 'auto' picks bf16 where the CPU computes it natively and fp32 elsewhere: a rule on the
-CPU's flags, not on a timing, so that the same config on the same machine always decodes with the same
-numbers (a timing probe picked differently from run to run on a loaded machine, and a resumed run then
-sampled other text than the run it resumed). It still times one decode step of each candidate at the
-engine's batch size and records it, so the log shows whether the rule paid off on this CPU
-(``engines.cpu_fast_path`` names a path instead; 'int8' is used only when named). torch.compile is not a
-candidate: not measured.
-The numeric differences are not free: ``bench/bench_generation.py`` measures how often greedy outputs of
-each path agree with fp32 on a fixed prompt set, and the README states it.
+``choose`` under 'auto' probes at engine start: each path decodes a fixed prompt greedily (``_GREEDY_TOKENS``
+tokens) and times decode steps at the engine's batch size (rounds interleaved across paths, best of
+``_PROBE_STEPS``). The pick is the highest tokens/s among the paths whose greedy tokens equal fp32's, so a
+path that changes the text (int8 did on every prompt of bench_generation's check) is never picked; fp32 is
+the reference and always qualifies. The decision is cached per machine (``pipeline.engines.probe_cache``), so
+reruns on one machine decode alike however loaded it is at their start; ``OPEN_RSTAR_REPROBE=1`` measures
+again. ``engines.cpu_fast_path`` names a path instead ('int8' included). torch.compile is not a candidate:
+not measured.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pipeline.engines.probe_cache import ProbeCache
 
 FAST_PATHS = ("fp32", "bf16", "int8")
 _PROBE_CONTEXT = 128  # tokens of context the probe decodes on
-_PROBE_STEPS = 3
+_PROBE_STEPS = 2  # decode steps per timing round (the first of a new shape sets oneDNN up; best-of drops it)
+_PROBE_ROUNDS = 3  # rounds over all paths (best of rounds x steps per path)
+_GREEDY_TOKENS = 8  # greedy tokens compared with fp32's
 
 
 def torch_float32():
@@ -51,18 +54,6 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def native_bf16() -> bool:
-    """The CPU computes in bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slower."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def candidates() -> tuple[str, ...]:
-    """The fast paths 'auto' probes on this CPU. int8 is not among them: it changed the greedy text of every
-    prompt of bench_generation's agreement check (0/4 identical to fp32 over 16 tokens; bf16: 4/4), so it
-    is used only when named."""
-    return ("fp32", "bf16") if native_bf16() else ("fp32",)
-
-
 def apply(model, path: str):
     """``model`` (fp32, on CPU, eval) converted to ``path``; fp32 returns it unchanged. int8 quantizes a copy's
     ``nn.Linear`` layers (weights int8 per channel, activations quantized per call) and leaves it in fp32 otherwise."""
@@ -83,16 +74,35 @@ def apply(model, path: str):
 
 @dataclass(frozen=True)
 class Probe:
+    """What decided the engine's path: ``source`` 'named' (the config named it), 'probe' (measured now) or
+    'cache' (a probe's earlier decision on this machine, numbers as measured then)."""
+
     chosen: str
-    ms_per_step: dict[str, float]  # one decode step at the probe's batch size, best of a few
+    source: str = "named"
+    tok_per_s: dict[str, float] = field(default_factory=dict)  # decode tokens/s at the probe's batch size
+    agrees: dict[str, bool] = field(default_factory=dict)  # greedy tokens equal fp32's on the probe prompt
+    note: str = ""  # why the cache was not used, when it was not
 
     def summary(self) -> str:
-        times = ", ".join(f"{k} {v:.0f} ms" for k, v in self.ms_per_step.items())
-        return f"cpu fast path {self.chosen} (decode step at probe batch: {times})"
+        if self.source == "named":
+            return f"cpu fast path {self.chosen} (named in engines.cpu_fast_path)"
+        rates = ", ".join(f"{k} {self.tok_per_s[k]:.0f} tok/s{'' if self.agrees.get(k) else ' (greedy differs from fp32)'}"
+                          for k in FAST_PATHS if k in self.tok_per_s)
+        note = f"; {self.note}" if self.note else ""
+        return f"cpu fast path {self.chosen} (from {self.source}: {rates}{note})"
 
 
-def time_decode_step(model, rows: int, context: int = _PROBE_CONTEXT, steps: int = _PROBE_STEPS) -> float:
-    """Seconds of one decode step of ``rows`` rows over ``context`` tokens of KV (best of ``steps``)."""
+def pick(tok_per_s: dict[str, float], agrees: dict[str, bool]) -> str:
+    """The fastest path whose greedy output agrees with fp32's; fp32 (the reference) when none is faster.
+    Ties go to the earlier path of ``FAST_PATHS``."""
+    ok = [p for p in FAST_PATHS if p in tok_per_s and (p == "fp32" or agrees.get(p, False))]
+    if "fp32" not in ok:
+        raise ValueError(f"probe has no fp32 timing ({sorted(tok_per_s)}): fp32 is the reference every probe runs")
+    return max(ok, key=lambda p: (tok_per_s[p], -FAST_PATHS.index(p)))
+
+
+def decode_context(model, rows: int, context: int = _PROBE_CONTEXT):
+    """A KV cache of ``rows`` rows over ``context`` tokens: what ``time_decode_step`` decodes on."""
     import torch
 
     from pipeline.engines.kv_cache import growing_cache
@@ -102,25 +112,91 @@ def time_decode_step(model, rows: int, context: int = _PROBE_CONTEXT, steps: int
         ids = torch.arange(10, 10 + context).unsqueeze(0) % model.config.vocab_size
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(rows)
-        best = float("inf")
-        tok = torch.full((rows, 1), 11)
-        for i in range(steps):
-            pos = torch.full((rows, 1), context + i)
+    return cache
+
+
+def time_decode_step(model, rows: int, context: int = _PROBE_CONTEXT, steps: int = _PROBE_STEPS,
+                     cache=None) -> float:
+    """Seconds of one decode step of ``rows`` rows over ``context`` tokens of KV (best of ``steps``). A
+    ``cache`` from ``decode_context`` is decoded on (it grows by ``steps`` tokens), else a new one is made."""
+    import torch
+
+    cache = decode_context(model, rows, context) if cache is None else cache
+    best = float("inf")
+    tok = torch.full((rows, 1), 11)
+    with torch.inference_mode():
+        for _ in range(steps):
+            pos = torch.full((rows, 1), cache.get_seq_length())
             t0 = time.perf_counter()
             model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
             best = min(best, time.perf_counter() - t0)
     return best
 
 
-def choose(model, requested: str, rows: int) -> tuple[object, Probe]:
-    """(the model on the chosen path, the probe's record). ``requested`` 'auto': the last of ``candidates()``
-    (bf16 where native, else fp32), every candidate timed for the record."""
+def greedy_tokens(model, prompt_ids: list[int], n: int = _GREEDY_TOKENS) -> list[int]:
+    """``n`` greedy tokens after ``prompt_ids`` (batch 1): what the probe compares with fp32's."""
+    import torch
+
+    from pipeline.engines.kv_cache import growing_cache
+
+    out: list[int] = []
+    with torch.inference_mode():
+        cache = growing_cache(model.config)
+        logits = model(input_ids=torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
+        for _ in range(n):
+            tok = int(logits[0, -1].argmax())
+            out.append(tok)
+            logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
+    return out
+
+
+def measure(model, rows: int, prompt_ids: list[int], paths: tuple[str, ...] = FAST_PATHS):
+    """({path: model on it}, tokens/s per path at ``rows`` rows, greedy agreement with fp32 per path).
+    Timing rounds alternate between the paths, so a load change during the probe touches them alike."""
+    models = {p: apply(model, p) for p in paths}
+    ref = greedy_tokens(models["fp32"], prompt_ids)
+    agrees = {p: p == "fp32" or greedy_tokens(m, prompt_ids) == ref for p, m in models.items()}
+    caches = {p: decode_context(m, rows) for p, m in models.items()}
+    best = dict.fromkeys(paths, float("inf"))
+    for _ in range(_PROBE_ROUNDS):
+        for p, m in models.items():
+            best[p] = min(best[p], time_decode_step(m, rows, steps=_PROBE_STEPS, cache=caches[p]))
+    return models, {p: rows / s for p, s in best.items()}, agrees
+
+
+def choose(model, requested: str, rows: int, prompt_ids: list[int], cache: ProbeCache | None = None,
+           reprobe: bool = False) -> tuple[object, Probe]:
+    """(the model on the chosen path, the record of why). ``requested`` 'auto': the cached decision for this
+    machine and model when ``cache`` holds one (and not ``reprobe``), else ``measure`` and ``pick``, stored in
+    ``cache``. ``prompt_ids``: the fixed prompt of the greedy check."""
     if requested != "auto":
-        return apply(model, requested), Probe(requested, {})
-    timings: dict[str, float] = {}
-    models: dict[str, object] = {}
-    for path in candidates():
-        models[path] = apply(model, path)
-        timings[path] = time_decode_step(models[path], rows) * 1000
-    chosen = candidates()[-1]
-    return models[chosen], Probe(chosen, timings)
+        return apply(model, requested), Probe(requested)
+    import torch
+
+    from pipeline.engines.probe_cache import machine_key
+
+    if cache is None:
+        models, rates, agrees = measure(model, rows, prompt_ids)
+        chosen = pick(rates, agrees)
+        return models[chosen], Probe(chosen, "probe", rates, agrees, "no cache")
+    key = machine_key(model, torch.get_num_threads(), rows, prompt_ids, cpu_flags())
+    note = "re-probe asked (OPEN_RSTAR_REPROBE)" if reprobe else ""
+    try:
+        with cache.locked():
+            if not reprobe:
+                try:
+                    hit = cache.lookup(key)
+                except ValueError as e:
+                    hit, note = None, f"cache unreadable, replaced: {e}"
+                if hit is not None and hit.get("chosen") in FAST_PATHS:
+                    return apply(model, hit["chosen"]), Probe(hit["chosen"], "cache", hit.get("tok_per_s", {}),
+                                                              hit.get("agrees", {}), f"probed {hit.get('probed_at')}")
+            models, rates, agrees = measure(model, rows, prompt_ids)
+            chosen = pick(rates, agrees)
+            cache.store(key, {"chosen": chosen, "tok_per_s": rates, "agrees": agrees})
+    except OSError as e:  # a read-only or full cache directory: the engine still starts, on a fresh probe
+        models, rates, agrees = measure(model, rows, prompt_ids)
+        chosen = pick(rates, agrees)
+        return models[chosen], Probe(chosen, "probe", rates, agrees, f"not cached: {cache.dir} unusable ({e})")
+    return models[chosen], Probe(chosen, "probe", rates, agrees, note or f"stored in {cache.path}")

@@ -12,12 +12,14 @@ On the embedded CPU run prompt tokens dominate (~200 tokens/s prefill vs a few m
 3. runs every caller's rows in one running batch (the engine actor serves its callers concurrently), drops a
    row as soon as it writes a stop string or EOS, and refills its slot with queued requests.
 
-At start the engine picks its CPU numeric path (bf16 where the CPU has it natively, else fp32; int8 linear
-layers when named) by the CPU's flags (``pipeline.engines.fastpath``), unless ``cpu_fast_path`` names one.
+At start the engine picks its CPU numeric path (fp32, bf16 or int8 linear layers) by a short probe: the fastest
+path whose greedy text equals fp32's, remembered per machine (``pipeline.engines.fastpath``), unless
+``cpu_fast_path`` names one.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -30,6 +32,8 @@ from pipeline.engines.config import GenerationConfig
 from pipeline.engines.prompts import PromptBuilder
 
 _TOPK_FIRST = 256  # candidates tried before a full sort for top-p
+# The fast-path probe's greedy check decodes this question in the engine's own prompt (pipeline.engines.fastpath).
+PROBE_QUESTION = "Tom has 12 apples and buys 30 more. How many apples does he have now?"
 
 
 @dataclass
@@ -41,6 +45,14 @@ class GenStats:
     new_tokens: int = 0  # sampled tokens, stop/EOS tokens included
     reused_tokens: int = 0  # prompt tokens whose KV came from the prefix store instead
     seconds: float = 0.0
+    # The running batch's own clock (pipeline.engines.batcher): ticks that decoded rows (new_tokens / decode_ticks
+    # = mean rows per decode step) and seconds per part of a tick, which say where a phase's tokens/s goes.
+    decode_ticks: int = 0
+    prefill_s: float = 0.0  # prompt forwards of admitted requests
+    join_s: float = 0.0  # storing prompt KV, copying it to sample rows, joining the running batch
+    sample_s: float = 0.0  # choosing each row's token
+    retire_s: float = 0.0  # stop checks and dropping finished rows from the cache
+    decode_s: float = 0.0  # the decode forward of the running rows
 
 
 def pick_device(device: str) -> str:
@@ -88,6 +100,7 @@ class TransformersPolicy:
         limit_arenas()  # before the running batch's thread: glibc's per-thread arenas would keep freed KV
         from pipeline.engines.batcher import RunningBatch
         from pipeline.engines.kv_cache import PrefixStore
+        from pipeline.engines.probe_cache import ProbeCache, cache_dir, reprobe_requested
 
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows={max_batch_rows}: must be >= 1")
@@ -95,12 +108,15 @@ class TransformersPolicy:
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=pick_dtype(dtype, self.device))
         self.model.to(self.device).eval()
         self.flops_per_token = fastpath.linear_flops(self.model)
-        self.probe = fastpath.Probe(cpu_fast_path if self.device == "cpu" else "off", {})
+        self.probe = fastpath.Probe(cpu_fast_path if self.device == "cpu" else "off")
         if self.device == "cpu" and cpu_fast_path != "fp32":
             if self.model.dtype != fastpath.torch_float32():
                 raise EngineError(f"cpu_fast_path={cpu_fast_path!r} converts an fp32 model; dtype={dtype!r} "
                                   f"loads {self.model.dtype}: set dtype: auto or float32, or cpu_fast_path: fp32")
-            self.model, self.probe = fastpath.choose(self.model, cpu_fast_path, max_batch_rows)
+            probe_ids = builder.tokenizer(builder.build(PROBE_QUESTION), add_special_tokens=False)["input_ids"]
+            self.model, self.probe = fastpath.choose(self.model, cpu_fast_path, max_batch_rows, probe_ids,
+                                                     ProbeCache(cache_dir()), reprobe_requested())
+            print(f"transformers engine: {self.probe.summary()}", file=sys.stderr, flush=True)
         self.tokenizer = builder.tokenizer
         self.builder = builder
         self.gen = gen

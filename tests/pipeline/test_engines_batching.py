@@ -101,6 +101,20 @@ def test_concurrent_callers_share_one_batch_and_keep_their_samples(tiny, tok):
     assert pol.stats.calls == 3 and pol.batch.peak_rows <= 16
 
 
+def test_the_batch_clock_counts_rows_per_step_and_time_per_part(tiny, tok):
+    from pipeline.actors import BATCH_PARTS, PolicyEngine
+
+    engine = PolicyEngine(lambda: _policy(tiny, tok, max_batch_rows=4))
+    engine.propose(_states(3), 2)  # 6 rows through 4 slots
+    st, gen = engine.stats(), engine.backend.stats
+    # every decode step ran 1..4 rows; each sampled row is one new token
+    assert 0 < gen.decode_ticks <= gen.new_tokens <= 4 * (gen.decode_ticks + 1), gen
+    assert st.decode_ticks == gen.decode_ticks and set(st.parts_s) == set(BATCH_PARTS), st
+    assert all(v > 0 for v in st.parts_s.values()), st.parts_s
+    # the parts are disjoint stretches of the calls' time (the shared prefix's forward is outside them)
+    assert sum(st.parts_s.values()) <= gen.seconds, (st.parts_s, gen.seconds)
+
+
 def test_a_failing_tick_fails_the_requests_and_the_batch_recovers(tiny, tok):
     pol = _policy(tiny, tok, max_batch_rows=8)
     class Broken:  # the next tick's forward fails
@@ -178,19 +192,7 @@ def test_engine_prefix_store_respects_its_bound(tiny, tok):
     assert pol.store.longest(pol._prefix_ids, len(pol._prefix_ids))[0] == len(pol._prefix_ids), "pinned prefix kept"
 
 
-# -- CPU fast paths ------------------------------------------------------------------------------------
-
-
-def test_auto_fast_path_follows_the_cpu_not_a_timing_and_records_the_timings(tiny, tok):
-    from pipeline.engines import fastpath
-
-    pol = _policy(tiny, tok, cpu_fast_path="auto", max_batch_rows=4)
-    assert set(pol.probe.ms_per_step) == set(fastpath.candidates())
-    # the same on every run of this machine: a resumed run decodes with the numbers of the run it resumes
-    assert pol.probe.chosen == ("bf16" if fastpath.native_bf16() else "fp32")
-    assert pol.model.dtype == (torch.bfloat16 if fastpath.native_bf16() else torch.float32)
-    assert "cpu fast path" in pol.probe.summary()
-    assert len(pol.propose(_states(2), 2)) == 2
+# -- CPU fast paths (auto's probe and its cache: test_engines_fastpath.py) ------------------------------------
 
 
 @pytest.mark.parametrize("path", ["bf16", "int8"])

@@ -225,6 +225,7 @@ def test_engine_meters_busy_time_and_counts_in_process():
     # one call, 2 states, 2 x 3 = 6 proposals, 5 tokens each = 30 tokens, >= the 20 ms sleep of busy time
     assert (st.calls, st.items, st.outputs, st.tokens) == (1, 2, 6, 30)
     assert st.busy_s >= 0.02, st
+    assert (st.decode_ticks, st.parts_s) == (0, {}), "a backend without a running batch reports no batch clock"
     scorer = ScorerEngine(FixedScorer)
     assert scorer.score(states) == [0.5, 0.5]
     assert scorer.stats().outputs == 2

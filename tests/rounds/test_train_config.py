@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rounds.train_config import StageConfig, TrainingConfig, init_checkpoint, trainer_arguments
+from rounds.train_config import StageConfig, TrainingConfig, init_checkpoint, plain_sft_loss, trainer_arguments
 
 
 def test_defaults_follow_rstar_math():
@@ -60,6 +60,26 @@ def test_cpu_arguments_avoid_bf16_and_checkpointing():
     assert args["max_steps"] == -1  # 0 = no cap -> the Trainer's "epochs decide"
     assert args["warmup_steps"] == 0.03  # a float < 1 is a ratio in transformers 5
     assert args["output_dir"] == "/w" and args["save_only_model"] is False
+
+
+def test_cpu_bf16_autocast_only_where_the_cpu_has_bf16_units_and_the_caller_measured_it():
+    cfg = TrainingConfig()
+    cpu = {"cuda_available": False, "bf16_supported": False}
+    assert trainer_arguments(cfg, cfg.policy, Path("/w"), **cpu, cpu_bf16=True)["bf16"] is True  # policy SFT, AMX
+    assert trainer_arguments(cfg, cfg.policy, Path("/w"), **cpu, cpu_bf16=False)["bf16"] is False  # no bf16 units
+    assert trainer_arguments(cfg, cfg.ppm, Path("/w"), **cpu)["bf16"] is False  # the PPM does not ask (not measured)
+    fp32 = TrainingConfig(precision="fp32")
+    assert trainer_arguments(fp32, fp32.policy, Path("/w"), **cpu, cpu_bf16=True)["bf16"] is False  # named wins
+
+
+def test_sft_loss_is_plain_on_cpu_and_trl_on_a_gpu_unless_named():
+    assert plain_sft_loss(TrainingConfig(), cuda_available=False) is True
+    assert plain_sft_loss(TrainingConfig(), cuda_available=True) is False
+    assert plain_sft_loss(TrainingConfig(device="cpu"), cuda_available=True) is True  # training on the CPU anyway
+    assert plain_sft_loss(TrainingConfig(sft_loss="trl"), cuda_available=False) is False
+    assert plain_sft_loss(TrainingConfig(sft_loss="plain"), cuda_available=True) is True
+    with pytest.raises(ValueError, match="sft_loss='fused'"):
+        TrainingConfig(sft_loss="fused")  # type: ignore[arg-type]
 
 
 def test_gpu_arguments_use_bf16_and_configured_checkpointing():

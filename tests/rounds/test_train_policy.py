@@ -169,3 +169,19 @@ def test_loss_is_on_the_completion_only(tmp_path):
     assert truncated == 0
     _, cut = build_sft_trainer("tiny-random", data, tmp_path / "policy", tiny_cfg(policy=StageConfig(max_length=8)))
     assert cut == 1
+
+
+def test_plain_sft_loss_equals_trls_fused_head_on_the_same_batch(tmp_path):
+    # training.sft_loss: plain (the CPU default) must train on the same objective as TRL's fused LM head: the mean
+    # cross entropy over the completion tokens (+ EOS), the prompt masked.
+    data = {"prompt": [f"Question: what is {i} + {i}?\n" for i in range(4)],
+            "completion": [f"x = {i} + {i}\nprint(x)\n<end_of_answer>\n" for i in range(4)]}
+    losses = {}
+    for kind in ("plain", "trl"):
+        trainer, _ = build_sft_trainer("tiny-random", data, tmp_path / kind, tiny_cfg(sft_loss=kind, precision="fp32"))
+        assert (type(trainer).__name__ == "PlainLossSFTTrainer") == (kind == "plain")
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any(), "prompt masked, completion kept"
+        with torch.no_grad():
+            losses[kind] = float(trainer.compute_loss(trainer.model, dict(batch)))
+    assert losses["plain"] == pytest.approx(losses["trl"], rel=1e-5), losses
