@@ -16,6 +16,10 @@ import time
 
 import pytest
 
+from pipeline.engines.gemm import fix_gemm_order
+
+fix_gemm_order()  # as round.py does first: tests check that batching leaves each request's tokens alone
+
 # Threads the project starts are daemons, so "non-daemon" alone would miss a leaked pool: name them too.
 _OUR_THREAD_PREFIXES = ("sandbox-pool", "grading-pool", "vllm-async-loop")
 _SETTLE_S = 10.0  # shutdowns finish asynchronously (a killed child is reaped, a thread sees its stop flag)

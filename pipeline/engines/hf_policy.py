@@ -95,9 +95,11 @@ class TransformersPolicy:
         from transformers import AutoModelForCausalLM
 
         from pipeline.engines import fastpath
+        from pipeline.engines.gemm import fix_gemm_order, rows_are_independent
         from pipeline.engines.malloc import limit_arenas
 
         limit_arenas()  # before the running batch's thread: glibc's per-thread arenas would keep freed KV
+        fix_gemm_order()  # effective only if this process has not multiplied matrices yet (engines/gemm.py)
         from pipeline.engines.batcher import RunningBatch
         from pipeline.engines.kv_cache import PrefixStore
         from pipeline.engines.probe_cache import ProbeCache, cache_dir, reprobe_requested
@@ -117,6 +119,11 @@ class TransformersPolicy:
             self.model, self.probe = fastpath.choose(self.model, cpu_fast_path, max_batch_rows, probe_ids,
                                                      ProbeCache(cache_dir()), reprobe_requested())
             print(f"transformers engine: {self.probe.summary()}", file=sys.stderr, flush=True)
+        if self.device == "cpu" and not rows_are_independent(self.model.dtype):
+            print("transformers engine: warning: this process's CPU matrix products depend on the number of rows "
+                  "(MKL_CBWR was unset or not strict when MKL started), so a request's text can depend on what "
+                  "else is batched. Start from round.py / python -m pipeline, or export MKL_CBWR=AUTO,STRICT "
+                  "(pipeline/engines/gemm.py).", file=sys.stderr, flush=True)
         self.tokenizer = builder.tokenizer
         self.builder = builder
         self.gen = gen
