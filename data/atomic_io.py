@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import functools
 import hashlib
 import json
@@ -35,6 +36,20 @@ from typing import Any
 
 class StorageError(RuntimeError):
     """A file or run directory that cannot be used as it is; the message names the file and what to do."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created, with its directory, if missing) for the ``with`` block.
+    Same host only; the kernel releases it if the process is killed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def utc_now() -> str:
@@ -231,6 +246,6 @@ def install_dir(tmp: str | Path, path: str | Path) -> None:
     published(path)
 
 
-__all__ = ["StorageError", "utc_now", "publish_under", "stop_publishing", "published", "remove_file", "host_identity", "proc_start",
+__all__ = ["StorageError", "file_lock", "utc_now", "publish_under", "stop_publishing", "published", "remove_file", "host_identity", "proc_start",
            "pid_alive", "tmp_prefix", "fsync_dir", "file_digest", "atomic_path", "atomic_write_bytes",
            "atomic_write_text", "atomic_write_json", "read_json", "atomic_dir", "install_dir"]

@@ -19,14 +19,15 @@ time each other nor store two different picks. The file is written to a temp nam
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from data.atomic_io import file_lock
 
 CACHE_ENV = "OPEN_RSTAR_CACHE_DIR"
 REPROBE_ENV = "OPEN_RSTAR_REPROBE"
@@ -90,16 +91,9 @@ class ProbeCache:
         self.dir = Path(directory)
         self.path = self.dir / CACHE_FILE
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """An exclusive lock on ``cpu_fast_path.lock`` beside the file (released when the process dies)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "cpu_fast_path.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.dir / "cpu_fast_path.lock")
 
     def entries(self) -> dict[str, dict[str, Any]]:
         """Every stored decision; {} when there is no file. A file that is not this format raises ValueError."""

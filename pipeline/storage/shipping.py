@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data.atomic_io import StorageError, host_identity, utc_now
+from data.atomic_io import StorageError, file_lock, host_identity, utc_now
 from pipeline.storage.remote import LOCAL_ONLY, ObjectStore
 
 if TYPE_CHECKING:
@@ -148,14 +147,8 @@ class NodeCache:
     def _meta(self, rel: str) -> Path:
         return self.dir / ".meta" / f"{hashlib.sha256(rel.encode()).hexdigest()[:24]}.json"
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.dir / ".lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.dir / ".lock")
 
     def _recorded(self, rel: str) -> dict | None:
         meta = self._meta(rel)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ from data.atomic_io import (
     StorageError,
     atomic_write_json,
     file_digest,
+    file_lock,
     fsync_dir,
     host_identity,
     pid_alive,
@@ -266,15 +266,8 @@ class TreeStore:
     def writer(self, shard_problems: int = 8, max_age_s: float | None = None) -> TreeWriter:
         return TreeWriter(self, shard_problems, max_age_s)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "_manifest.lock", "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released by the kernel if we are killed
-            try:
-                yield
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.dir / "_manifest.lock")
 
     def _commit(self, tmp: Path, table: pa.Table, problems: list[str], solved: set[str]) -> ShardInfo | None:
         import pyarrow as pa

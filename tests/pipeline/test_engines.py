@@ -21,20 +21,10 @@ from pipeline.confload import ConfigError, build
 from pipeline.engines import EngineConfig, GenerationConfig, PromptBuilder, make_policy, with_generation
 from pipeline.engines.common import cut_at_stop, sample_seed, stop_strings
 from pipeline.engines.prompts import EXAMPLE_SETS, EXAMPLES, SYSTEM_PROMPT
-from rounds.models import load_tokenizer, resolve_model
+from rounds.models import load_tokenizer
 
 Q1 = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 Q2 = "What is 12 times 7?"
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Path:
-    return resolve_model("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return load_tokenizer(tiny)
 
 
 # -- config ------------------------------------------------------------------------------------------

@@ -15,19 +15,8 @@ import torch
 from mcts.protocols import SearchState
 from pipeline.engines import EngineConfig, GenerationConfig, PromptBuilder
 from pipeline.engines.kv_cache import PrefixStore
-from rounds.models import load_tokenizer, resolve_model
 
 SAMPLE = GenerationConfig(temperature=1.0, top_p=0.9, max_new_tokens_step=10)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Path:
-    return resolve_model("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return load_tokenizer(tiny)
 
 
 def _policy(path: Path, tok, **kw):

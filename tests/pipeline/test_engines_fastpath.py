@@ -12,17 +12,6 @@ import torch
 
 from pipeline.engines import GenerationConfig, PromptBuilder, fastpath
 from pipeline.engines.probe_cache import CACHE_ENV, CACHE_FILE, REPROBE_ENV
-from rounds.models import load_tokenizer, resolve_model
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Path:
-    return resolve_model("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return load_tokenizer(tiny)
 
 
 @pytest.fixture
