@@ -15,7 +15,9 @@ Variants (each a change to the preset's CPU settings):
 - ``bf16``: ``training.precision: bf16`` - bf16 autocast (accelerate's ``mixed_precision``) with fp32 weights and
   optimizer state, so the update is the fp32 update of a bf16 forward/backward;
 - ``fused``: fp32 with ``optim: adamw_torch_fused``;
-- ``bf16-fused``: both;
+- ``plain`` / ``bf16-plain``: transformers' own causal-LM loss instead of TRL's fused head, fp32 / bf16;
+- ``shared``: ``bf16-plain`` with the batch's common prompt prefix computed once (``training.shared_prefix``, the
+  CPU default since 2026-12-01: ``rounds.shared_prefix``);
 - ``padfree``: bf16 and TRL's ``padding_free`` (rows concatenated, no pad tokens; transformers builds the
   block-diagonal mask from position_ids).
 
@@ -38,8 +40,9 @@ from pathlib import Path
 VARIANTS: dict[str, dict] = {
     "fp32": {"precision": "fp32", "sft_loss": "trl"},
     "bf16": {"precision": "bf16", "sft_loss": "trl"},
-    "plain": {"precision": "fp32", "sft_loss": "plain"},
-    "bf16-plain": {"precision": "bf16", "sft_loss": "plain"},
+    "plain": {"precision": "fp32", "sft_loss": "plain", "shared_prefix": False},
+    "bf16-plain": {"precision": "bf16", "sft_loss": "plain", "shared_prefix": False},
+    "shared": {"precision": "bf16", "sft_loss": "plain", "shared_prefix": True},
     "fused": {"precision": "fp32", "sft_loss": "trl", "optim": "adamw_torch_fused"},
     "padfree": {"precision": "bf16", "sft_loss": "trl", "padding_free": True},
 }

@@ -88,6 +88,10 @@ class TrainingConfig:
     # transformers' own causal-LM loss on the same labels (the same value; on CPU the fused head made a step 1.1x
     # slower in fp32 and ~2x slower under bf16 autocast); "auto" = plain on CPU, trl on a GPU.
     sft_loss: Literal["auto", "trl", "plain"] = "auto"
+    # With the plain loss: compute a batch's common token prefix (the search prompt's instruction and examples, the
+    # same in every row) once and the rows' own tokens on top of it (``rounds.shared_prefix``): the same loss and
+    # gradients up to rounding, for less compute where rows share a long prompt prefix.
+    shared_prefix: bool = True
     # "auto": the GPU when one is present, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Trades compute for memory; worth it for 7B models on a GPU, only a slowdown for small ones or on CPU.

@@ -216,21 +216,33 @@ def build_sft_trainer(base_model: str | Path, data: dict[str, list[str]], out_di
         completion_only_loss=True,
         packing=False,
     )
-    trainer_class = _plain_loss_trainer() if plain_sft_loss(cfg, flags["cuda_available"]) else SFTTrainer
+    plain = plain_sft_loss(cfg, flags["cuda_available"])
+    trainer_class = _plain_loss_trainer(cfg.shared_prefix) if plain else SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_dict(data), processing_class=tok,
                             callbacks=list(callbacks) + tracking_callbacks(cfg, out_dir))
     return trainer, truncated
 
 
-def _plain_loss_trainer():
+def _plain_loss_trainer(shared_prefix: bool):
     """``SFTTrainer`` with transformers' own causal-LM loss (``training.sft_loss: plain``): the same labels (the
     prompt masked with -100, the completion and its EOS counted), the full logits instead of TRL's fused LM head,
-    and no entropy / token-accuracy metrics."""
+    and no entropy / token-accuracy metrics. ``shared_prefix``: a batch's common prefix is computed once
+    (``rounds.shared_prefix``) where that applies (one process, no label smoothing or custom loss)."""
     from transformers import Trainer
     from trl import SFTTrainer
 
+    from rounds.shared_prefix import shared_prefix_loss
+
     class PlainLossSFTTrainer(SFTTrainer):
+        shared_prefix_batches = 0  # batches whose prefix was computed once (the rest ran the plain forward)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if (shared_prefix and not return_outputs and self.label_smoother is None and self.compute_loss_func is None
+                    and self.model_accepts_loss_kwargs and self.accelerator.num_processes == 1):
+                loss = shared_prefix_loss(model, inputs, num_items_in_batch)
+                if loss is not None:
+                    self.shared_prefix_batches += 1
+                    return loss
             inputs["use_cache"] = False
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.engines.kv_cache import PrefixStore, cache_of, join_left_padded, row_kv
+from pipeline.engines.kv_cache import PrefixStore, cache_kwargs, cache_of, join_left_padded, row_kv
 
 
 @dataclass
@@ -157,7 +157,7 @@ class RunningBatch:
         dev = self.device
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=-1)
         out = self.model(input_ids=torch.tensor(chosen, device=dev).unsqueeze(-1), attention_mask=self._mask,
-                         position_ids=self._pos.unsqueeze(-1), past_key_values=self._cache, use_cache=True)
+                         position_ids=self._pos.unsqueeze(-1), **cache_kwargs(self.model, self._cache), use_cache=True)
         self._logits = out.logits[:, -1, :].float()
         self._pos = self._pos + 1
         self.stats.decode_ticks += 1
@@ -250,7 +250,7 @@ class RunningBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
         t0 = time.perf_counter()
         out = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1)
         t1 = time.perf_counter()
         self.stats.prefill_s += t1 - t0
         self.stats.prefill_tokens += sum(len(ids) - n for ids, (n, _) in zip(prompts, found, strict=True))

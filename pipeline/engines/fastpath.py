@@ -105,12 +105,12 @@ def decode_context(model, rows: int, context: int = _PROBE_CONTEXT):
     """A KV cache of ``rows`` rows over ``context`` tokens: what ``time_decode_step`` decodes on."""
     import torch
 
-    from pipeline.engines.kv_cache import growing_cache
+    from pipeline.engines.kv_cache import cache_kwargs, growing_cache
 
     with torch.inference_mode():
         cache = growing_cache(model.config)
         ids = torch.arange(10, 10 + context).unsqueeze(0) % model.config.vocab_size
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(rows)
     return cache
 
@@ -121,6 +121,8 @@ def time_decode_step(model, rows: int, context: int = _PROBE_CONTEXT, steps: int
     ``cache`` from ``decode_context`` is decoded on (it grows by ``steps`` tokens), else a new one is made."""
     import torch
 
+    from pipeline.engines.kv_cache import cache_kwargs
+
     cache = decode_context(model, rows, context) if cache is None else cache
     best = float("inf")
     tok = torch.full((rows, 1), 11)
@@ -128,7 +130,7 @@ def time_decode_step(model, rows: int, context: int = _PROBE_CONTEXT, steps: int
         for _ in range(steps):
             pos = torch.full((rows, 1), cache.get_seq_length())
             t0 = time.perf_counter()
-            model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
+            model(input_ids=tok, position_ids=pos, **cache_kwargs(model, cache), use_cache=True)
             best = min(best, time.perf_counter() - t0)
     return best
 
@@ -137,17 +139,17 @@ def greedy_tokens(model, prompt_ids: list[int], n: int = _GREEDY_TOKENS) -> list
     """``n`` greedy tokens after ``prompt_ids`` (batch 1): what the probe compares with fp32's."""
     import torch
 
-    from pipeline.engines.kv_cache import growing_cache
+    from pipeline.engines.kv_cache import cache_kwargs, growing_cache
 
     out: list[int] = []
     with torch.inference_mode():
         cache = growing_cache(model.config)
-        logits = model(input_ids=torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True,
+        logits = model(input_ids=torch.tensor([prompt_ids]), **cache_kwargs(model, cache), use_cache=True,
                        logits_to_keep=1).logits
         for _ in range(n):
             tok = int(logits[0, -1].argmax())
             out.append(tok)
-            logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=torch.tensor([[tok]]), **cache_kwargs(model, cache), use_cache=True).logits
     return out
 
 

@@ -198,7 +198,7 @@ class TransformersPolicy:
         and pinned in the prefix store (every prompt of the engine starts with it)."""
         import torch
 
-        from pipeline.engines.kv_cache import growing_cache, row_kv
+        from pipeline.engines.kv_cache import cache_kwargs, growing_cache, row_kv
 
         if self._prefix_ids is None:
             text = self.builder.shared_prefix if self.share_prefix else ""
@@ -207,7 +207,7 @@ class TransformersPolicy:
                 cache = growing_cache(self.model.config)
                 with torch.inference_mode():
                     ids = torch.tensor([self._prefix_ids], device=self.device)
-                    self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    self.model(input_ids=ids, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1)
                     self.store.add(self._prefix_ids, row_kv(cache, 0, torch.arange(len(self._prefix_ids))),
                                    pinned=True)
                 self.stats.prefill_tokens += len(self._prefix_ids)

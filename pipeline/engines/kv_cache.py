@@ -15,6 +15,8 @@ Imports transformers at module level: import it lazily.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -23,6 +25,19 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 _MIN_CAPACITY = 64  # tokens
+
+
+@functools.cache
+def _cache_arg_name(model_class: type) -> str:
+    forward = getattr(model_class, "forward", None) or model_class.__call__
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for ``model``'s forward: transformers renamed ``past_key_values`` to ``cache`` (the old name
+    warns from 5.24 and goes in 5.40); older releases know only the old one."""
+    inner = getattr(model, "module", model)
+    return {_cache_arg_name(type(inner)): cache}
 
 
 class GrowingLayer(DynamicLayer):
