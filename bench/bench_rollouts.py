@@ -113,7 +113,8 @@ def run_once(groups: int, args: argparse.Namespace, problems: list[Problem]):
 def _embedded_cfg(args: argparse.Namespace):
     from pipeline.engines import EngineConfig, GenerationConfig
 
-    return EngineConfig(device="cpu", generation=GenerationConfig(max_new_tokens_step=args.new_tokens))
+    return EngineConfig(device="cpu", cpu_fast_path=args.fast_path, max_batch_rows=args.max_rows,
+                        generation=GenerationConfig(max_new_tokens_step=args.new_tokens))
 
 
 def engine_batch64_tokens_per_s(args: argparse.Namespace) -> float:
@@ -143,6 +144,11 @@ def main() -> None:
     parser.add_argument("--groups", default="1,2", help="comma-separated tree-group counts to compare (1 first)")
     parser.add_argument("--engine", choices=["simulated", "embedded"], default="simulated")
     parser.add_argument("--new-tokens", type=int, default=96, help="embedded engine: max new tokens per step")
+    parser.add_argument("--fast-path", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                        help="embedded engine: engines.cpu_fast_path (fp32: a request's tokens do not depend on the "
+                             "batch, so every grouping searches the same trees; bf16 on CPUs whose kernels change "
+                             "with the row count does not)")
+    parser.add_argument("--max-rows", type=int, default=64, help="embedded engine: engines.max_batch_rows")
     args = parser.parse_args()
 
     import ray
