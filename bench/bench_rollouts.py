@@ -179,6 +179,10 @@ def main() -> None:
             print(f"groups={g}: rollout {st.tokens / st.wall_s:.1f} tok/s over the engine's batch-64 {batch64:.1f} tok/s "
                   f"= {st.tokens / st.wall_s / batch64:.0%} (machine shared with other work)")
     for g, st in results.items():
+        done = st.tree_done_s
+        print(f"groups={g}: half of the {len(done)} trees were stored at {st.half_done_s:.0f} s of {st.wall_s:.0f} s; "
+              f"each tree's end (s): {' '.join(f'{t:.0f}' for t in done)}")
+    for g, st in results.items():
         if st.engine_parts_s:
             total = sum(st.engine_parts_s.values())
             parts = ", ".join(f"{p} {s:.1f} s ({s / total:.0%})" for p, s in st.engine_parts_s.items())

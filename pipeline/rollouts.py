@@ -93,6 +93,11 @@ class RolloutStats:
     exec_s: float = 0.0
     score_wait_s: float = 0.0
     retry_log: list[str] = field(default_factory=list)  # one line per failure that was retried
+    # Seconds from the phase's start at which each tree was committed, in order; half_done_s: when half of them
+    # were. A phase whose half_done_s is a small part of wall_s ran its tail on a few deep trees, whose
+    # expansions follow each other: the engine then decodes a few rows at a time, however it batches.
+    tree_done_s: list[float] = field(default_factory=list)
+    half_done_s: float = 0.0
 
     @property
     def solve_rate(self) -> float:
@@ -365,7 +370,10 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
                 except ray.exceptions.RayTaskError as e:
                     raise RolloutError(f"rollout worker {shard.name} failed: {e}") from e
                 if isinstance(item, TreeDone):
+                    stored = stats.done
                     _store_tree(item, shard, writer, stats, progress)
+                    if stats.done > stored:
+                        stats.tree_done_s.append(round(time.perf_counter() - t0, 3))
                 else:
                     reports.append(item)
         writer.close()
@@ -380,7 +388,7 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
         progress.close()
     stats.wall_s = time.perf_counter() - t0
     _summarise(phase, stats, reports, totals)
-    log.info("rollouts.summary", **{k: v for k, v in stats.to_dict().items() if k != "retry_log"})
+    log.info("rollouts.summary", **{k: v for k, v in stats.to_dict().items() if k not in ("retry_log", "tree_done_s")})
     return stats
 
 
@@ -425,6 +433,8 @@ def _summarise(phase: _Phase, stats: RolloutStats, reports: list[WorkerReport],
     stats.engine_rows_per_tick = sum(st.tokens for st in each if st.decode_ticks) / ticks if ticks else 0.0
     stats.engine_parts_s = {p: sum(st.parts_s.get(p, 0.0) for st in each) for p in BATCH_PARTS
                             if any(p in st.parts_s for st in each)}
+    if stats.tree_done_s:
+        stats.half_done_s = stats.tree_done_s[(len(stats.tree_done_s) - 1) // 2]
     stats.engines = len(phase.engines)
     stats.workers = len(phase.workers)
     stats.engine_busy_s = busy

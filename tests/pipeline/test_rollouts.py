@@ -238,6 +238,9 @@ def test_every_problem_stored_once_and_trees_independent_of_sharding(reference, 
     two, store2 = reference
     one, store1 = rollouts(tmp_path, "one", cfg=make_cfg(workers=1))
     assert two.done == one.done == 8 and two.skipped == 0
+    # When each stored tree arrived: one time per tree, in order, the median one as half_done_s.
+    assert len(one.tree_done_s) == 8 and one.tree_done_s == sorted(one.tree_done_s), one.tree_done_s
+    assert 0 < one.half_done_s == one.tree_done_s[3] <= one.wall_s
     assert store2.completed_problem_ids() == {p.id for p in PROBLEMS}
     # Same run seed, round and problem ids: each tree is identical whichever worker searched it.
     assert rows_by_problem(store1) == rows_by_problem(store2)
