@@ -8,8 +8,14 @@ bit-identical only within the row-count classes {1}, {2..13}, {16..64}, so a row
 differed in its last bits from the same row alone, and on a nearly flat next-token distribution (the
 tiny-random model) the sampled text changed. MKL's conditional numerical reproducibility in strict mode
 (``MKL_CBWR=AUTO,STRICT``) makes every row count give the same bits; measured there, a 576 x 1536 fp32
-``Linear`` took about the same time at 8 and 64 rows and ~35% longer at 1 row. bf16 products (oneDNN) were
-already row-independent.
+``Linear`` took about the same time at 8 and 64 rows and ~35% longer at 1 row.
+
+bf16 ``Linear`` layers (oneDNN) are not row-independent there, and no setting makes them so: a row's output
+has one set of bits for 1-32 rows and another above 32 (and others again for some prefill sizes), so under
+``cpu_fast_path: bf16`` a request's sampled text depends on what else is batched (its logits move by ~1e-2,
+enough to change samples; fp32 under strict MKL: not at all). Splitting every product into pieces of <= 32 rows
+did not make whole-model logits batch-independent (measured 2026-12-01) and cost 1.2-2.5x. The engine warns at
+start when its dtype's products depend on the row count; ``cpu_fast_path: fp32`` is the reproducible choice.
 
 MKL reads ``MKL_CBWR`` once, at its first call, so ``fix_gemm_order`` runs first thing in every entry point
 (next to ``malloc.limit_arenas``) and exports the variable, so a local Ray cluster's workers start with it.
@@ -33,13 +39,14 @@ def fix_gemm_order() -> bool:
 
 
 def rows_are_independent(dtype=None) -> bool:
-    """Whether row 0 of ``x @ W`` has the same bits for 1, 2, 7, 16 and 64 rows in this process."""
+    """Whether row 0 of a ``Linear`` layer's output (576 -> 1536, the embedded model's MLP shape, as
+    ``torch.nn.functional.linear`` computes it) has the same bits for 1, 2, 7, 16, 33 and 64 rows here."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(576, 1536, generator=gen, dtype=torch.float32)
+    w = torch.randn(1536, 576, generator=gen, dtype=torch.float32)
     x = torch.randn(64, 576, generator=gen, dtype=torch.float32)
     if dtype is not None:
         w, x = w.to(dtype), x.to(dtype)
-    ref = (x @ w)[0]
-    return all(torch.equal((x[:m] @ w)[0], ref) for m in (1, 2, 7, 16))
+    ref = torch.nn.functional.linear(x[:1], w)[0]
+    return all(torch.equal(torch.nn.functional.linear(x[:m], w)[0], ref) for m in (2, 7, 16, 33, 64))

@@ -120,10 +120,16 @@ class TransformersPolicy:
                                                      ProbeCache(cache_dir()), reprobe_requested())
             print(f"transformers engine: {self.probe.summary()}", file=sys.stderr, flush=True)
         if self.device == "cpu" and not rows_are_independent(self.model.dtype):
-            print("transformers engine: warning: this process's CPU matrix products depend on the number of rows "
-                  "(MKL_CBWR was unset or not strict when MKL started), so a request's text can depend on what "
-                  "else is batched. Start from round.py / python -m pipeline, or export MKL_CBWR=AUTO,STRICT "
-                  "(pipeline/engines/gemm.py).", file=sys.stderr, flush=True)
+            if self.model.dtype == fastpath.torch_float32():
+                why = ("this process's CPU matrix products depend on the number of rows (MKL_CBWR was unset or not "
+                       "strict when MKL started), so a request's text can depend on what else is batched. Start from "
+                       "round.py / python -m pipeline, or export MKL_CBWR=AUTO,STRICT (pipeline/engines/gemm.py).")
+            else:
+                why = (f"{self.model.dtype} linear layers on this CPU give a row other bits when more rows are "
+                       f"batched with it (oneDNN picks kernels by row count), so a request's sampled text can depend "
+                       f"on what else is batched and a rerun need not repeat it; engines.cpu_fast_path: fp32 keeps "
+                       f"requests independent (pipeline/engines/gemm.py).")
+            print(f"transformers engine: warning: {why}", file=sys.stderr, flush=True)
         self.tokenizer = builder.tokenizer
         self.builder = builder
         self.gen = gen

@@ -11,20 +11,18 @@ finish on the head alone, and its node tables and exports must equal an uninterr
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 
 import pytest
 
 from pipeline.cluster import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
+from ray_nodes import two_node_cluster  # noqa: E402
 from test_end_to_end import (  # noqa: E402  (the kill-resume helpers, shared)
     KILL_OVERRIDES,
     KILL_PROBLEMS,
@@ -39,7 +37,6 @@ from test_end_to_end import (  # noqa: E402  (the kill-resume helpers, shared)
     _tail,
     _wait_gone,
 )
-from test_ray_job import BIN, _free_port, _stop_node  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PHASE_TIMEOUT_S = 900  # the round on a loaded 2-core machine takes about a minute; a hang fails the test
@@ -48,58 +45,6 @@ PHASE_TIMEOUT_S = 900  # the round on a loaded 2-core machine takes about a minu
 # Ray places some on the worker node; after the kill the head alone holds the engine and the replacements.
 RAY_OVERRIDES = ["ray.rollout_workers=4", "ray.cpus_per_worker=0.5", "ray.cpus_per_engine=0.5", "ray.max_restarts=3",
                  "rollouts.groups=2"]
-
-
-def _ray_node(args: list[str], temp_dir: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         # Ports of its own (the session's Ray cluster and the other node may hold the defaults).
-         f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}", *args],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-@contextlib.contextmanager
-def two_nodes():
-    """(head gcs address, the worker node's process, env); both nodes stopped on exit."""
-    temp = tempfile.mkdtemp(prefix="raymn", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env.update(RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    gcs, dash = _free_port(), _free_port()
-    head = _ray_node(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                      "--include-dashboard=true", f"--ray-client-server-port={_free_port()}"], f"{temp}/h", env)
-    worker = None
-    try:
-        _wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2), head, "head")
-        worker = _ray_node([f"--address=127.0.0.1:{gcs}"], f"{temp}/w", env)
-        _wait_for(lambda: _nodes_alive(dash) == 2 or (_ for _ in ()).throw(OSError("1 node")), worker, "worker node")
-        yield f"127.0.0.1:{gcs}", worker, env
-    finally:
-        if worker is not None:
-            _stop_node(worker, f"{temp}/w")
-        _stop_node(head, f"{temp}/h")
-
-
-def _nodes_alive(dash: int) -> int:
-    import json
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{dash}/nodes?view=summary", timeout=2) as r:
-        nodes = json.load(r)["data"]["summary"]
-    return sum(1 for n in nodes if n.get("raylet", {}).get("state") == "ALIVE")
-
-
-def _wait_for(probe, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            probe()
-            return
-        except (OSError, KeyError, ValueError):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"ray {what} did not come up (exit code {proc.poll()})") from None
-            time.sleep(0.5)
 
 
 def _actors_on(proc: subprocess.Popen) -> list[str]:
@@ -136,7 +81,7 @@ def _run_and_kill(tmp_path, args: list[str], attempt: int) -> tuple[object, dict
 
     run_dir, log = tmp_path / f"A{attempt}", tmp_path / f"A{attempt}.log"
     trees = RunDir(run_dir).trees(1)
-    with two_nodes() as (gcs, worker, env), open(log, "wb") as out:  # the driver joins the two-node cluster
+    with two_node_cluster() as (gcs, worker, env), open(log, "wb") as out:  # the driver joins the two-node cluster
         proc = subprocess.Popen([sys.executable, *args, "--run-dir", str(run_dir)], cwd=REPO_ROOT,
                                 env={**env, "RAY_ADDRESS": gcs, "PYTHONUNBUFFERED": "1"}, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)

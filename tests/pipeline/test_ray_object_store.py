@@ -17,9 +17,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,48 +25,12 @@ import pytest
 from pipeline.cluster import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
+from ray_nodes import two_node_cluster  # noqa: E402
 from test_end_to_end import TINY, _alive, _descendants, _kill, _sets, _tail, _wait_gone  # noqa: E402
-from test_ray_job import BIN, _free_port, _stop_node  # noqa: E402
-from test_ray_multinode import _nodes_alive, _wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 RUN_TIMEOUT_S = 900  # about 3 minutes on a loaded 2-core machine; a hang fails the test
 OVERRIDES = ["engines.bootstrap_model=tiny-random", "ray.gpus_per_engine=1", "eval.base_model=false"]
-
-
-def _node(args: list[str], temp_dir: str, env: dict[str, str], hide: Path | None = None) -> subprocess.Popen:
-    """A ``ray start --block`` node; ``hide``: a directory that its processes see as an empty tmpfs."""
-    cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--node-manager-port={_free_port()}",
-           f"--object-manager-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-           f"--metrics-export-port={_free_port()}", *args]
-    if hide is not None:  # unshare execs: the node's pid (and process group) stay the Popen's
-        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-               'mount -t tmpfs -o size=1m none "$0" && exec "$@"', str(hide), *cmd]
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
-@contextlib.contextmanager
-def head_and_gpu_node(hide: Path, gpu_env: dict[str, str]):
-    """(head gcs address, the GPU node's process, env); both stopped on exit."""
-    temp = tempfile.mkdtemp(prefix="rayos", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env.update(RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    gcs, dash = _free_port(), _free_port()
-    head = _node(["--head", "--num-gpus=0", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                  "--include-dashboard=true", f"--ray-client-server-port={_free_port()}"], f"{temp}/h", env)
-    gpu = None
-    try:
-        _wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2), head, "head")
-        gpu = _node([f"--address=127.0.0.1:{gcs}", "--num-gpus=1"], f"{temp}/g", {**env, **gpu_env}, hide=hide)
-        _wait_for(lambda: _nodes_alive(dash) == 2 or (_ for _ in ()).throw(OSError("1 node")), gpu, "GPU node")
-        yield f"127.0.0.1:{gcs}", gpu, env
-    finally:
-        if gpu is not None:
-            _stop_node(gpu, f"{temp}/g")
-        _stop_node(head, f"{temp}/h")
 
 
 def _round_1_that_solved_problems(uri: str, cfg) -> None:
@@ -118,7 +80,8 @@ def test_round_2_gpu_work_on_a_node_without_the_drivers_files_goes_through_the_s
 
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     log = tmp_path / "round2.log"
-    with head_and_gpu_node(staging, {**aws, "OPEN_RSTAR_NODE_CACHE": str(node_cache)}) as (gcs, gpu, env), \
+    with two_node_cluster(["--num-gpus=0"], ["--num-gpus=1"], {**aws, "OPEN_RSTAR_NODE_CACHE": str(node_cache)},
+                          hide=staging) as (gcs, gpu, env), \
             open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "round.py", "--config", TINY, "--rounds", "2", "--run-dir", uri,
                                  *_sets(OVERRIDES)], cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
