@@ -28,21 +28,15 @@ in their parent's state, printed output rendered into the history, the same pars
 
 Batching: each phase puts every tree of every problem into one ``run_search``, so the policy sees one
 batch per wave across the whole eval set (and the PPM one batch per wave in MCTS). Without a scorer the
-two PPM metrics are skipped with a recorded reason, never filled in. When the policy batches concurrent
-callers itself (``concurrent_calls``: the transformers engine's running batch), the greedy chains, the sampled
-chains and the PPM MCTS run at the same time on their own threads, so one phase's tail (a few long chains
-decoding a few rows) is filled by the others' rows; ``wall_s`` then holds each phase's own duration (they
-overlap) and the total. Each request's seed is its own, so what a chain samples does not depend on this.
+two PPM metrics are skipped with a recorded reason, never filled in.
 
 Seeds derive from (run seed, round, phase, problem id, sample index): a rerun evaluates identically.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,37 +108,6 @@ class ChainResult:
     answer: str | None  # the \boxed{} answer of the chain's terminal; None: no terminal or no answer
     correct: bool
     solution: str  # the rendered steps root -> terminal; '' when the chain did not finish
-
-
-class _Jobs:
-    """The evaluation's generation phases: started at once on threads when ``concurrent`` (module doc), else each
-    run when its result is asked for. ``start(fn)`` returns a callable giving ``(fn's result, seconds it took)``."""
-
-    def __init__(self, concurrent: bool):
-        self._pool = ThreadPoolExecutor(3, thread_name_prefix="eval") if concurrent else None
-
-    def start(self, fn: Callable[[], Any]) -> Callable[[], tuple[Any, float]]:
-        def timed() -> tuple[Any, float]:
-            t = time.perf_counter()
-            return fn(), time.perf_counter() - t
-
-        return timed if self._pool is None else self._pool.submit(timed).result
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-
-class _SerialScorer:
-    """One scorer call at a time (best-of-N and the MCTS may ask at once when the phases overlap)."""
-
-    def __init__(self, inner: Scorer):
-        self.inner = inner
-        self._lock = threading.Lock()
-
-    def score(self, states: Sequence[SearchState]) -> list[float]:
-        with self._lock:
-            return self.inner.score(states)
 
 
 def _grade_view(view: ProblemLike, answer: str | None, grade: Grader) -> bool:
@@ -261,15 +224,28 @@ def evaluate(
     per_problem: list[dict[str, Any]] = [{"id": i, "reference": "" if p.answer is None else str(p.answer)}
                                          for i, p in zip(ids, problems, strict=True)]
 
-    full = greedy_only_reason is None
-    jobs = _Jobs(full and all(getattr(p, "concurrent_calls", False) for p in (greedy, sampler)))
-    try:
-        _phases(jobs, problems, per_problem, metrics, counts, skipped, wall, greedy=greedy, sampler=sampler,
-                executor=executor, grade=grade, equivalent=equivalent, scorer=scorer, params=params, search=search,
-                seed=seed, round_index=round_index, no_ppm_reason=no_ppm_reason,
-                greedy_only_reason=greedy_only_reason, say=say, meter=meter)
-    finally:
-        jobs.close()
+    # --- greedy pass@1 ---
+    t = time.perf_counter()
+    m = meter("greedy")
+    greedy_runs = run_chains(problems, 1, greedy, executor, grade, search, seed, round_index, "greedy", m)
+    wall["greedy"] = time.perf_counter() - t
+    correct = 0
+    for row, (chain,) in zip(per_problem, greedy_runs, strict=True):
+        row.update(greedy_answer=chain.answer, greedy_correct=chain.correct)
+        correct += chain.correct
+    metrics["greedy_pass1"] = correct / n
+    counts["greedy"] = {"correct": correct, "problems": n,
+                        "answered": sum(c[0].answer is not None for c in greedy_runs)}
+    m.close(f"greedy pass@1 {correct}/{n}")
+    say(f"eval round {round_index}: greedy pass@1 {correct}/{n} ({wall['greedy']:.1f}s)")
+
+    if greedy_only_reason is not None:
+        for key in ("maj_at_k", "ppm_best_of_n", "ppm_mcts"):
+            skipped[key] = greedy_only_reason
+    else:
+        _sampled_metrics(problems, per_problem, metrics, counts, skipped, wall, sampler=sampler, executor=executor,
+                         grade=grade, equivalent=equivalent, scorer=scorer, params=params, search=search, seed=seed,
+                         round_index=round_index, no_ppm_reason=no_ppm_reason, say=say, meter=meter)
 
     strategies = _registry_strategies(problems, per_problem, skipped, wall, params, greedy=greedy, sampler=sampler,
                                       executor=executor, grade=grade, equivalent=equivalent, scorer=scorer,
@@ -307,63 +283,21 @@ def evaluate(
     return result
 
 
-def _phases(jobs: _Jobs, problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], metrics: dict[str, Any],
-            counts: dict[str, Any], skipped: dict[str, str], wall: dict[str, float], *, greedy: Policy,
-            sampler: Policy, executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
-            params: EvalConfig, search: SearchConfig, seed: int, round_index: int, no_ppm_reason: str | None,
-            greedy_only_reason: str | None, say: Callable[[str], None], meter: Callable[[str], Meter]) -> None:
-    """Greedy pass@1 and, in a full evaluation, maj@k, PPM best-of-N and PPM MCTS: the generation of each is
-    started first (``jobs``: together, or each when asked for), the results are taken in this order; fills
-    ``metrics``, ``counts``, ``skipped``, ``wall`` and the per-problem rows in place."""
-    n = len(problems)
-    full = greedy_only_reason is None
-    scorer = _SerialScorer(scorer) if scorer is not None else None
-    n_samples = max(params.maj_k, params.best_of_n if scorer is not None else 0)
-
-    def chains(samples: int, policy: Policy, phase: str, label: str) -> tuple[list[list[ChainResult]], Meter]:
-        m = meter(label)
-        return run_chains(problems, samples, policy, executor, grade, search, seed, round_index, phase, m), m
-
-    def mcts() -> tuple[dict[str, Any], Meter]:
-        m = meter("PPM MCTS")
-        return _mcts(problems, per_problem, params, sampler, executor, scorer, grade, search, seed, round_index, m), m
-
-    greedy_job = jobs.start(lambda: chains(1, greedy, "greedy", "greedy"))
-    sampled_job = jobs.start(lambda: chains(n_samples, sampler, "sample", f"{n_samples} samples")) if full else None
-    mcts_job = jobs.start(mcts) if full and scorer is not None else None
-
-    # --- greedy pass@1 ---
-    (greedy_runs, m), wall["greedy"] = greedy_job()
-    correct = 0
-    for row, (chain,) in zip(per_problem, greedy_runs, strict=True):
-        row.update(greedy_answer=chain.answer, greedy_correct=chain.correct)
-        correct += chain.correct
-    metrics["greedy_pass1"] = correct / n
-    counts["greedy"] = {"correct": correct, "problems": n,
-                        "answered": sum(c[0].answer is not None for c in greedy_runs)}
-    m.close(f"greedy pass@1 {correct}/{n}")
-    say(f"eval round {round_index}: greedy pass@1 {correct}/{n} ({wall['greedy']:.1f}s)")
-
-    if sampled_job is None:
-        for key in ("maj_at_k", "ppm_best_of_n", "ppm_mcts"):
-            skipped[key] = greedy_only_reason or ""
-        return
-    _sampled_metrics(sampled_job, mcts_job, n_samples, problems, per_problem, metrics, counts, skipped, wall,
-                     scorer=scorer, equivalent=equivalent, params=params, round_index=round_index,
-                     no_ppm_reason=no_ppm_reason, say=say)
-
-
-def _sampled_metrics(sampled_job: Callable[[], tuple[Any, float]], mcts_job: Callable[[], tuple[Any, float]] | None,
-                     n_samples: int, problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]],
-                     metrics: dict[str, Any], counts: dict[str, Any], skipped: dict[str, str],
-                     wall: dict[str, float], *, scorer: Scorer | None, equivalent: Equivalent | None,
-                     params: EvalConfig, round_index: int, no_ppm_reason: str | None,
-                     say: Callable[[str], None]) -> None:
-    """maj@k over the sampled chains and, with a scorer, PPM best-of-N over the same samples and the PPM-guided
-    MCTS's result."""
+def _sampled_metrics(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], metrics: dict[str, Any],
+                     counts: dict[str, Any], skipped: dict[str, str], wall: dict[str, float], *, sampler: Policy,
+                     executor: Executor, grade: Grader, equivalent: Equivalent | None, scorer: Scorer | None,
+                     params: EvalConfig, search: SearchConfig, seed: int, round_index: int,
+                     no_ppm_reason: str | None, say: Callable[[str], None],
+                     meter: Callable[[str], Meter]) -> None:
+    """maj@k over sampled chains and, with a scorer, PPM best-of-N over the same samples and PPM-guided MCTS;
+    fills ``metrics``, ``counts``, ``skipped``, ``wall`` and the per-problem rows in place."""
     n = len(problems)
     # --- sampled chains: maj@k, and best-of-N when there is a PPM ---
-    (sampled, m), wall["samples"] = sampled_job()
+    n_samples = max(params.maj_k, params.best_of_n if scorer is not None else 0)
+    t = time.perf_counter()
+    m = meter(f"{n_samples} samples")
+    sampled = run_chains(problems, n_samples, sampler, executor, grade, search, seed, round_index, "sample", m)
+    wall["samples"] = time.perf_counter() - t
     correct = any_correct = 0
     k = params.maj_k
     for row, chains in zip(per_problem, sampled, strict=True):
@@ -393,9 +327,12 @@ def _sampled_metrics(sampled_job: Callable[[], tuple[Any, float]], mcts_job: Cal
         metrics["ppm_best_of_n"] = counts["best_of_n"]["correct"] / n
         say(f"eval round {round_index}: PPM best-of-{params.best_of_n} {counts['best_of_n']['correct']}/{n}")
 
-        assert mcts_job is not None  # started with the samples whenever there is a scorer
-        (counts["mcts"], m), wall["mcts"] = mcts_job()
+        t = time.perf_counter()
+        m = meter("PPM MCTS")
+        counts["mcts"] = _mcts(problems, per_problem, params, sampler, executor, scorer, grade, search, seed,
+                               round_index, m)
         m.close(f"PPM MCTS {counts['mcts']['correct']}/{n}")
+        wall["mcts"] = time.perf_counter() - t
         metrics["ppm_mcts"] = counts["mcts"]["correct"] / n
         say(f"eval round {round_index}: PPM MCTS {counts['mcts']['correct']}/{n} ({wall['mcts']:.1f}s)")
 

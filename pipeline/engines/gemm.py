@@ -39,14 +39,16 @@ def fix_gemm_order() -> bool:
 
 
 def rows_are_independent(dtype=None) -> bool:
-    """Whether row 0 of a ``Linear`` layer's output (576 -> 1536, the embedded model's MLP shape, as
-    ``torch.nn.functional.linear`` computes it) has the same bits for 1, 2, 7, 16, 33 and 64 rows here."""
+    """Whether the first m rows of a ``Linear`` layer's output (576 -> 1536, the embedded model's MLP shape, as
+    ``torch.nn.functional.linear`` computes it) have the same bits computed alone as among 64 rows, for m = 1, 2,
+    7, 16 and 33. All of each row's outputs are compared: in bf16 the rounding of the output hides most changes
+    of summation order (where the kernels differ, few single outputs do)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(1536, 576, generator=gen, dtype=torch.float32)
+    w = torch.randn(1536, 576, generator=gen, dtype=torch.float32) / 24  # ~ the scale of a trained layer
     x = torch.randn(64, 576, generator=gen, dtype=torch.float32)
     if dtype is not None:
         w, x = w.to(dtype), x.to(dtype)
-    ref = torch.nn.functional.linear(x[:1], w)[0]
-    return all(torch.equal(torch.nn.functional.linear(x[:m], w)[0], ref) for m in (2, 7, 16, 33, 64))
+    full = torch.nn.functional.linear(x, w)
+    return all(torch.equal(torch.nn.functional.linear(x[:m], w), full[:m]) for m in (1, 2, 7, 16, 33))

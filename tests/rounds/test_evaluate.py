@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import threading
 from dataclasses import dataclass
 
 import pytest
@@ -246,47 +245,6 @@ def test_reproducible(executor):
     b = _run(LiteralExecutor(), ScriptedPPM())
     a.pop("wall_s"), b.pop("wall_s")
     assert a == b
-
-
-class ConcurrentPolicy(ScriptedPolicy):
-    """A policy that takes concurrent callers (as the transformers engine's running batch does). Its first call
-    waits until another phase's policy has been called too, which only happens when the phases overlap."""
-
-    concurrent_calls = True
-
-    def __init__(self, script, me: threading.Event, other: threading.Event):
-        super().__init__(script)
-        self.me, self.other = me, other
-
-    def propose(self, states, k):
-        self.me.set()
-        assert self.other.wait(timeout=30), "the other phase never called its policy: phases did not overlap"
-        return super().propose(states, k)
-
-
-class LockedExecutor(LiteralExecutor):
-    def __init__(self):
-        super().__init__()
-        self.lock = threading.Lock()
-
-    def run(self, requests):
-        with self.lock:
-            return super().run(requests)
-
-    def release(self, tree_id):
-        with self.lock:
-            super().release(tree_id)
-
-
-def test_phases_overlap_when_the_policy_takes_concurrent_callers():
-    # The greedy chains wait for the sampler's first call and the sampler for the greedy's: only a concurrent run
-    # finishes; its results equal a sequential run's.
-    g, s = threading.Event(), threading.Event()
-    both = _run(LockedExecutor(), ScriptedPPM(), greedy=ConcurrentPolicy(GREEDY, g, s),
-                sampler=ConcurrentPolicy(SAMPLES, s, g))
-    one = _run(LiteralExecutor(), ScriptedPPM())
-    assert set(both.pop("wall_s")) == set(one.pop("wall_s"))
-    assert both == one
 
 
 def test_input_errors(executor):
