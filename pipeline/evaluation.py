@@ -50,15 +50,31 @@ def full_eval(cfg: RunConfig, round_no: int) -> bool:
     return cfg.eval.full_rounds is None or round_no in cfg.eval.full_rounds
 
 
+def models_in_run(run: RunDir, models: dict) -> dict:
+    """``models`` with each path inside the run written relative to the run's root ("round_1/policy"): the same
+    name whichever copy of the run a driver works on (an object-store run is staged in a new directory each time
+    it resumes); a model outside the run (a hub id, the embedded model) keeps its name."""
+    root = Path(run.root).resolve()
+    out = {}
+    for role, name in models.items():
+        path = Path(name) if isinstance(name, str) and name else None
+        inside = path is not None and path.is_absolute() and path.resolve().is_relative_to(root)
+        out[role] = path.resolve().relative_to(root).as_posix() if inside else name
+    return out
+
+
 def same_models_eval(run: RunDir, round_no: int, models: dict, full: bool) -> int | None:
-    """The previous evaluated round when it evaluated exactly ``models`` (and fully, if this round is full)."""
+    """The previous evaluated round when it evaluated exactly ``models`` (and fully, if this round is full). Models
+    are compared by their names in the run (``models_in_run``) where eval.json records them."""
     from rounds.report import read_json
 
+    mine = models_in_run(run, models)
     for r in range(round_no - 1, -1, -1):
         ev, _ = read_json(run.root / f"round_{r}" / "eval.json")
         if ev is None:
             continue
-        if ev.get("models") == models and (ev.get("full", True) or not full):
+        same = ev["models_in_run"] == mine if "models_in_run" in ev else ev.get("models") == models
+        if same and (ev.get("full", True) or not full):
             return ev.get("same_as_round", r)
         return None
     return None
@@ -101,6 +117,7 @@ def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm:
     track = None if cfg.ray.gpus_per_engine or console is None else (
         lambda label, total: console.bar(f"round {round_no} eval {label}", total, solved=True))
     result = on_accelerators(cfg, run, _evaluate, *args, say=say, track=track)
+    result["models_in_run"] = models_in_run(run, models)  # what a later round (or a resumed driver) compares
     write_json_atomic(out_dir / EVAL_FILE, result)  # here, not in the task: it may run on a node without the run
     log.info("eval_done", round=round_no, **{k: v for k, v in result["metrics"].items() if v is not None})
     return {"metrics": result["metrics"], "skipped": result.get("skipped", {}), "counts": result.get("counts", {}),

@@ -74,6 +74,23 @@ def _eval_json(run, r, policy, ppm, full, greedy=(3, 10), extra=None):
         "full": full, "models": {"policy": policy, "ppm": ppm}, **(extra or {})})
 
 
+def test_a_resumed_driver_on_another_staging_copy_still_reuses_the_evaluation(tmp_path):
+    # An object-store run is staged in a new directory each time a driver resumes it: the eval.json of round 1
+    # names the policy under the old copy, this driver under its own. Both are round_1/policy of the run.
+    from pipeline.evaluation import models_in_run, same_models_eval
+    from pipeline.storage import RunDir
+
+    run = RunDir(tmp_path / "now")
+    old = RunDir(tmp_path / "before")
+    names = models_in_run(old, {"policy": str(old.root / "round_1" / "policy"), "ppm": None})
+    assert names == {"policy": "round_1/policy", "ppm": None}
+    assert models_in_run(run, {"policy": "embedded:smollm2-135m", "ppm": None})["policy"] == "embedded:smollm2-135m"
+    _eval_json(run, 1, str(old.root / "round_1" / "policy"), None, full=False, extra={"models_in_run": names})
+    here = {"policy": str(run.root / "round_1" / "policy"), "ppm": None}
+    assert same_models_eval(run, 2, here, full=False) == 1
+    assert same_models_eval(run, 2, {"policy": str(run.root / "round_2" / "policy"), "ppm": None}, full=False) is None
+
+
 def test_a_round_that_changed_no_model_reuses_the_earlier_evaluation(tmp_path):
     from pipeline.evaluation import reuse_eval, same_models_eval
     from pipeline.storage import RunDir
