@@ -80,8 +80,8 @@ class TrainingConfig:
     # pairwise accuracy after training; 0 = no held-out measurement.
     heldout_fraction: float = 0.1
     # "auto": bf16 on a GPU that supports it; on CPU, bf16 autocast (fp32 weights and optimizer) for the policy SFT
-    # where the CPU computes bf16 natively (AMX / AVX-512 BF16; bench/bench_training.py, README "Training speed"),
-    # fp32 for the PPM (not measured) and on other CPUs.
+    # and the PPM where the CPU computes bf16 natively (AMX / AVX-512 BF16; bench/bench_training.py, README
+    # "Training speed"; the embedded run's PPM: 1.3-1.5x, same pair accuracy), fp32 on other CPUs.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # The policy SFT's loss: "trl" = TRL's fused LM head (projects only the completion's positions, in tiles, and
     # logs entropy and token accuracy; saves the (batch, seq, vocab) logits' memory on a GPU); "plain" =
@@ -213,8 +213,8 @@ def trainer_arguments(cfg: TrainingConfig, stage: StageConfig, work_dir: Path, *
                       arg_names: frozenset[str] | None = None) -> dict[str, Any]:
     """Keyword arguments shared by ``SFTConfig`` and ``RewardConfig`` (both ``TrainingArguments``).
 
-    ``cpu_bf16``: precision 'auto' on CPU trains with bf16 autocast (the caller says the CPU computes bf16 natively
-    and that this trainer's bf16 was measured: the policy SFT). ``arg_names``: the fields of the installed
+    ``cpu_bf16``: precision 'auto' on CPU trains with bf16 autocast (the caller says the CPU computes bf16 natively;
+    both trainers measured it). ``arg_names``: the fields of the installed
     ``TrainingArguments`` (default: read them). Each renamed
     argument is chosen on its own, because transformers renamed them in different releases: 4.x has
     ``gradient_checkpointing`` and ``warmup_ratio``; 5.17 has ``gradient_checkpointing`` and only

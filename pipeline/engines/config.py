@@ -93,7 +93,9 @@ class EngineConfig:
     bootstrap_model: str = ""  # round 1's policy ('' = policy_model, few-shot prompted)
     ppm_model: str = ""  # backbone the PPM starts from ('' = policy_model)
     device: str = "auto"  # transformers backend: 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'
-    dtype: DType = "auto"  # 'auto' = float32 on CPU, bfloat16 on GPU
+    # 'auto' = bfloat16 on GPU; on CPU float32 for the policy (whose cpu_fast_path then decides) and bfloat16 for
+    # the PPM scorer where the CPU computes bf16 natively (pipeline.engines.scorer.scorer_dtype), else float32.
+    dtype: DType = "auto"
     # Rows (prompts x samples) decoded together by the transformers backend's running batch, all callers
     # together; see bench/bench_generation.py.
     max_batch_rows: int = 64

@@ -16,6 +16,20 @@ from pipeline.engines.hf_policy import pick_device, pick_dtype
 from pipeline.engines.prompts import PromptBuilder
 
 
+def scorer_dtype(dtype: str, device: str):
+    """The PPM's dtype: ``dtype`` as named; 'auto' is bf16 on a GPU (``pick_dtype``) and, unlike the policy's
+    fp32 load, bf16 on a CPU that computes bf16 natively (AMX / AVX-512 BF16). Measured on the embedded run's PPM
+    (2026-12-01): 2.4-2.6x faster scoring than fp32; scores moved by 0.036 on average (max 0.16) and 3 of 231 pairs
+    of texts swapped order. ``engines.dtype: float32`` keeps fp32."""
+    import torch
+
+    if dtype == "auto" and not device.startswith("cuda"):
+        from pipeline.engines.fastpath import cpu_flags
+
+        return torch.bfloat16 if cpu_flags() & {"amx_bf16", "avx512_bf16"} else torch.float32
+    return pick_dtype(dtype, device)
+
+
 class TransformersScorer:
     """``mcts.protocols.Scorer`` on a PPM checkpoint (``rounds.ppm_model``), CPU or GPU, deterministic."""
 
@@ -27,7 +41,7 @@ class TransformersScorer:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         self.device = pick_device(device)
-        self.model, self.tokenizer = load_ppm(ppm_path, device=self.device, dtype=pick_dtype(dtype, self.device))
+        self.model, self.tokenizer = load_ppm(ppm_path, device=self.device, dtype=scorer_dtype(dtype, self.device))
         self.builder = PromptBuilder(self.tokenizer, few_shot=few_shot, n_examples=n_examples, examples=examples)
         self.batch_size = batch_size
         # None: the length the PPM was trained with (recorded in its checkpoint), so both read the same text.

@@ -50,8 +50,22 @@ def test_scorer_reads_the_policy_prompt_text(ppm_dir):
     text = scorer.texts(STATES[1:2])[0]
     assert text == scorer.builder.build(STATES[1].question, STATES[1].history)
     assert text.endswith("<|im_start|>assistant\n" + STATES[1].history)
-    model, tok = load_ppm(ppm_dir)
+    model, tok = load_ppm(ppm_dir, dtype=scorer.model.dtype)  # auto: bf16 on a CPU with bf16 units (scorer_dtype)
     assert scorer.score(STATES[1:2]) == pytest.approx(ppm_scores(model, tok, [text]), abs=1e-6)
+
+
+def test_auto_scores_in_bf16_where_the_cpu_computes_it_natively(monkeypatch):
+    import torch
+
+    from pipeline.engines import fastpath
+    from pipeline.engines.scorer import scorer_dtype
+
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    assert scorer_dtype("auto", "cpu") == torch.bfloat16
+    assert scorer_dtype("float32", "cpu") == torch.float32  # engines.dtype: float32 keeps fp32
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert scorer_dtype("auto", "cpu") == torch.float32  # emulated bf16 would be slower
+    assert scorer_dtype("auto", "cuda") == torch.bfloat16
 
 
 def test_a_policy_checkpoint_is_not_a_ppm(tmp_path):
