@@ -36,7 +36,8 @@ def phase_train_policy(ctx: RoundContext) -> dict:
         # From the base weights on the same rows with the same seed: the same model as round `same`'s.
         ctx.log.info("policy_not_retrained", round=ctx.round_no, same_as_round=same,
                      reason="the SFT pool is unchanged since that round (no new correct trajectory)")
-        return {"skipped": f"SFT data unchanged since round {same}", "same_as_round": same, "data": data}
+        what = "pooled SFT data" if ctx.cfg.training.policy_pool else "SFT data"
+        return {"skipped": f"{what} unchanged since round {same}", "same_as_round": same, "data": data}
     init = init_checkpoint(ctx.cfg.training, ctx.cfg.engines.policy_model, ctx.lineage.newest_policy(ctx.round_no - 1))
     out = ctx.run.policy_dir(ctx.round_no)
     with _step_bar(ctx, "train policy") as callbacks:
