@@ -154,12 +154,14 @@ class ScorerEngine(_Metered):
 class _RemoteEngines:
     """Sends each request to the least busy live engine actor; retries requests whose engine died."""
 
-    def __init__(self, engines: Sequence[Any], retries: int, backoff_s: float, prefer: int = 0):
+    def __init__(self, engines: Sequence[Any], retries: int, backoff_s: float, prefer: int = 0,
+                 restart_wait_s: float = 900.0):
         if not engines:
             raise ValueError("no engine actors were given")
         self._engines = list(engines)
         self._retries = retries
         self._backoff = backoff_s
+        self._restart_wait = restart_wait_s
         self._inflight = [0] * len(engines)
         # Workers start at different engines so that n workers on n engines spread out from the first call.
         self._order = [(prefer + i) % len(engines) for i in range(len(engines))]
@@ -169,31 +171,48 @@ class _RemoteEngines:
 
     def _call(self, method: str, *args: Any) -> list:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         last: BaseException | None = None
-        for attempt in range(self._retries + 1):
+        attempt = 0  # deaths of the engine answering: each is one of the ``retries``
+        waited = 0.0  # seconds spent waiting for restarting engines, bounded by ``restart_wait_s``
+        polls = 0
+        while True:
             with self._lock:
                 i = min(self._order, key=lambda j: self._inflight[j])
                 self._inflight[i] += 1
             try:
                 return ray.get(getattr(self._engines[i], method).remote(*args))
             except RayActorError as e:
-                # The engine process died (or is restarting): Ray restarts it up to max_restarts times, and the
-                # request is re-sent, to whichever engine is least busy then.
+                # The engine process died: Ray restarts it up to max_restarts times, and the request is re-sent, to
+                # whichever engine is least busy then. While the engine is restarting (loading its model again:
+                # seconds for the embedded model, minutes for a 7B one on a GPU), requests fail with
+                # ActorUnavailableError: waiting for it does not use up a retry, up to restart_wait_s in all.
+                restarting = isinstance(e, ActorUnavailableError)
+                first = not (restarting and isinstance(last, ActorUnavailableError))  # one line per wait, not poll
                 last = e
                 with self._lock:
-                    self.failures.append(f"engine {i} {method} attempt {attempt + 1}: {type(e).__name__}")
-                    if attempt < self._retries:
+                    if first:
+                        self.failures.append(f"engine {i} {method} attempt {attempt + 1}: {type(e).__name__}")
+                    if first and (restarting or attempt < self._retries):
                         self.retried += 1
-                if attempt < self._retries:
-                    time.sleep(self._backoff * (2**attempt))
+                if restarting and waited < self._restart_wait:
+                    pause = min(max(self._backoff, 0.1) * 2 ** min(polls, 4), 10.0, self._restart_wait - waited)
+                    time.sleep(pause)
+                    waited += pause
+                    polls += 1
+                    continue
+                if attempt >= self._retries:
+                    break
+                time.sleep(self._backoff * (2**attempt))
+                attempt += 1
             finally:
                 with self._lock:
                     self._inflight[i] -= 1
         raise EngineUnavailable(
-            f"{method}: engine actors failed {self._retries + 1} times in a row (last: {type(last).__name__}: "
-            f"{last}); raise ray.max_restarts or check the engine logs (ray logs / the Ray dashboard)")
+            f"{method}: engine actors failed {attempt + 1} times in a row, and {waited:.0f} s were spent waiting for "
+            f"restarting ones (last: {type(last).__name__}: {last}); raise ray.max_restarts or "
+            f"rollouts.startup_timeout_s, or check the engine logs (ray logs / the Ray dashboard)")
 
 
 class RemotePolicy(_RemoteEngines):
@@ -224,6 +243,7 @@ class WorkerSpec:
     groups: int = 2  # tree groups advanced by separate threads, so generation and execution overlap
     engine_retries: int = 3
     retry_backoff_s: float = 0.5
+    restart_wait_s: float = 900.0  # waiting for restarting engines (rollouts.startup_timeout_s), not a retry
 
 
 @dataclass(frozen=True)
@@ -319,8 +339,9 @@ class RolloutWorker:
         self.spec = spec
         self.name = name
         prefer = index  # worker i starts at engine i (mod engines)
-        self.policy = RemotePolicy(engines, spec.engine_retries, spec.retry_backoff_s, prefer)
-        self.scorer = RemoteScorer(scorers, spec.engine_retries, spec.retry_backoff_s, prefer) if scorers else None
+        self.policy = RemotePolicy(engines, spec.engine_retries, spec.retry_backoff_s, prefer, spec.restart_wait_s)
+        self.scorer = (RemoteScorer(scorers, spec.engine_retries, spec.retry_backoff_s, prefer, spec.restart_wait_s)
+                       if scorers else None)
         self.executor_factory = executor_factory
         self.grader = grader
         self._stop = threading.Event()

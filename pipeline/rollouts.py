@@ -187,7 +187,8 @@ class _Phase:
         self.worker_spec = WorkerSpec(
             search=round_search_config(cfg, spec), run_seed=cfg.seed, round_no=round_no,
             unsolved_rollouts=tuple(spec.unsolved_rollouts), groups=settings.groups,
-            engine_retries=settings.engine_retries, retry_backoff_s=settings.retry_backoff_s)
+            engine_retries=settings.engine_retries, retry_backoff_s=settings.retry_backoff_s,
+            restart_wait_s=settings.startup_timeout_s)
         self.engines: list[Any] = []
         self.scorers: list[Any] = []
         self.workers: list[Any] = []  # every worker started, dead or alive

@@ -43,12 +43,24 @@ def two_node_cluster(head_args: Sequence[str] = (), second_args: Sequence[str] =
     temp = tempfile.mkdtemp(prefix="ray2n", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env.update(RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    gcs, dash = _free_port(), _free_port()
-    head = ray_node(["--head", *head_args, f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                     "--include-dashboard=true", f"--ray-client-server-port={_free_port()}"], f"{temp}/h", env)
+    for tries_left in range(2, -1, -1):
+        # A free port can be taken by another process (another Ray cluster on the machine) before the head binds
+        # it: the head then exits at once, and starts again on new ports.
+        gcs, dash = _free_port(), _free_port()
+        head = ray_node(["--head", *head_args, f"--port={gcs}", f"--dashboard-port={dash}",
+                         "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                         f"--ray-client-server-port={_free_port()}"], f"{temp}/h", env)
+        try:
+            wait_for(lambda d=dash: urllib.request.urlopen(f"http://127.0.0.1:{d}/api/version", timeout=2), head,
+                     "head")
+            break
+        except RuntimeError:
+            exited = head.poll() is not None  # else it ran and never answered: not a port race
+            _stop_node(head, f"{temp}/h")
+            if not tries_left or not exited:
+                raise
     second = None
     try:
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2), head, "head")
         second = ray_node([f"--address=127.0.0.1:{gcs}", *second_args], f"{temp}/n", {**env, **(second_env or {})},
                           hide=hide)
         wait_for(lambda: nodes_alive(dash) == 2 or (_ for _ in ()).throw(OSError("1 node")), second, "second node")

@@ -231,6 +231,53 @@ def test_engine_meters_busy_time_and_counts_in_process():
     assert scorer.stats().outputs == 2
 
 
+class _Answers:
+    """An engine actor handle whose ``propose.remote()`` hands ``ray.get`` (patched) the next scripted outcome."""
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+        self.calls = 0
+        self.propose = self
+
+    def remote(self, *args):
+        self.calls += 1
+        out = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
+        return out
+
+
+@pytest.fixture
+def scripted_ray_get(monkeypatch):
+    import ray
+
+    def get(out, *a, **kw):
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    monkeypatch.setattr(ray, "get", get)
+
+
+def test_a_restarting_engine_is_waited_for_without_using_up_retries(scripted_ray_get):
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from pipeline.actors import EngineUnavailable, RemotePolicy
+
+    restarting = ActorUnavailableError("The actor is restarting", None)
+    # Died once, then unavailable for 8 polls while its model loads again, then answers: one retry, one wait.
+    engine = _Answers([ActorDiedError(), *[restarting] * 8, [["ok"]]])
+    remote = RemotePolicy([engine], retries=1, backoff_s=0.01, restart_wait_s=60)
+    assert remote.propose([], 1) == [["ok"]]
+    assert engine.calls == 10 and remote.retried == 2 and len(remote.failures) == 2, remote.failures
+    # A restart that takes longer than restart_wait_s ends the request, saying so.
+    slow = RemotePolicy([_Answers([restarting])], retries=3, backoff_s=0.01, restart_wait_s=0.2)
+    with pytest.raises(EngineUnavailable, match="waiting for restarting"):
+        slow.propose([], 1)
+    # Deaths use up the retries as before.
+    dead = RemotePolicy([_Answers([ActorDiedError()])], retries=2, backoff_s=0.01)
+    with pytest.raises(EngineUnavailable, match="failed 3 times"):
+        dead.propose([], 1)
+
+
 # --------------------------------------------------------------------------------------------- on Ray
 
 
