@@ -82,7 +82,9 @@ class RolloutConfig:
     groups: int = 2
     engine_retries: int = 3  # re-sends of a request whose engine actor died, before the phase fails
     retry_backoff_s: float = 0.5  # wait before the first re-send; doubles per attempt
-    startup_timeout_s: float = 900.0  # for actors to start and load their models (a cold GPU model takes minutes)
+    # For actors to start and load their models (a cold GPU model takes minutes); also how long a worker's requests
+    # wait, in all, for an engine actor that Ray is restarting (not counted in engine_retries).
+    startup_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         if self.groups < 1:
