@@ -213,8 +213,8 @@ def trainer_arguments(cfg: TrainingConfig, stage: StageConfig, work_dir: Path, *
                       arg_names: frozenset[str] | None = None) -> dict[str, Any]:
     """Keyword arguments shared by ``SFTConfig`` and ``RewardConfig`` (both ``TrainingArguments``).
 
-    ``cpu_bf16``: precision 'auto' on CPU trains with bf16 autocast (the caller says the CPU computes bf16 natively;
-    both trainers measured it). ``arg_names``: the fields of the installed
+    ``cpu_bf16``: precision 'auto' on CPU trains with bf16 autocast (the CPU computes bf16 natively:
+    ``device_flags``; both trainers measured it). ``arg_names``: the fields of the installed
     ``TrainingArguments`` (default: read them). Each renamed
     argument is chosen on its own, because transformers renamed them in different releases: 4.x has
     ``gradient_checkpointing`` and ``warmup_ratio``; 5.17 has ``gradient_checkpointing`` and only

@@ -81,18 +81,15 @@ def loss_curve(log_history: list[dict[str, Any]]) -> tuple[float, ...]:
 
 
 def device_flags() -> dict[str, bool]:
-    """What ``trainer_arguments`` needs to know about this machine."""
+    """What ``trainer_arguments`` needs to know about this machine (``cpu_bf16``: whether bf16 autocast pays on
+    its CPU, for both trainers)."""
     import torch
 
+    from pipeline.engines.fastpath import cpu_has_bf16
+
     cuda = torch.cuda.is_available()
-    return {"cuda_available": cuda, "bf16_supported": cuda and torch.cuda.is_bf16_supported()}
-
-
-def cpu_has_bf16() -> bool:
-    """The CPU computes bf16 natively (AMX or AVX-512 BF16); elsewhere bf16 autocast is emulated and slow."""
-    from pipeline.engines.fastpath import cpu_flags
-
-    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    return {"cuda_available": cuda, "bf16_supported": cuda and torch.cuda.is_bf16_supported(),
+            "cpu_bf16": cpu_has_bf16()}
 
 
 def run_and_save(trainer, out_dir: Path, cfg: TrainingConfig, make_result) -> TrainResult:
@@ -211,7 +208,7 @@ def build_sft_trainer(base_model: str | Path, data: dict[str, list[str]], out_di
     truncated = sum(len(ids) + 1 > stage.max_length for ids in lengths)
     flags = device_flags()
     args = SFTConfig(
-        **trainer_arguments(cfg, stage, work_dir_for(out_dir), **flags, cpu_bf16=cpu_has_bf16()),
+        **trainer_arguments(cfg, stage, work_dir_for(out_dir), **flags),
         max_length=stage.max_length,
         completion_only_loss=True,
         packing=False,

@@ -36,7 +36,6 @@ from rounds.ppm_model import encode_texts, init_ppm, ppm_rewards, ppm_scores
 from rounds.train_config import TrainingConfig, TrainResult, check_trackers, tracking_callbacks, trainer_arguments
 from rounds.train_policy import (
     column_names,
-    cpu_has_bf16,
     device_flags,
     finished_result,
     read_columns,
@@ -175,7 +174,7 @@ def train_ppm(init_model: str | Path, pairs_path: Path, out_dir: Path, cfg: Trai
         columns["weight"] = [weights[i] for i in train_idx]
     train_set = Dataset.from_dict(columns)
     args = RewardConfig(
-        **trainer_arguments(cfg, stage, work_dir_for(out_dir), **device_flags(), cpu_bf16=cpu_has_bf16()),
+        **trainer_arguments(cfg, stage, work_dir_for(out_dir), **device_flags()),
         max_length=None,  # already cut by encode_texts (keeping the end); TRL would drop the pair instead
         disable_dropout=True,
     )

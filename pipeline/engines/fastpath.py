@@ -54,6 +54,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_has_bf16() -> bool:
+    """The CPU computes bf16 natively (AMX or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
 def apply(model, path: str):
     """``model`` (fp32, on CPU, eval) converted to ``path``; fp32 returns it unchanged. int8 quantizes a copy's
     ``nn.Linear`` layers (weights int8 per channel, activations quantized per call) and leaves it in fp32 otherwise."""

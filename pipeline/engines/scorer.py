@@ -24,9 +24,9 @@ def scorer_dtype(dtype: str, device: str):
     import torch
 
     if dtype == "auto" and not device.startswith("cuda"):
-        from pipeline.engines.fastpath import cpu_flags
+        from pipeline.engines.fastpath import cpu_has_bf16
 
-        return torch.bfloat16 if cpu_flags() & {"amx_bf16", "avx512_bf16"} else torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     return pick_dtype(dtype, device)
 
 
