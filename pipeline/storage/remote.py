@@ -187,22 +187,25 @@ class ObjectStore:
 
         try:
             info = self.fs.get_file_info(self.key(rel))
-            if info.type == fs.FileType.File:
-                return {rel: (info.size, info.mtime_ns or 0)}
-            infos = self.fs.get_file_info(fs.FileSelector(self.key(rel), recursive=True, allow_not_found=True))
         except OSError as e:
             raise self._failed("listing", rel, e) from None
-        return {i.path[len(self.base) + 1:]: (i.size, i.mtime_ns or 0) for i in infos if i.type == fs.FileType.File}
+        if info.type == fs.FileType.File:
+            return {rel: (info.size, info.mtime_ns or 0)}
+        return {i.path[len(self.base) + 1:]: (i.size, i.mtime_ns or 0) for i in self._below(rel)}
 
     def list(self, rel: str = "") -> dict[str, int]:
         """{path relative to the run: size} of every object below ``rel``."""
+        return {i.path[len(self.base) + 1:]: i.size for i in self._below(rel)}
+
+    def _below(self, rel: str) -> list:
+        """The ``FileInfo`` of every object (file) below ``rel``."""
         from pyarrow import fs
 
         try:
             infos = self.fs.get_file_info(fs.FileSelector(self.key(rel), recursive=True, allow_not_found=True))
         except OSError as e:
             raise self._failed("listing", rel, e) from None
-        return {i.path[len(self.base) + 1:]: i.size for i in infos if i.type == fs.FileType.File}
+        return [i for i in infos if i.type == fs.FileType.File]
 
 
 class ObjectLeaseFile:
