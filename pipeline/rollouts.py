@@ -97,15 +97,19 @@ class RolloutStats:
     # were. A phase whose half_done_s is a small part of wall_s ran its tail on a few deep trees, whose
     # expansions follow each other: the engine then decodes a few rows at a time, however it batches.
     tree_done_s: list[float] = field(default_factory=list)
-    half_done_s: float = 0.0
 
     @property
     def solve_rate(self) -> float:
         return self.solved / self.done if self.done else 0.0
 
+    @property
+    def half_done_s(self) -> float:
+        return self.tree_done_s[(len(self.tree_done_s) - 1) // 2] if self.tree_done_s else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["solve_rate"] = self.solve_rate
+        d["half_done_s"] = self.half_done_s
         return d
 
 
@@ -371,9 +375,7 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
                 except ray.exceptions.RayTaskError as e:
                     raise RolloutError(f"rollout worker {shard.name} failed: {e}") from e
                 if isinstance(item, TreeDone):
-                    stored = stats.done
-                    _store_tree(item, shard, writer, stats, progress)
-                    if stats.done > stored:
+                    if _store_tree(item, shard, writer, stats, progress):
                         stats.tree_done_s.append(round(time.perf_counter() - t0, 3))
                 else:
                     reports.append(item)
@@ -393,11 +395,12 @@ def _run(phase: _Phase, todo: list[Any], trees: TreeStore, stats: RolloutStats) 
     return stats
 
 
-def _store_tree(item: TreeDone, shard: _Shard, writer: Any, stats: RolloutStats, progress: Any) -> None:
+def _store_tree(item: TreeDone, shard: _Shard, writer: Any, stats: RolloutStats, progress: Any) -> bool:
+    """Store a finished tree; False for a problem already stored (a duplicate, ignored)."""
     shard.remaining.pop(item.problem_id, None)
     if not writer.append(item.problem_id, item.rows, solved=item.solved):
         stats.duplicates += 1
-        return
+        return False
     stats.done += 1
     stats.solved += int(item.solved)
     stats.rollouts += item.rollouts
@@ -405,6 +408,7 @@ def _store_tree(item: TreeDone, shard: _Shard, writer: Any, stats: RolloutStats,
     stats.proposals += item.proposals
     stats.nodes += item.nodes
     progress.update(problems=1, solved=int(item.solved), rollouts=item.rollouts)
+    return True
 
 
 def _replace_worker(phase: _Phase, shard: _Shard, error: BaseException, stats: RolloutStats,
@@ -434,8 +438,6 @@ def _summarise(phase: _Phase, stats: RolloutStats, reports: list[WorkerReport],
     stats.engine_rows_per_tick = sum(st.tokens for st in each if st.decode_ticks) / ticks if ticks else 0.0
     stats.engine_parts_s = {p: sum(st.parts_s.get(p, 0.0) for st in each) for p in BATCH_PARTS
                             if any(p in st.parts_s for st in each)}
-    if stats.tree_done_s:
-        stats.half_done_s = stats.tree_done_s[(len(stats.tree_done_s) - 1) // 2]
     stats.engines = len(phase.engines)
     stats.workers = len(phase.workers)
     stats.engine_busy_s = busy
