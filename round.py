@@ -50,11 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                              "on the console; by default they go to RUN_DIR/log.jsonl and RUN_DIR/libraries.log")
     args = parser.parse_args(argv)
 
-    from pipeline.engines.gemm import fix_gemm_order
-    from pipeline.engines.malloc import limit_arenas
+    from pipeline.engines.process import prepare_process
 
-    limit_arenas()  # first, before any library starts a thread (pipeline/engines/malloc.py)
-    fix_gemm_order()  # before any matrix product: batch-independent fp32 rows (engines/gemm.py)
+    prepare_process()  # first, before any library starts a thread or multiplies a matrix
     from pipeline.config import ConfigError, load_config
     from rounds.schedule import parse_round_range
 

@@ -18,7 +18,7 @@ did not make whole-model logits batch-independent (measured 2026-12-01) and cost
 start when its dtype's products depend on the row count; ``cpu_fast_path: fp32`` is the reproducible choice.
 
 MKL reads ``MKL_CBWR`` once, at its first call, so ``fix_gemm_order`` runs first thing in every entry point
-(next to ``malloc.limit_arenas``) and exports the variable, so a local Ray cluster's workers start with it.
+(``pipeline.engines.process.prepare_process``, with ``malloc.limit_arenas``) and exports the variable, so a local Ray cluster's workers start with it.
 A user's own ``MKL_CBWR`` stands. ``rows_are_independent`` checks the effect in the running process; the
 engine logs a warning at start when it does not hold (a process that did not start from an entry point).
 """

@@ -95,11 +95,12 @@ class TransformersPolicy:
         from transformers import AutoModelForCausalLM
 
         from pipeline.engines import fastpath
-        from pipeline.engines.gemm import fix_gemm_order, rows_are_independent
-        from pipeline.engines.malloc import limit_arenas
+        from pipeline.engines.gemm import rows_are_independent
+        from pipeline.engines.process import prepare_process
 
-        limit_arenas()  # before the running batch's thread: glibc's per-thread arenas would keep freed KV
-        fix_gemm_order()  # effective only if this process has not multiplied matrices yet (engines/gemm.py)
+        # Before the running batch's thread (glibc's per-thread arenas would keep freed KV); the gemm setting only
+        # takes if this process has not multiplied matrices yet.
+        prepare_process()
         from pipeline.engines.batcher import RunningBatch
         from pipeline.engines.kv_cache import PrefixStore
         from pipeline.engines.probe_cache import ProbeCache, cache_dir, reprobe_requested

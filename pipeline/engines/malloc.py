@@ -8,7 +8,8 @@ environment and 4.7 GiB with this function called first thing in the command (RE
 ``limit_arenas`` sets the cap from inside the process with ``mallopt`` (``M_ARENA_MAX``), which only applies
 to arenas created afterwards: called when the engine was built (after Ray's and torch's threads had started)
 it changed nothing (9.5 GiB). So the entry points (round.py, pipeline.resume, python -m pipeline) call it
-before anything else; the engine calls it again for processes that did not start from one of them.
+before anything else, through ``pipeline.engines.process.prepare_process``; the engine calls that again for
+processes that did not start from one of them.
 """
 
 from __future__ import annotations
