@@ -15,7 +15,9 @@ the append-only log. So a run directory on object storage is worked on in a fres
    last went up, and when the lease is released. Files that other processes of this node wrote into the staging
    copy are uploaded before each phase marker (``sync_up``). Work shipped to other nodes (training and
    evaluation Ray tasks, engine actors loading a checkpoint) never sees the staging copy: it reads and writes
-   the run through the store (``pipeline.storage.shipping``).
+   the run through the store (``pipeline.storage.shipping``). ``sync_up`` takes a file to be on the store as it is
+   when its size and modification time are what they were when this process last uploaded or downloaded it; any
+   other file below the path (new, or rewritten since, whatever its size) goes up.
 3. Releasing the lease syncs the run up (the log included), removes the staging directory, then the lease object.
 
 Guarantees on object storage (what holds instead of flock / fsync / rename):
@@ -260,6 +262,9 @@ class StagedRun:
         self.local = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{host_identity()}-{os.getpid()}-",
                                            dir=root)).resolve()
         self.publishing = False
+        # {path in the run: local (size, mtime ns)} of files whose object holds exactly that copy: recorded when
+        # this process uploads or downloads a file (the publisher's thread and the driver's both record).
+        self._synced: dict[str, tuple[int, int]] = {}
         self._log_lock = threading.Lock()
         self._log_sent_at = time.monotonic()
 
@@ -274,9 +279,20 @@ class StagedRun:
         for rel in sorted(self.store.list()):
             if skip is not None and skip(rel):  # the lease object comes too: info shows who holds the run
                 continue
-            self.store.get_file(rel, self.local / rel)
+            self._get(rel)
             n += 1
         return n
+
+    def _put(self, path: Path, rel: str) -> None:
+        st = path.stat()  # taken first: a write during the upload leaves the file newer than recorded
+        self.store.put_file(path, rel)
+        self._synced[rel] = (st.st_size, st.st_mtime_ns)
+
+    def _get(self, rel: str) -> None:
+        local = self.local / rel
+        self.store.get_file(rel, local)
+        st = local.stat()
+        self._synced[rel] = (st.st_size, st.st_mtime_ns)
 
     def upload(self, path: Path) -> None:
         """Upload a file, or a directory's files, from the staging copy to the same place on the store.
@@ -287,16 +303,18 @@ class StagedRun:
         rel = path.resolve().relative_to(self.local).as_posix()
         if not path.exists():  # removed (a cleared marker): remove its object too
             self.store.delete(rel)
+            self._synced.pop(rel, None)
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
             wanted = {f"{rel}/{p.relative_to(path).as_posix()}" for p in files}
             for p in files:
-                self.store.put_file(p, f"{rel}/{p.relative_to(path).as_posix()}")
+                self._put(p, f"{rel}/{p.relative_to(path).as_posix()}")
             for old in self.store.list(rel):  # paths relative to the run, like ``wanted``
                 if old not in wanted:
                     self.store.delete(old)
+                    self._synced.pop(old, None)
         elif path.name not in LOCAL_ONLY and not path.name.startswith(".tmp-"):
-            self.store.put_file(path, rel)
+            self._put(path, rel)
         if self.log_due():  # a commit: the log goes too, now and then
             self.upload_log()
 
@@ -321,19 +339,26 @@ class StagedRun:
             self._log_sent_at = time.monotonic()
 
     def sync_up(self, rel: str) -> list[str]:
-        """Upload every file below ``rel`` that the store lacks or holds with another size; return their paths.
+        """Upload every file below ``rel`` that the store lacks, holds with another size, or that changed here since
+        this process last uploaded or downloaded it (size or modification time other than recorded); return their
+        paths. The log goes up by ``upload_log`` (complete lines only).
 
         Run before a phase marker: a file written by another process on this node (a Ray task training on the
-        local GPU) never passed through this process's publisher, and must be on the store before the marker."""
+        local GPU) never passed through this process's publisher, and must be on the store before the marker.
+        Comparing sizes alone missed a file rewritten with the same size (a JSON counter, a fixed-size array)."""
         base = self.local / rel
         stored = self.store.entries(rel)
         sent = []
         for p in [base] if base.is_file() else sorted(base.rglob("*")):
             r = p.relative_to(self.local).as_posix()
-            if p.is_file() and p.name not in LOCAL_ONLY and not p.name.startswith((".tmp-", ".dl-")) \
-                    and stored.get(r, (None,))[0] != p.stat().st_size:
-                self.store.put_file(p, r)
+            if not p.is_file() or p.name in LOCAL_ONLY or p.name.startswith((".tmp-", ".dl-")) or r == LOG_NAME:
+                continue
+            st = p.stat()
+            if stored.get(r, (None,))[0] != st.st_size or self._synced.get(r) != (st.st_size, st.st_mtime_ns):
+                self._put(p, r)
                 sent.append(r)
+        if rel in ("", LOG_NAME):
+            self.upload_log()
         return sent
 
     def fetch(self, rel: str) -> list[str]:
@@ -345,7 +370,7 @@ class StagedRun:
             shutil.rmtree(self.local / rel)
         for obj in sorted(self.store.entries(rel)):
             if not obj.endswith(WEIGHT_SUFFIXES):
-                self.store.get_file(obj, self.local / obj)
+                self._get(obj)
                 got.append(obj)
         if not got:
             raise StorageError(f"{self.uri}: {rel} is not on the store after the work that writes it returned; "

@@ -93,7 +93,7 @@ def call_shipped(call: Callable[[], Any]) -> Any:
 
 def ship(staged: StagedRun, fn: Callable[..., Any], args: tuple, kwargs: dict, writes: Path | None) -> ShippedCall:
     """``fn`` with every argument that is a path in ``staged``'s copy named by the run instead; ``writes`` is the
-    output directory. Each input is uploaded first if the store lacks it or holds another size."""
+    output directory. Each input is uploaded first unless the store holds it as it is (``StagedRun.sync_up``)."""
     out = Path(writes).resolve() if writes is not None else None
 
     def named(v: Any) -> Any:

@@ -181,6 +181,26 @@ def test_markers_checkpoints_and_cleared_markers_reach_the_store(s3_bucket):
         assert not path.exists()
 
 
+def test_a_file_rewritten_with_the_same_size_goes_up_before_the_next_marker(s3_bucket):
+    uri = f"{s3_bucket}/run"
+    store = ObjectStore(uri)
+    with opened_run(uri) as run:
+        stats = run.round_dir(1) / "stats.json"  # written by another process on this node: no publisher sees it
+        stats.parent.mkdir(parents=True, exist_ok=True)
+        stats.write_text('{"solved": 3}')
+        run.mark_done(1, "rollouts")
+        assert store.read_bytes("round_1/stats.json") == b'{"solved": 3}'
+        stats.write_text('{"solved": 4}')  # same size, other content
+        run.mark_done(1, "export")
+        assert store.read_bytes("round_1/stats.json") == b'{"solved": 4}', "a same-size rewrite never reached the store"
+        # Nothing changed since: the next sync uploads nothing (a checkpoint is not sent again before every marker).
+        assert run.remote.sync_up("round_1") == []
+    with opened_run(uri) as again:  # a resumed driver: what it downloaded counts as on the store
+        assert again.remote.sync_up("") == []
+        (again.round_dir(1) / "stats.json").write_text('{"solved": 5}')
+        assert again.remote.sync_up("round_1") == ["round_1/stats.json"]
+
+
 def test_a_fresh_run_under_an_object_store_runs_dir_gets_a_free_name(s3_bucket):
     import datetime as dt
 
