@@ -13,7 +13,10 @@ path in the run (``StoredPath``), never by the staging path, and the call (``Shi
 3. publishes the output when the function returns (``NodeCache.publish``): the completion object
    ``_COMPLETE.json`` is deleted, every file uploaded, objects an earlier version left deleted, and
    ``_COMPLETE.json`` (the file names and sizes) uploaded last. A directory written by shipped work is complete
-   on the store only while it holds that object; an interrupted upload leaves it without one;
+   on the store only while it holds that object; an interrupted upload leaves it without one. Before the
+   upload starts, the node records the finished output's files (size, modification time): a retry on this node
+   whose copy still matches that record keeps it and publishes it (a checkpoint is not trained again because
+   its upload was cut short), where an unrecorded or changed copy is emptied as an unfinished attempt;
 4. returns the function's result. The driver then downloads the output's files, weights excepted, into its
    staging copy (``RunDir.fetch``) and writes the phase marker: what the rest of the round and a resume read.
 
@@ -33,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -147,6 +151,18 @@ class NodeCache:
     def _meta(self, rel: str) -> Path:
         return self.dir / ".meta" / f"{hashlib.sha256(rel.encode()).hexdigest()[:24]}.json"
 
+    def _unpublished(self, rel: str) -> Path:
+        """Where ``publish`` records a finished call's output (its files' size and mtime) until it is on the store."""
+        return self._meta(rel).with_suffix(".unpublished")
+
+    def _finished_here(self, rel: str) -> bool:
+        """Whether the local copy of ``rel`` is a finished call's output whose publishing was cut short."""
+        record = self._unpublished(rel)
+        if not record.is_file():
+            return False
+        files = {k: list(v) for k, v in _local_state(self.path(rel)).items() if k != COMPLETE}
+        return bool(files) and json.loads(record.read_text()) == files
+
     def _locked(self) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.dir / ".lock")
 
@@ -195,13 +211,18 @@ class NodeCache:
                 entries = self.store.entries(rel)
                 if not self._fresh(rel, entries):
                     self._meta(rel).unlink(missing_ok=True)
+                    self._unpublished(rel).unlink(missing_ok=True)
                     if local.exists():
                         shutil.rmtree(local)
                     for obj in sorted(entries):
                         self.store.get_file(obj, self.dir / obj)
                     self._record(rel, entries)
+            elif self._finished_here(rel):
+                print(f"{self.store.uri}: {rel}: this node holds the finished output of an earlier call whose upload "
+                      f"was cut short; it is reused and published", file=sys.stderr, flush=True)
             else:
                 self._meta(rel).unlink(missing_ok=True)
+                self._unpublished(rel).unlink(missing_ok=True)
                 if local.exists():
                     shutil.rmtree(local)
             local.parent.mkdir(parents=True, exist_ok=True)
@@ -220,8 +241,13 @@ class NodeCache:
             if unchanged_since == state and self.store.entries(f"{rel}/{COMPLETE}"):
                 return []
             self._meta(rel).unlink(missing_ok=True)
-            self.store.delete(f"{rel}/{COMPLETE}")  # from here until the end the directory is incomplete
             files = sorted(name for name in state if name != COMPLETE and Path(name).name not in LOCAL_ONLY)
+            record = self._unpublished(rel)  # written before the store's copy is touched (module doc, step 3)
+            record.parent.mkdir(exist_ok=True)
+            tmp = record.with_name(f".tmp-{record.name}")
+            tmp.write_text(json.dumps({k: list(v) for k, v in state.items() if k != COMPLETE}))
+            os.replace(tmp, record)
+            self.store.delete(f"{rel}/{COMPLETE}")  # from here until the end the directory is incomplete
             for name in files:
                 self.store.put_file(local / name, f"{rel}/{name}")
             wanted = {f"{rel}/{name}" for name in files}
@@ -232,6 +258,7 @@ class NodeCache:
             (local / COMPLETE).write_text(json.dumps(done, indent=2))
             self.store.put_file(local / COMPLETE, f"{rel}/{COMPLETE}")
             self._record(rel, self.store.entries(rel))  # this node's copy is current: no download to read it
+            record.unlink()
             return [*sorted(wanted), f"{rel}/{COMPLETE}"]
 
 

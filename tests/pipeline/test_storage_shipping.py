@@ -4,7 +4,8 @@
 of its own, run while the driver's staging copy is renamed out of sight: whatever it reads or writes has to go
 through the store. Checked: the shipped call names no staging path; outputs arrive on the store with
 ``_COMPLETE.json``; the driver fetches them and its round goes on (markers, lineage); a complete output is not
-uploaded again, an incomplete one is redone and its stale objects removed; inputs are downloaded once per node
+uploaded again, an incomplete one is redone and its stale objects removed, a finished one whose upload was cut
+short is published from the node's copy instead of redone; inputs are downloaded once per node
 and again when the driver changed them; and real training (policy SFT, then a PPM from that policy, whose weights
 the driver's copy never holds) runs that way.
 """
@@ -94,6 +95,49 @@ def test_output_reaches_the_store_complete_and_the_driver_fetches_it(driven, tmp
     store.write_bytes("round_1/copied/stale.bin", b"old")
     on_another_node(call, run, tmp_path / "node-c", tmp_path)
     assert set(store.list("round_1/copied")) == set(objects), store.list("round_1/copied")
+
+
+def test_a_finished_output_whose_upload_was_cut_short_is_published_not_redone(driven, tmp_path, monkeypatch):
+    from pipeline.storage import StorageError
+    from pipeline.storage.shipping import NodeCache
+
+    run, store = driven, ObjectStore(driven.location)
+    rel = "round_1/policy"
+    local = NodeCache(run.location, tmp_path / "node").prepare_output(rel)
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    (local / "model.safetensors").write_bytes(b"w" * 100)
+    real_put, puts = ObjectStore.put_file, []
+
+    def cut(self, path, key):  # the node dies after its first upload
+        puts.append(key)
+        if len(puts) > 1:
+            raise StorageError("connection reset")
+        real_put(self, path, key)
+
+    monkeypatch.setattr(ObjectStore, "put_file", cut)
+    with pytest.raises(StorageError):
+        NodeCache(run.location, tmp_path / "node").publish(rel)
+    monkeypatch.setattr(ObjectStore, "put_file", real_put)
+    assert not store.entries(f"{rel}/{COMPLETE}")
+
+    retry = NodeCache(run.location, tmp_path / "node")  # the retried call, on the same node
+    assert retry.prepare_output(rel) == local
+    assert (local / "model.safetensors").read_bytes() == b"w" * 100, "the finished output was thrown away"
+    retry.publish(rel)
+    assert set(store.list(rel)) == {f"{rel}/config.json", f"{rel}/model.safetensors", f"{rel}/{COMPLETE}"}
+
+    # A copy that changed after the call finished (or that no finished call recorded) is not trusted: emptied.
+    other = "round_2/policy"
+    out = retry.prepare_output(other)
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    monkeypatch.setattr(ObjectStore, "put_file", lambda *a: (_ for _ in ()).throw(StorageError("down")))
+    with pytest.raises(StorageError):
+        retry.publish(other)
+    monkeypatch.setattr(ObjectStore, "put_file", real_put)
+    (out / "config.json").write_text('{"touched": 1}')
+    assert not retry.prepare_output(other).exists(), "a copy that changed after its call finished was kept"
 
 
 def test_inputs_are_downloaded_once_per_node_and_again_when_the_driver_changes_them(driven, tmp_path):
