@@ -9,9 +9,11 @@ matmuls on VNNI with a quarter of the weight bytes, at the cost of quantizing ev
 tokens) and times decode steps at the engine's batch size (rounds interleaved across paths, best of
 ``_PROBE_STEPS``). The pick is the highest tokens/s among the paths whose greedy tokens equal fp32's, so a
 path that changes the text (int8 did on every prompt of bench_generation's check) is never picked; fp32 is
-the reference and always qualifies. The decision is cached per machine (``pipeline.engines.probe_cache``), so
-reruns on one machine decode alike however loaded it is at their start; ``OPEN_RSTAR_REPROBE=1`` measures
-again. ``engines.cpu_fast_path`` names a path instead ('int8' included). torch.compile is not a candidate:
+the reference and always qualifies. The decision is cached per machine and architecture
+(``pipeline.engines.probe_cache``), so reruns on one machine decode alike however loaded it is at their start;
+``OPEN_RSTAR_REPROBE=1`` measures again. The greedy check, though, belongs to the weights: a cached pick is used
+on another checkpoint only after that checkpoint's greedy text on it equals fp32's (checked once per checkpoint,
+remembered in the cache); when it differs, the next fastest cached path that agrees is used (fp32 at worst). ``engines.cpu_fast_path`` names a path instead ('int8' included). torch.compile is not a candidate:
 not measured.
 """
 
@@ -172,10 +174,35 @@ def measure(model, rows: int, prompt_ids: list[int], paths: tuple[str, ...] = FA
     return models, {p: rows / s for p, s in best.items()}, agrees
 
 
+def _from_cache(model, hit: dict, prompt_ids: list[int], checked: dict[str, bool]) -> tuple[object, str, dict, str]:
+    """(model, path, agreement on this checkpoint, note) for a cache hit: the cached pick when this checkpoint's
+    greedy text on it equals fp32's, else the next fastest cached path that agrees (never a faster one: those
+    changed the text when probed). ``checked`` holds earlier checks of this checkpoint and gains the new ones."""
+    rates = hit.get("tok_per_s", {})
+    order = sorted((p for p in FAST_PATHS if p in rates), key=lambda p: (-rates[p], FAST_PATHS.index(p)))
+    start = order.index(hit["chosen"]) if hit["chosen"] in order else 0
+    ref: list[int] | None = None
+    for path in order[start:]:
+        if path == "fp32":
+            break
+        converted = None
+        if path not in checked:
+            converted = apply(model, path)
+            ref = greedy_tokens(model, prompt_ids) if ref is None else ref
+            checked[path] = greedy_tokens(converted, prompt_ids) == ref
+        if checked[path]:
+            note = "" if path == hit["chosen"] else (f"{hit['chosen']} changes this checkpoint's greedy text: "
+                                                     f"{path} is the fastest that keeps it")
+            return converted if converted is not None else apply(model, path), path, checked, note
+    note = "" if hit["chosen"] == "fp32" else f"{hit['chosen']} changes this checkpoint's greedy text: fp32"
+    return model, "fp32", checked, note
+
+
 def choose(model, requested: str, rows: int, prompt_ids: list[int], cache: ProbeCache | None = None,
-           reprobe: bool = False) -> tuple[object, Probe]:
+           reprobe: bool = False, weights: str = "") -> tuple[object, Probe]:
     """(the model on the chosen path, the record of why). ``requested`` 'auto': the cached decision for this
-    machine and model when ``cache`` holds one (and not ``reprobe``), else ``measure`` and ``pick``, stored in
+    machine and model when ``cache`` holds one (and not ``reprobe``), its greedy check redone on these weights
+    (``weights``: ``probe_cache.weights_id``; '' checks every time), else ``measure`` and ``pick``, stored in
     ``cache``. ``prompt_ids``: the fixed prompt of the greedy check."""
     if requested != "auto":
         return apply(model, requested), Probe(requested)
@@ -197,11 +224,17 @@ def choose(model, requested: str, rows: int, prompt_ids: list[int], cache: Probe
                 except ValueError as e:
                     hit, note = None, f"cache unreadable, replaced: {e}"
                 if hit is not None and hit.get("chosen") in FAST_PATHS:
-                    return apply(model, hit["chosen"]), Probe(hit["chosen"], "cache", hit.get("tok_per_s", {}),
-                                                              hit.get("agrees", {}), f"probed {hit.get('probed_at')}")
+                    known = dict(hit.get("checked", {}).get(weights, {})) if weights else {}
+                    converted, chosen, here, why = _from_cache(model, hit, prompt_ids, dict(known))
+                    if weights and here != known:
+                        cache.record_check(key, weights, here)
+                    note = f"probed {hit.get('probed_at')}" + (f"; {why}" if why else "")
+                    return converted, Probe(chosen, "cache", hit.get("tok_per_s", {}), {**hit.get("agrees", {}),
+                                                                                        **here}, note)
             models, rates, agrees = measure(model, rows, prompt_ids)
             chosen = pick(rates, agrees)
-            cache.store(key, {"chosen": chosen, "tok_per_s": rates, "agrees": agrees})
+            cache.store(key, {"chosen": chosen, "tok_per_s": rates, "agrees": agrees,
+                              **({"checked": {weights: agrees}} if weights else {})})
     except OSError as e:  # a read-only or full cache directory: the engine still starts, on a fresh probe
         models, rates, agrees = measure(model, rows, prompt_ids)
         chosen = pick(rates, agrees)

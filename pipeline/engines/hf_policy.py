@@ -103,7 +103,7 @@ class TransformersPolicy:
         prepare_process()
         from pipeline.engines.batcher import RunningBatch
         from pipeline.engines.kv_cache import PrefixStore
-        from pipeline.engines.probe_cache import ProbeCache, cache_dir, reprobe_requested
+        from pipeline.engines.probe_cache import ProbeCache, cache_dir, reprobe_requested, weights_id
 
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows={max_batch_rows}: must be >= 1")
@@ -118,7 +118,8 @@ class TransformersPolicy:
                                   f"loads {self.model.dtype}: set dtype: auto or float32, or cpu_fast_path: fp32")
             probe_ids = builder.tokenizer(builder.build(PROBE_QUESTION), add_special_tokens=False)["input_ids"]
             self.model, self.probe = fastpath.choose(self.model, cpu_fast_path, max_batch_rows, probe_ids,
-                                                     ProbeCache(cache_dir()), reprobe_requested())
+                                                     ProbeCache(cache_dir()), reprobe_requested(),
+                                                     weights_id(model_path))
             print(f"transformers engine: {self.probe.summary()}", file=sys.stderr, flush=True)
         if self.device == "cpu" and not rows_are_independent(self.model.dtype):
             if self.model.dtype == fastpath.torch_float32():

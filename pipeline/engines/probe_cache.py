@@ -9,7 +9,12 @@ engine start with the same key takes it without timing anything:
 
     $OPEN_RSTAR_CACHE_DIR/cpu_fast_path.json        (default $XDG_CACHE_HOME/open-rstar, else ~/.cache/open-rstar)
     {"version": 1, "entries": {"<key hash>": {"chosen": "bf16", "tok_per_s": {...}, "agrees": {...},
-                                              "key": {...}, "probed_at": "2026-12-01T10:40:00Z"}}}
+                                              "key": {...}, "probed_at": "2026-12-01T10:40:00Z",
+                                              "checked": {"<weights id>": {"bf16": true}}}}}
+
+The key names the architecture, not the weights, so the pick's greedy check is redone for each checkpoint a
+cached pick is used on (``fastpath.choose``) and its result kept under ``checked`` (the newest ``_CHECKED_KEPT``
+checkpoints, by ``weights_id``: file names, sizes and modification times).
 
 ``OPEN_RSTAR_REPROBE=1`` probes again and replaces the entry (after a CPU or load change one wants measured).
 Engines starting together on one machine take a file lock around lookup, probe and write, so they neither
@@ -33,6 +38,8 @@ CACHE_ENV = "OPEN_RSTAR_CACHE_DIR"
 REPROBE_ENV = "OPEN_RSTAR_REPROBE"
 CACHE_FILE = "cpu_fast_path.json"
 _VERSION = 1
+_CHECKED_KEPT = 32  # checkpoints whose greedy checks an entry remembers
+_WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def cache_dir() -> Path:
@@ -70,6 +77,18 @@ def model_identity(model) -> dict[str, Any]:
     model) would cost every round; the greedy check is made on the first checkpoint of an architecture probed."""
     cfg = model.config
     return {name: getattr(cfg, name, None) for name in _ARCHITECTURE}
+
+
+def weights_id(model_path: str | os.PathLike) -> str:
+    """Which weights a checkpoint holds, cheaply: a hash of its weight files' names, sizes and modification times
+    (a directory), or of the path itself (a hub name or a single file). A rewritten checkpoint gets a new id."""
+    path = Path(model_path)
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(_WEIGHT_FILES)) if path.is_dir() \
+        else [path] if path.is_file() else []
+    parts = [str(path.resolve()) if files else str(model_path)]
+    parts += [f"{f.relative_to(path) if path.is_dir() else f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+              for f in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
 def machine_key(model, threads: int, rows: int, prompt_ids: Sequence[int], flags: frozenset[str]) -> dict[str, Any]:
@@ -110,6 +129,17 @@ class ProbeCache:
     def lookup(self, key: dict[str, Any]) -> dict[str, Any] | None:
         return self.entries().get(key_hash(key))
 
+    def record_check(self, key: dict[str, Any], weights: str, agrees: dict[str, bool]) -> None:
+        """Keep ``agrees`` (path: greedy text equals fp32's) for the checkpoint ``weights`` in ``key``'s entry."""
+        entries = self.entries()
+        entry = entries.get(key_hash(key))
+        if entry is None:
+            return
+        checked = {k: v for k, v in entry.get("checked", {}).items() if k != weights}
+        checked[weights] = agrees
+        entry["checked"] = dict(list(checked.items())[-_CHECKED_KEPT:])
+        self._write(entries)
+
     def store(self, key: dict[str, Any], record: dict[str, Any]) -> None:
         """Add (or replace) the decision for ``key``; an unreadable old file is replaced, not merged."""
         try:
@@ -118,6 +148,9 @@ class ProbeCache:
             entries = {}
         entries[key_hash(key)] = {**record, "key": key,
                                   "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._write(entries)
+
+    def _write(self, entries: dict[str, dict[str, Any]]) -> None:
         tmp = self.path.with_name(f".{CACHE_FILE}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"version": _VERSION, "entries": entries}, indent=1, sort_keys=True))
         os.replace(tmp, self.path)

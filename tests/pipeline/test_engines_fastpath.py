@@ -1,6 +1,7 @@
 """pipeline.engines.fastpath: 'auto' picks the fastest path that keeps fp32's greedy text, and a machine's
-decision is cached so every later engine start takes it; on tiny-random (random weights: near-flat logits, so
-bf16 and int8 are likely to change its greedy text, which is what the never-picked check needs)."""
+decision is cached so every later engine start takes it, after its greedy check on that start's checkpoint; on
+tiny-random (random weights: near-flat logits, so bf16 and int8 change its greedy text, which is what the
+never-picked check needs)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.engines import GenerationConfig, PromptBuilder, fastpath
-from pipeline.engines.probe_cache import CACHE_ENV, CACHE_FILE, REPROBE_ENV
+from pipeline.engines.probe_cache import CACHE_ENV, CACHE_FILE, REPROBE_ENV, weights_id
 
 
 @pytest.fixture
@@ -61,16 +62,53 @@ def test_probe_picks_an_agreeing_path_and_caches_it_for_the_next_start(tiny, tok
     assert entry["chosen"] == p.chosen and entry["key"]["threads"] == torch.get_num_threads(), entry
     assert entry["key"]["rows"] == 4 and entry["key"]["model"]["model_type"] == "llama", entry["key"]
 
-    # The stored decision is what the next start takes, without timing: edit it to another path and see it used.
+    assert entry["checked"] == {weights_id(tiny): p.agrees}, "the probe's greedy checks are this checkpoint's"
+
+    # The stored decision is what the next start takes, without timing: edit it to another path (one this
+    # checkpoint's greedy check passed) and see it used.
     other = next(x for x in ("bf16", "fp32") if x != p.chosen)
     data = json.loads(cache.read_text())
-    next(iter(data["entries"].values()))["chosen"] = other
+    stored = next(iter(data["entries"].values()))
+    stored["chosen"] = other
+    stored["checked"][weights_id(tiny)][other] = True
     cache.write_text(json.dumps(data))
     second = _auto(tiny, tok)
     assert (second.probe.source, second.probe.chosen) == ("cache", other), second.probe
     assert second.model.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[other]
     assert "from cache" in second.probe.summary()
     assert len(second.propose([_state()], 1)) == 1
+
+
+def test_a_cached_pick_is_used_on_another_checkpoint_only_if_its_greedy_text_agrees_there(tiny, tok, cache,
+                                                                                          monkeypatch):
+    _auto(tiny, tok)
+    # As a probe on another checkpoint of this architecture would have left it: bf16 fastest, every path agreeing.
+    data = json.loads(cache.read_text())
+    entry = next(iter(data["entries"].values()))
+    entry.update(chosen="bf16", tok_per_s={"fp32": 10.0, "bf16": 30.0, "int8": 20.0},
+                 agrees=dict.fromkeys(fastpath.FAST_PATHS, True))
+    del entry["checked"]
+    cache.write_text(json.dumps(data))
+    # On tiny-random's weights bf16 and int8 both change fp32's greedy text on the probe prompt.
+    pol = _auto(tiny, tok)
+    assert (pol.probe.source, pol.probe.chosen, pol.model.dtype) == ("cache", "fp32", torch.float32), pol.probe
+    assert "bf16 changes this checkpoint's greedy text" in pol.probe.summary(), pol.probe.summary()
+    assert not pol.probe.agrees["bf16"] and not pol.probe.agrees["int8"], pol.probe
+    [entry] = _entries(cache).values()
+    assert entry["chosen"] == "bf16" and entry["checked"] == {weights_id(tiny): {"bf16": False, "int8": False}}
+
+    # Checked once per checkpoint: the next start decides from the record, without decoding.
+    def no_decoding(*a, **k):
+        raise AssertionError("greedy check repeated for a checkpoint already checked")
+
+    monkeypatch.setattr(fastpath, "greedy_tokens", no_decoding)
+    assert _auto(tiny, tok).probe.chosen == "fp32"
+    # A checkpoint on which the pick agrees takes it (recorded here as such a check would).
+    data = json.loads(cache.read_text())
+    next(iter(data["entries"].values()))["checked"][weights_id(tiny)] = {"bf16": True}
+    cache.write_text(json.dumps(data))
+    again = _auto(tiny, tok)
+    assert (again.probe.chosen, again.model.dtype) == ("bf16", torch.bfloat16), again.probe
 
 
 def test_reprobe_and_another_key_measure_again(tiny, tok, cache, monkeypatch):
