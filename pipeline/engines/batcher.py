@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.engines.kv_cache import PrefixStore, cache_kwargs, cache_of, join_left_padded, row_kv
+from pipeline.engines.kv_cache import PrefixStore, cache_kwargs, cache_of, compact_rows, join_left_padded, row_kv
 
 
 @dataclass
@@ -148,8 +148,8 @@ class RunningBatch:
             if row.req.open_rows == 0:
                 row.req.done = True
         if len(keep) < len(self._rows):
-            self._select(keep)
-            chosen = [chosen[i] for i in keep]
+            order = self._select(keep)
+            chosen = [chosen[i] for i in order]
         t2 = time.perf_counter()
         self.stats.retire_s += t2 - t1
         if not self._rows:
@@ -163,14 +163,17 @@ class RunningBatch:
         self.stats.decode_ticks += 1
         self.stats.decode_s += time.perf_counter() - t2
 
-    def _select(self, keep: list[int]) -> None:
-        self._rows = [self._rows[i] for i in keep]
+    def _select(self, keep: list[int]) -> list[int]:
+        """Keep rows ``keep``; returns the rows' new order (``kv_cache.compact_rows``: slots refilled in place)."""
         if not keep:
+            self._rows = []
             self._cache = self._mask = self._pos = self._logits = None
-            return
-        sel = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(sel)
+            return []
+        order = compact_rows(self._cache, keep)
+        self._rows = [self._rows[i] for i in order]
+        sel = torch.tensor(order, device=self.device)
         self._mask, self._pos, self._logits = self._mask[sel], self._pos[sel], self._logits[sel]
+        return order
 
     def _sample_all(self) -> list[int]:
         """One token per row; rows are grouped by their sampling settings (requests may differ in them)."""

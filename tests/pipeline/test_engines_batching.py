@@ -148,6 +148,29 @@ def _kv(n: int, layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2)) for _ in range(layers)]
 
 
+def test_finished_rows_leave_the_cache_in_place_and_the_others_keep_their_keys_and_values():
+    from transformers import LlamaConfig
+
+    from pipeline.engines.kv_cache import cache_of, compact_rows
+
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=8)
+    rows = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1)
+    kv = [(rows + torch.zeros(5, 1, 3, 4) + 10 * li, -rows + torch.zeros(5, 1, 3, 4)) for li in range(2)]
+    cache = cache_of(config, kv, spare=8)
+    before = [layer._k.data_ptr() for layer in cache.layers]
+    order = compact_rows(cache, [0, 2, 4])
+    assert order == [0, 4, 2], "row 4 moves into row 1's slot; rows 0 and 2 stay"
+    for li, layer in enumerate(cache.layers):
+        assert layer.keys.shape == (3, 1, 3, 4)
+        assert torch.equal(layer.keys[:, 0, 0, 0], torch.tensor([0.0, 4.0, 2.0]) + 10 * li)
+        assert torch.equal(layer.values[:, 0, 0, 0], -torch.tensor([0.0, 4.0, 2.0]))
+    assert [layer._k.data_ptr() for layer in cache.layers] == before, "the cache was copied, not compacted in place"
+    # Decoding goes on for the 3 rows: one more position each, written into their slots.
+    k, v = cache.layers[0].update(torch.full((3, 1, 1, 4), 7.0), torch.full((3, 1, 1, 4), 7.0))
+    assert k.shape == (3, 1, 4, 4) and torch.equal(k[:, 0, 3, 0], torch.full((3,), 7.0))
+    assert compact_rows(cache, []) == [] and cache.layers[0].keys.shape[0] == 0
+
+
 def test_prefix_store_stays_within_its_memory_bound_and_evicts_least_recent():
     store = PrefixStore(max_bytes=32 * 25)  # room for 25 positions at 32 bytes each
     assert store.add([1, 2, 3, 4, 5], _kv(5), pinned=True)  # 160 bytes, never evicted
