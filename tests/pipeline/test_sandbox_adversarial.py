@@ -175,7 +175,10 @@ def outcome():
     abstract.setblocking(False)
     fill = {"{pool_pid}": str(os.getpid()), "{port}": str(listener.getsockname()[1])}
     try:
-        with SandboxPool(SandboxConfig(workers=2, timeout=TIMEOUT, scratch_mb=32)) as pool:
+        # A 64 KiB output cap (1 MiB by default): print_forever reaches it in ~13k prints, well inside the 1 s
+        # timeout even when the cores are shared (at 1 MiB it timed out first once, in a CI run beside `make run`).
+        with SandboxPool(SandboxConfig(workers=2, timeout=TIMEOUT, scratch_mb=32,
+                                       output_limit_bytes=64 << 10)) as pool:
             futures = {}
             for name, (code, _) in _cases().items():
                 for k, v in fill.items():
