@@ -44,7 +44,8 @@ def _transformers(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: s
 
     return TransformersPolicy(path, builder, cfg.generation, mode, device=cfg.device, dtype=cfg.dtype,
                               max_batch_rows=cfg.max_batch_rows, cpu_fast_path=cfg.cpu_fast_path,
-                              prefix_cache_mb=cfg.prefix_cache_mb)
+                              prefix_cache_mb=cfg.prefix_cache_mb,
+                              shared_prefix_attention=cfg.shared_prefix_attention)
 
 
 def _vllm(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: str, seed: int) -> Policy:

@@ -15,7 +15,10 @@ there is work. A tick:
 4. decodes the remaining rows one step.
 
 Row layout in the cache: ``[left padding | prompt | generated]``; the attention mask zeroes the padding and
-position ids skip it, so every row sees the positions it would alone. Why not transformers' own
+position ids skip it, so every row sees the positions it would alone. Under cascade attention
+(``pipeline.engines.cascade``) the engine's shared prefix (``prefix_ids``, ``shared``: its KV, held once) is not
+in the rows' caches: a row holds ``[left padding | prompt after the prefix | generated]``, its positions start
+after the prefix, every forward gets ``shared_prefix=shared``, and the prefix store keeps what follows it. Why not transformers' own
 ``generate_batch`` / ``ContinuousBatchingManager``: it samples every request from one global generator
 (``torch.multinomial``, seeded once per manager), so a request's samples depend on what else is running,
 and it has no stop strings; see the README's generation section for what was measured.
@@ -74,6 +77,8 @@ class RunningBatch:
         self._queue_lock = threading.Lock()
         self._rows: list[_Row] = []
         self._cache = self._mask = self._pos = self._logits = None
+        self.prefix_ids: list[int] | None = None  # the engine's shared prefix (set by the policy's first call)
+        self.shared: list | None = None  # its per-layer KV, under cascade attention; None: rows hold it themselves
         self.peak_rows = 0  # most rows decoded together
         self.joins = 0  # admissions into a batch that was already running (refills)
         self.ticks = 0
@@ -157,11 +162,15 @@ class RunningBatch:
         dev = self.device
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=-1)
         out = self.model(input_ids=torch.tensor(chosen, device=dev).unsqueeze(-1), attention_mask=self._mask,
-                         position_ids=self._pos.unsqueeze(-1), **cache_kwargs(self.model, self._cache), use_cache=True)
+                         position_ids=self._pos.unsqueeze(-1), **cache_kwargs(self.model, self._cache), use_cache=True,
+                         **self._shared())
         self._logits = out.logits[:, -1, :].float()
         self._pos = self._pos + 1
         self.stats.decode_ticks += 1
         self.stats.decode_s += time.perf_counter() - t2
+
+    def _shared(self) -> dict:
+        return {"shared_prefix": self.shared} if self.shared is not None else {}
 
     def _select(self, keep: list[int]) -> list[int]:
         """Keep rows ``keep``; returns the rows' new order (``kv_cache.compact_rows``: slots refilled in place)."""
@@ -216,19 +225,27 @@ class RunningBatch:
         for r in reqs:
             uniq.setdefault(tuple(r.ids), len(uniq))
         prompts = list(uniq)
+        # Under cascade attention rows hold what follows the shared prefix: lengths and stored KV start there.
+        skip = len(self.prefix_ids or ()) if self.shared is not None else 0
         found = []
         for ids in prompts:
             n, kv = self.store.longest(ids, len(ids))
-            if n == len(ids):  # the whole prompt is stored (a re-visit): recompute its last token for logits
+            if n < skip:
+                raise RuntimeError(f"a prompt of {len(ids)} tokens does not start with the stored shared prefix "
+                                   f"({skip} tokens) its rows attend to under cascade attention")
+            n -= skip  # positions of the stored entry (entries hold what follows the prefix)
+            if n + skip == len(ids):  # the whole prompt is stored (a re-visit): recompute its last token for logits
+                if n == 0:
+                    raise RuntimeError("a prompt equal to the shared prefix has no token of its own to decode from")
                 n, kv = n - 1, [(k[..., : n - 1, :], v[..., : n - 1, :]) for k, v in kv]
             found.append((n, kv if n else None))
         p = max(n for n, _ in found)
-        width = max(len(ids) - n for ids, (n, _) in zip(prompts, found, strict=True))
+        width = max(len(ids) - skip - n for ids, (n, _) in zip(prompts, found, strict=True))
         n_u = len(prompts)
         input_ids = torch.full((n_u, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n_u, p + width), dtype=torch.long)
         for i, (ids, (n, _)) in enumerate(zip(prompts, found, strict=True)):
-            suffix = ids[n:]
+            suffix = ids[skip + n :]
             input_ids[i, width - len(suffix) :] = torch.tensor(suffix, dtype=torch.long)
             mask[i, p - n : p] = 1
             mask[i, p + width - len(suffix) :] = 1
@@ -250,14 +267,14 @@ class RunningBatch:
             from pipeline.engines.kv_cache import growing_cache
 
             cache = growing_cache(self.model.config)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+        positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
         t0 = time.perf_counter()
         out = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                         **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1)
+                         **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1, **self._shared())
         t1 = time.perf_counter()
         self.stats.prefill_s += t1 - t0
-        self.stats.prefill_tokens += sum(len(ids) - n for ids, (n, _) in zip(prompts, found, strict=True))
-        self.stats.reused_tokens += sum(n for n, _ in found)
+        self.stats.prefill_tokens += sum(len(ids) - skip - n for ids, (n, _) in zip(prompts, found, strict=True))
+        self.stats.reused_tokens += sum(skip + n for n, _ in found)
         mask = mask.to(dev)
         # Every prompt's KV goes to the store: its children's prompts start with it.
         for i, ids in enumerate(prompts):

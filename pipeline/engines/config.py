@@ -107,6 +107,9 @@ class EngineConfig:
     # KV of prompts already prefilled (instruction prefix, every node's question + history), kept for the
     # prompts that extend them; least recently used entries beyond this bound are evicted. 0 turns it off.
     prefix_cache_mb: int = 1024
+    # CPU transformers engines: the shared prefix (instruction + examples) is held once, not in every row's cache,
+    # and each decode step attends to it once for all rows (pipeline/engines/cascade.py). False: every row holds it.
+    shared_prefix_attention: bool = True
     few_shot_examples: int = 1  # worked examples shown when a round turns few-shot on
     # Which worked examples: 'arithmetic' (word problems) or 'countdown' (pipeline/engines/prompts.py EXAMPLE_SETS).
     examples: str = "arithmetic"

@@ -10,7 +10,9 @@ On the embedded CPU run prompt tokens dominate (~200 tokens/s prefill vs a few m
 2. prefills each *distinct* prompt once, batched, and copies its KV to its k sample rows, one
    ``torch.Generator`` per row (seeded from the state's seed and the sample index: reproducible, per request);
 3. runs every caller's rows in one running batch (the engine actor serves its callers concurrently), drops a
-   row as soon as it writes a stop string or EOS, and refills its slot with queued requests.
+   row as soon as it writes a stop string or EOS, and refills its slot with queued requests;
+4. on CPU, holds the shared prefix's KV once instead of once per row, rows' caches starting after it, and
+   attends to it once per step for all rows (``pipeline.engines.cascade``; ``shared_prefix_attention``).
 
 At start the engine picks its CPU numeric path (fp32, bf16 or int8 linear layers) by a short probe: the fastest
 path whose greedy text equals fp32's, remembered per machine (``pipeline.engines.fastpath``), unless
@@ -91,6 +93,7 @@ class TransformersPolicy:
         share_prefix: bool = True,
         cpu_fast_path: str = "fp32",
         prefix_cache_mb: int = 1024,
+        shared_prefix_attention: bool = True,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -132,6 +135,12 @@ class TransformersPolicy:
                        f"on what else is batched and a rerun need not repeat it; engines.cpu_fast_path: fp32 keeps "
                        f"requests independent (pipeline/engines/gemm.py).")
             print(f"transformers engine: warning: {why}", file=sys.stderr, flush=True)
+        # Cascade attention over the shared prefix (CPU: its kernel returns the log-sum-exp the merge needs).
+        self.cascade = shared_prefix_attention and share_prefix and self.device == "cpu"
+        if self.cascade:
+            from pipeline.engines import cascade
+
+            self.model.config._attn_implementation = cascade.register()
         self.tokenizer = builder.tokenizer
         self.builder = builder
         self.gen = gen
@@ -149,7 +158,6 @@ class TransformersPolicy:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
         # A stop string completed by the newest token starts within the last len(stop) tokens.
         self._tail = max(len(s) for s in self.stops) + 1
-        self._prefix_ids: list[int] | None = None
         self._tok_lock = threading.Lock()  # fast tokenizers refuse concurrent use ("Already borrowed")
         self.store = PrefixStore(prefix_cache_mb << 20 if share_prefix else 0)
         self.batch = RunningBatch(self.model, self.device, max_batch_rows, self.store, self.pad_id, self.eos_ids,
@@ -182,7 +190,12 @@ class TransformersPolicy:
             self._prefix()
             ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         budget = self.gen.max_new_tokens(self.mode)
+        prefix = self.batch.prefix_ids if self.batch.shared is not None else []
         for i, row in enumerate(ids):
+            if row[: len(prefix)] != prefix:
+                raise EngineError(f"prompt of {names[i]} does not start with the engine's shared prefix tokens, which "
+                                  f"its rows attend to once for all (engines.shared_prefix_attention); set that "
+                                  f"to false for prompts built otherwise")
             if len(row) + 1 > self.max_positions:
                 raise EngineError(f"prompt of {names[i]} is {len(row)} tokens; the model's context is "
                                   f"{self.max_positions}: lower search.max_depth or use a longer-context model")
@@ -201,25 +214,35 @@ class TransformersPolicy:
 
     # -- internals ----------------------------------------------------------------------------------
 
+    @property
+    def _prefix_ids(self) -> list[int] | None:
+        return self.batch.prefix_ids
+
     def _prefix(self) -> list[int]:
         """The builder's shared prefix (instruction + examples) as token ids; its KV is computed on first use
-        and pinned in the prefix store (every prompt of the engine starts with it)."""
+        (every prompt of the engine starts with it) and pinned in the prefix store, or, under cascade attention,
+        held once by the running batch (the store then keeps what follows it: an empty pinned entry here)."""
         import torch
 
         from pipeline.engines.kv_cache import cache_kwargs, growing_cache, row_kv
 
-        if self._prefix_ids is None:
+        batch = self.batch  # shared with with_generation's views of this engine
+        if batch.prefix_ids is None:
             text = self.builder.shared_prefix if self.share_prefix else ""
-            self._prefix_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-            if self._prefix_ids:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            if ids:
                 cache = growing_cache(self.model.config)
                 with torch.inference_mode():
-                    ids = torch.tensor([self._prefix_ids], device=self.device)
-                    self.model(input_ids=ids, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1)
-                    self.store.add(self._prefix_ids, row_kv(cache, 0, torch.arange(len(self._prefix_ids))),
-                                   pinned=True)
-                self.stats.prefill_tokens += len(self._prefix_ids)
-        return self._prefix_ids
+                    self.model(input_ids=torch.tensor([ids], device=self.device), **cache_kwargs(self.model, cache),
+                               use_cache=True, logits_to_keep=1)
+                    kv = row_kv(cache, 0, torch.arange(len(ids)))
+                if self.cascade:
+                    batch.shared = kv
+                    kv = [(k[..., :0, :], v[..., :0, :]) for k, v in kv]
+                self.store.add(ids, kv, pinned=True)
+                self.stats.prefill_tokens += len(ids)
+            batch.prefix_ids = ids
+        return batch.prefix_ids
 
     def _hit_stop(self, row: list[int]) -> bool:
         tail = self.tokenizer.decode(row[-self._tail :], skip_special_tokens=True)

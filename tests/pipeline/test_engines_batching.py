@@ -197,8 +197,14 @@ def test_engine_prefix_store_respects_its_bound(tiny, tok):
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4  # layers x (k, v) x fp32 bytes
     prompt = len(tok(pol.builder.build(_states(1)[0].question))["input_ids"])
-    assert pol.store.bytes == per_token * (len(pol._prefix_ids) + prompt)  # the pinned prefix + one prompt
-    pol.store.max_bytes = pol.store.bytes + 3 * prompt * per_token  # room for about 3 more prompts
+    # Cascade attention (on by default on CPU): the shared prefix's KV is held once by the batch, and the store
+    # keeps what follows it. Without it, the pinned prefix and the whole prompt are stored.
+    assert pol.batch.shared is not None
+    assert pol.store.bytes == per_token * (prompt - len(pol._prefix_ids))
+    plain = _policy(tiny, tok, shared_prefix_attention=False)
+    plain.propose(_states(1), 1)
+    assert plain.batch.shared is None and plain.store.bytes == per_token * (len(plain._prefix_ids) + prompt)
+    pol.store.max_bytes = pol.store.bytes + 3 * (prompt - len(pol._prefix_ids)) * per_token  # ~3 more prompts
     pol.propose(_states(12, 1), 1)
     assert pol.store.bytes <= pol.store.max_bytes and pol.store.evictions > 0, (pol.store.bytes, pol.store.evictions)
     assert pol.store.longest(pol._prefix_ids, len(pol._prefix_ids))[0] == len(pol._prefix_ids), "pinned prefix kept"
