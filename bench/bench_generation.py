@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_generation.py                         # batches 1 8 32 64, fp32 and the probe's pick
     .venv/bin/python bench/bench_generation.py --batches 1 8 --paths fp32 bf16 int8 --new-tokens 16
+    .venv/bin/python bench/bench_generation.py --paths fp32 fp32:flat     # cascade prefix attention on vs off
 
 A batch of B rows is B/k distinct few-shot prompts x k samples each (k = min(B, 8): one MCTS expansion asks
 for 5-8 children), i.e. what one search wave sends. Throughput = sampled tokens / wall seconds of the whole
@@ -15,7 +16,9 @@ kept. The machine is shared: absolute numbers swing with load, the ratios in one
 
 Fast paths (``--paths``): each is its own engine on the same model, run side by side, alternating, best of
 ``--repeats``. 'auto' is what the engine's start-up probe picks. Each path's greedy outputs on a fixed
-prompt set are compared with fp32's: 'greedy=fp32' counts the prompts whose text is identical.
+prompt set are compared with fp32's: 'greedy=fp32' counts the prompts whose text is identical. A path with
+':flat' (e.g. 'fp32:flat') turns ``engines.shared_prefix_attention`` off: every row holds the shared prefix's KV
+and attends to it itself (pipeline/engines/cascade.py), the engine as it was before 2026-12-01.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="rows per call")
     ap.add_argument("--new-tokens", type=int, default=32, help="max new tokens per row")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per batch size; the best is kept")
-    ap.add_argument("--paths", nargs="+", default=["fp32", "auto"], help="cpu fast paths to compare (fp32 first)")
+    ap.add_argument("--paths", nargs="+", default=["fp32", "auto"],
+                    help="cpu fast paths to compare (fp32 first); ':flat' = without shared prefix attention")
     ap.add_argument("--agree-prompts", type=int, default=6, help="prompts of the greedy agreement check")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     args = ap.parse_args()
@@ -63,11 +67,14 @@ def main() -> None:
     gen = GenerationConfig(temperature=0.7, top_p=0.95, max_new_tokens_step=args.new_tokens)
     policies = {}
     for path in dict.fromkeys(args.paths):
-        cfg = EngineConfig(device="cpu", max_batch_rows=max(args.batches), generation=gen, cpu_fast_path=path,
-                           cpu_threads=args.threads)
+        fast, _, variant = path.partition(":")
+        if variant not in ("", "flat"):
+            raise SystemExit(f"--paths {path}: the only variant is ':flat' (no shared prefix attention)")
+        cfg = EngineConfig(device="cpu", max_batch_rows=max(args.batches), generation=gen, cpu_fast_path=fast,
+                           cpu_threads=args.threads, shared_prefix_attention=variant != "flat")
         policies[path] = pol = make_policy(cfg, mode="step", few_shot=True)
         pol.propose(_states(1), 1)  # computes the shared prefix once, as a long-lived engine would
-        if path == "auto":
+        if fast == "auto":
             print(f"auto: {pol.probe.summary()}")
     first = next(iter(policies.values()))
     ftok = first.flops_per_token

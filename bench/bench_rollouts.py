@@ -114,7 +114,8 @@ def _embedded_cfg(args: argparse.Namespace):
     from pipeline.engines import EngineConfig, GenerationConfig
 
     return EngineConfig(device="cpu", cpu_fast_path=args.fast_path, max_batch_rows=args.max_rows,
-                        generation=GenerationConfig(max_new_tokens_step=args.new_tokens))
+                        generation=GenerationConfig(max_new_tokens_step=args.new_tokens),
+                        shared_prefix_attention=not args.flat)
 
 
 def engine_batch64_tokens_per_s(args: argparse.Namespace) -> float:
@@ -149,6 +150,9 @@ def main() -> None:
                              "batch, so every grouping searches the same trees; bf16 on CPUs whose kernels change "
                              "with the row count does not)")
     parser.add_argument("--max-rows", type=int, default=64, help="embedded engine: engines.max_batch_rows")
+    parser.add_argument("--flat", action="store_true", help="embedded engine: engines.shared_prefix_attention false "
+                                                            "(every row holds the shared prefix; the engine before "
+                                                            "2026-12-01)")
     args = parser.parse_args()
 
     import ray
