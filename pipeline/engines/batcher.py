@@ -18,10 +18,10 @@ Row layout in the cache: ``[left padding | prompt | generated]``; the attention 
 position ids skip it, so every row sees the positions it would alone. Under cascade attention
 (``pipeline.engines.cascade``) the engine's shared prefix (``prefix_ids``, ``shared``: its KV, held once) is not
 in the rows' caches: a row holds ``[left padding | prompt after the prefix | generated]``, its positions start
-after the prefix, every forward gets ``shared_prefix=shared``, and the prefix store keeps what follows it. Why not transformers' own
-``generate_batch`` / ``ContinuousBatchingManager``: it samples every request from one global generator
-(``torch.multinomial``, seeded once per manager), so a request's samples depend on what else is running,
-and it has no stop strings; see the README's generation section for what was measured.
+after the prefix, every forward gets ``shared_prefix=shared``, and the prefix store keeps what follows it.
+Why not transformers' own ``generate_batch`` / ``ContinuousBatchingManager``: it samples every request from
+one global generator (``torch.multinomial``, seeded once per manager), so a request's samples depend on what
+else is running, and it has no stop strings; see the README's generation section for what was measured.
 """
 
 from __future__ import annotations

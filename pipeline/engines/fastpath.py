@@ -13,8 +13,8 @@ the reference and always qualifies. The decision is cached per machine and archi
 (``pipeline.engines.probe_cache``), so reruns on one machine decode alike however loaded it is at their start;
 ``OPEN_RSTAR_REPROBE=1`` measures again. The greedy check, though, belongs to the weights: a cached pick is used
 on another checkpoint only after that checkpoint's greedy text on it equals fp32's (checked once per checkpoint,
-remembered in the cache); when it differs, the next fastest cached path that agrees is used (fp32 at worst). ``engines.cpu_fast_path`` names a path instead ('int8' included). torch.compile is not a candidate:
-not measured.
+remembered in the cache); when it differs, the next fastest cached path that agrees is used (fp32 at worst).
+``engines.cpu_fast_path`` names a path instead ('int8' included). torch.compile is not a candidate: not measured.
 """
 
 from __future__ import annotations
