@@ -222,8 +222,17 @@ def atomic_dir(path: str | Path, keep_existing: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if not (keep_existing and path.exists()):
+        if not keep_existing:
             install_dir(tmp, path)
+        elif not path.exists():
+            try:
+                os.rename(tmp, path)  # refused when another writer put a (non-empty) ``path`` in place meanwhile
+            except OSError:
+                if not path.exists():
+                    raise
+            else:
+                fsync_dir(path.parent)
+                published(path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -103,6 +103,27 @@ def test_atomic_dir_swaps_whole_directories(tmp_path):
     assert files(tmp_path) == ["policy"]  # no temp or .old directories left
 
 
+def test_atomic_dir_keep_existing_keeps_what_another_writer_installed_first(tmp_path, monkeypatch):
+    # A cache entry built by two writers at once (rounds.models._cached): the one that installs second keeps the
+    # first one's entry, also when that appeared between its check and its rename (the rename then fails).
+    target = tmp_path / "entry"
+    rename = os.rename
+
+    def rival_wins(src, dst):
+        Path(dst).mkdir()
+        (Path(dst) / "theirs").write_text("1")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rival_wins)
+    with atomic_dir(target, keep_existing=True) as d:
+        (d / "ours").write_text("2")
+    assert files(target) == ["theirs"] and files(tmp_path) == ["entry"]
+    monkeypatch.setattr(os, "rename", rename)
+    with atomic_dir(target, keep_existing=True) as d:  # already there: ours is dropped, nothing renamed
+        (d / "ours").write_text("2")
+    assert files(target) == ["theirs"] and files(tmp_path) == ["entry"]
+
+
 # ---------------------------------------------------------------------------------------------- shards
 
 
