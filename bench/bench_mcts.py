@@ -82,10 +82,11 @@ def measure(sizes: list[int], window: int, children: int, seed: int = 0) -> list
         spent = time.perf_counter() - t0
         if not isinstance(req, ProposeRequest):
             raise RuntimeError(f"the bench tree closed at {len(search.tree)} nodes; raise --children")
-        depth = req.state.history.count(STEP_END) + req.state.history.count(ANSWER_END)
+        history = req.states[0].history
+        depth = history.count(STEP_END) + history.count(ANSWER_END)
         proposals = policy.proposals(req.k)  # the fake's work: not timed
         t0 = time.perf_counter()
-        search.feed(proposals)
+        search.feed([proposals])
         req = search.next_request()
         spent += time.perf_counter() - t0
         while isinstance(req, ExecBatch):  # one batch per chain level (one level here: one-step proposals)

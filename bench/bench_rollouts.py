@@ -20,6 +20,10 @@ and the run also prints the rollout phase's tokens/s over the engine's own batch
 this process just before the rollouts (bench_generation's batch: 8 prompts x 8 samples):
 
     .venv/bin/python bench/bench_rollouts.py --engine embedded --groups 2 --problems 8 --rollouts 2
+
+``--parallel 1,2`` also compares ``search.parallel_rollouts`` (rollouts of one tree in flight at once, with
+virtual loss; ``mcts.search``): every (groups, parallel) pair runs, in that order. Parallel rollouts search other
+trees, so compare their solved counts and expansions too, not only time.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ def exact_grade(problem, answer):
     return answer == problem.answer
 
 
-def run_once(groups: int, args: argparse.Namespace, problems: list[Problem]):
+def run_once(groups: int, parallel: int, args: argparse.Namespace, problems: list[Problem]):
+    from mcts.config import SearchConfig
     from pipeline.config import RayConfig, RunConfig, StorageConfig
     from pipeline.rollouts import Backends, RolloutConfig, run_rollouts
     from pipeline.runlog import RunLog, RunLogConfig
@@ -90,7 +95,7 @@ def run_once(groups: int, args: argparse.Namespace, problems: list[Problem]):
     from pipeline.storage import TreeStore
     from rounds.schedule import RoundSpec
 
-    cfg = RunConfig(seed=3, storage=StorageConfig(shard_problems=8),
+    cfg = RunConfig(seed=3, storage=StorageConfig(shard_problems=8), search=SearchConfig(parallel_rollouts=parallel),
                     sandbox=SandboxConfig(workers=args.sandbox_workers),
                     ray=RayConfig(num_cpus=2, rollout_workers=args.workers, policy_engines=1, cpus_per_engine=0.5,
                                   cpus_per_worker=0.5))
@@ -143,6 +148,7 @@ def main() -> None:
     parser.add_argument("--ms-per-token", type=float, default=0.5, help="simulated engine time per generated token")
     parser.add_argument("--tokens-per-step", type=int, default=40)
     parser.add_argument("--groups", default="1,2", help="comma-separated tree-group counts to compare (1 first)")
+    parser.add_argument("--parallel", default="1", help="comma-separated search.parallel_rollouts values to compare")
     parser.add_argument("--engine", choices=["simulated", "embedded"], default="simulated")
     parser.add_argument("--new-tokens", type=int, default=96, help="embedded engine: max new tokens per step")
     parser.add_argument("--fast-path", default="auto", choices=["auto", "fp32", "bf16", "int8"],
@@ -165,7 +171,9 @@ def main() -> None:
     batch64 = engine_batch64_tokens_per_s(args) if args.engine == "embedded" else 0.0
     cluster = connect(RayConfig(num_cpus=2))
     try:
-        results = {g: run_once(g, args, problems) for g in sorted({int(x) for x in args.groups.split(",")})}
+        results = {f"g{g} p{p}": run_once(g, p, args, problems)
+                   for g in sorted({int(x) for x in args.groups.split(",")})
+                   for p in sorted({int(x) for x in args.parallel.split(",")})}
     finally:
         disconnect(cluster)
 
@@ -173,29 +181,30 @@ def main() -> None:
               f"engine {args.ms_per_token} ms per token, {args.tokens_per_step} tokens per step")
     print(f"\nrollouts: {args.problems} problems x {args.rollouts} rollouts, k={args.children}, "
           f"{args.workers} worker(s), {engine}")
-    print(f"{'groups':>6} {'wall s':>8} {'expansions':>10} {'engine util':>11} {'exec s':>7} "
+    print("g = tree groups per worker (rollouts.groups), p = rollouts of a tree in flight (search.parallel_rollouts)")
+    print(f"{'run':>7} {'wall s':>8} {'expansions':>10} {'solved':>6} {'engine util':>11} {'exec s':>7} "
           f"{'overhead/exp ms':>15} {'tokens/s':>9}")
     for g, st in results.items():
-        print(f"{g:>6} {st.wall_s:>8.2f} {st.expansions:>10} {st.engine_utilisation:>11.1%} {st.exec_s:>7.2f} "
-              f"{st.overhead_per_expansion_s * 1000:>15.2f} {st.tokens / st.wall_s:>9.0f}")
+        print(f"{g:>7} {st.wall_s:>8.2f} {st.expansions:>10} {st.solved:>6} {st.engine_utilisation:>11.1%} "
+              f"{st.exec_s:>7.2f} {st.overhead_per_expansion_s * 1000:>15.2f} {st.tokens / st.wall_s:>9.0f}")
     if batch64:
         for g, st in results.items():
-            print(f"groups={g}: rollout {st.tokens / st.wall_s:.1f} tok/s over the engine's batch-64 {batch64:.1f} tok/s "
+            print(f"{g}: rollout {st.tokens / st.wall_s:.1f} tok/s over the engine's batch-64 {batch64:.1f} tok/s "
                   f"= {st.tokens / st.wall_s / batch64:.0%} (machine shared with other work)")
     for g, st in results.items():
         done = st.tree_done_s
-        print(f"groups={g}: half of the {len(done)} trees were stored at {st.half_done_s:.0f} s of {st.wall_s:.0f} s; "
+        print(f"{g}: half of the {len(done)} trees were stored at {st.half_done_s:.0f} s of {st.wall_s:.0f} s; "
               f"each tree's end (s): {' '.join(f'{t:.0f}' for t in done)}")
     for g, st in results.items():
         if st.engine_parts_s:
             total = sum(st.engine_parts_s.values())
             parts = ", ".join(f"{p} {s:.1f} s ({s / total:.0%})" for p, s in st.engine_parts_s.items())
-            print(f"groups={g}: {st.engine_rows_per_tick:.1f} rows per decode step; the running batch's time: {parts}")
-    base_g = min(results)
+            print(f"{g}: {st.engine_rows_per_tick:.1f} rows per decode step; the running batch's time: {parts}")
+    base_g = next(iter(results))
     base = results[base_g]
     for g, st in results.items():
         if g != base_g:
-            print(f"groups={g} vs groups={base_g}: engine utilisation x{st.engine_utilisation / base.engine_utilisation:.2f}, "
+            print(f"{g} vs {base_g}: engine utilisation x{st.engine_utilisation / base.engine_utilisation:.2f}, "
                   f"wall time x{base.wall_s / st.wall_s:.2f} faster")
 
 if __name__ == "__main__":

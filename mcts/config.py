@@ -96,6 +96,10 @@ class SearchConfig:
     # A non-final step without code (comments only) is rejected like failing code (``mcts.expand``): steps
     # must be code-augmented. False accepts prose-only steps.
     require_code: bool = True
+    # Rollouts of one tree in flight at once (``mcts.search``: lockstep, with a virtual loss on the paths already
+    # picked). 1 = one rollout after another, rStar-Math's search. More lets a tree send several expansions per
+    # policy call, which shortens a phase whose last trees each wait on one expansion at a time.
+    parallel_rollouts: int = 1
     extract: ExtractConfig = field(default_factory=ExtractConfig)
 
     def __post_init__(self) -> None:
@@ -105,7 +109,7 @@ class SearchConfig:
             raise ValueError(f"unvisited={self.unvisited!r}: must be 'zero' (rStar-Math) or 'inf' (classic UCT)")
         if self.dead_end_backup not in ("node", "path"):
             raise ValueError(f"dead_end_backup={self.dead_end_backup!r}: must be 'node' (rStar-Math) or 'path'")
-        for name in ("rollouts", "children", "max_depth", "max_consecutive_errors"):
+        for name in ("rollouts", "children", "max_depth", "max_consecutive_errors", "parallel_rollouts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")

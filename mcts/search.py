@@ -21,7 +21,17 @@ A rollout (rStar-Math's, kept simple):
    left below (every new branch ended in a terminal or dead end, whose outcome is already backed up).
 
 Each outcome is backed up once, when it happens; selection never re-enters a closed subtree, and the tree
-is done when its rollout budget is spent or the root is closed. All randomness (UCT ties) comes from a
+is done when its rollout budget is spent or the root is closed.
+
+**Parallel rollouts** (``SearchConfig.parallel_rollouts`` = L > 1; 1 is the search above, unchanged): up to L
+rollouts of the tree are in flight at once, in lockstep. Each wave every rollout picks its next node (rollouts
+already under way first, then new ones from the root), with a virtual loss (``mcts.uct``) on the paths picked
+before it in the wave, so they spread over the tree; a rollout whose pick is already taken in this wave waits for
+the next one. The picked nodes are expanded together: one ``ProposeRequest`` with a state per node, their chains
+executed level by level in one ``ExecBatch``, their new nodes scored in one ``ScoreBatch``. Picked nodes are
+unexpanded leaves, so no two of them lie on one path and the rollouts' new nodes never meet. A tree's generation
+then no longer waits for each expansion in turn (what bounds a run's last trees), at the price of choices made
+before the outcomes of the other rollouts of the wave are in. All randomness (UCT ties) comes from a
 ``random.Random`` seeded with the tree's seed, and each proposal carries a seed derived from (tree seed,
 node, attempt), so a search is reproduced exactly however the trees of a worker are interleaved.
 
@@ -50,9 +60,10 @@ from mcts.uct import select_child
 
 @dataclass(frozen=True)
 class ProposeRequest:
-    """Ask the policy for ``k`` continuations of ``state``; feed back ``list[Proposal]``."""
+    """Ask the policy for ``k`` continuations of each state (one per rollout in flight; normally one); feed back
+    one ``list[Proposal]`` per state, in order (what ``Policy.propose(states, k)`` returns)."""
 
-    state: SearchState
+    states: tuple[SearchState, ...]
     k: int
 
 
@@ -91,6 +102,7 @@ class _LiveChain:
 
     chain: Chain
     parent: int
+    lane: int  # the rollout (``_Lane``) whose expansion proposed it
     pos: int = 0
     cut: bool = False  # a step failed to execute: the chain ends there (its own rejection no longer applies)
 
@@ -103,7 +115,17 @@ class _Pending:
     parent: int
     step: Step
     final: bool
+    lane: int
     chains: list[_LiveChain] = field(default_factory=list)
+
+
+@dataclass
+class _Lane:
+    """One rollout slot: ``SearchConfig.parallel_rollouts`` of them, used in order (one unless parallel)."""
+
+    leaf: int = ROOT_ID  # the node this lane's rollout expands (or expanded last)
+    active: bool = False  # a rollout is under way in this lane
+    new: list[int] = field(default_factory=list)  # nodes its current expansion created (scored in PPM modes)
 
 
 class TreeSearch:
@@ -137,12 +159,12 @@ class TreeSearch:
         self.stats = SearchStats()
         self._rng = random.Random(seed)
         self._budget = config.rollouts
-        self._leaf = ROOT_ID
+        self._lanes = [_Lane() for _ in range(config.parallel_rollouts)]
+        self._expanding: list[int] = []  # lanes whose leaves the current wave expands, in request order
         self._request: Request | None = None
         self._live: list[_LiveChain] = []
         self._pending: list[_Pending] = []
-        self._new: list[int] = []  # nodes created by the current expansion (scored in PPM modes)
-        self._start_rollout()
+        self._next_wave()
 
     # ---- the protocol --------------------------------------------------------------------------------
 
@@ -165,7 +187,7 @@ class TreeSearch:
             raise RuntimeError(f"tree {self.tree_id}: search is done; nothing to feed")
         # What ``result`` holds is fixed by the request it answers (the module doc's protocol): say so to the checker.
         if isinstance(req, ProposeRequest):
-            self._on_proposals(cast("Sequence[Proposal]", result))
+            self._on_proposals(cast("Sequence[Sequence[Proposal]]", result))
         elif isinstance(req, ExecBatch):
             if len(result) != len(req.requests):
                 raise ValueError(f"tree {self.tree_id}: {len(result)} outcomes for {len(req.requests)} exec requests")
@@ -181,62 +203,91 @@ class TreeSearch:
             raise ValueError(f"extend(rollouts={rollouts}): must be >= 0")
         self._budget += rollouts
         if self._request is None:
-            self._start_rollout()
+            self._next_wave()
 
     # ---- rollouts ------------------------------------------------------------------------------------
 
-    def _start_rollout(self) -> None:
+    def _next_wave(self) -> None:
+        """Pick the nodes to expand next, one per lane that can go on, and ask for their proposals.
+
+        A lane whose rollout is under way continues it: after a kept expansion, down from its leaf through open
+        children to the next node to expand; a rollout whose leaf closed (or whose expansion kept nothing) has
+        ended. A free lane starts a rollout, if the budget allows, from the root down through expanded nodes.
+        Lanes under way pick first, so a new rollout never takes the node a running one continues to.
+        """
         tree = self.tree
-        if tree.rollouts >= self._budget or tree.root.closed:
+        taken: set[int] = set()
+        virtual: dict[int, int] = {}
+        self._expanding = []
+        for lane in self._lanes:
+            if lane.active and tree.nodes[lane.leaf].closed:
+                lane.active = False  # nothing open is left below it: this rollout has ended
+        for i in sorted(range(len(self._lanes)), key=lambda i: not self._lanes[i].active):
+            lane = self._lanes[i]
+            if lane.active:
+                node = tree.nodes[lane.leaf]
+                while node.open_children > 0:
+                    node = tree.nodes[self._select(node, virtual)]
+            elif tree.rollouts < self._budget and not tree.root.closed:
+                node = tree.root
+                while node.expanded:  # an expanded open node always has an open child
+                    node = tree.nodes[self._select(node, virtual)]
+                if node.id in taken:
+                    continue  # another lane expands it in this wave: start next wave instead
+                tree.rollouts += 1
+                lane.active = True
+            else:
+                continue
+            if node.id in taken:  # unreachable: leaves of running rollouts lie in their own new subtrees
+                continue
+            lane.leaf = node.id
+            taken.add(node.id)
+            self._expanding.append(i)
+            if len(self._lanes) > 1:
+                for n in tree.path(node.id):
+                    virtual[n.id] = virtual.get(n.id, 0) + 1
+        if not self._expanding:
             self._request = None
             return
-        tree.rollouts += 1
-        node = tree.root
-        while node.expanded:  # an expanded open node always has an open child
-            node = tree.nodes[self._select(node)]
-        self._propose(node.id)
+        self._request = ProposeRequest(tuple(self._state(self._lanes[i].leaf) for i in self._expanding),
+                                       self.config.children)
 
-    def _select(self, node: Node) -> int:
+    def _select(self, node: Node, virtual: dict[int, int]) -> int:
         cid = select_child(
-            self.tree.nodes, node, self.config.c_puct, self.config.unvisited, self.config.prior_weight, self._rng
+            self.tree.nodes, node, self.config.c_puct, self.config.unvisited, self.config.prior_weight, self._rng,
+            virtual,
         )
         if cid is None:
             raise AssertionError(f"tree {self.tree_id}: open node {node.id} has no open child")
         return cid
 
-    def _propose(self, node_id: int) -> None:
+    def _state(self, node_id: int) -> SearchState:
         node = self.tree.nodes[node_id]
-        self._leaf = node_id
-        state = SearchState(
+        return SearchState(
             tree_id=self.tree_id,
             question=self.tree.info.question,
             history=self.tree.render_path(node_id),
             seed=proposal_seed(self.tree.info.seed, node_id, node.errors),
         )
-        self._request = ProposeRequest(state, self.config.children)
-
-    def _continue_rollout(self) -> None:
-        """After a kept expansion: go down through open children to the next node to expand, if any."""
-        node = self.tree.nodes[self._leaf]
-        if node.closed:
-            self._start_rollout()
-            return
-        while node.open_children > 0:
-            node = self.tree.nodes[self._select(node)]
-        self._propose(node.id)
 
     # ---- expansion -------------------------------------------------------------------------------------
 
-    def _on_proposals(self, proposals: Sequence[Proposal]) -> None:
-        bad = next((p for p in proposals if not isinstance(p, Proposal)), None)
-        if bad is not None:
+    def _on_proposals(self, per_state: Sequence[Sequence[Proposal]]) -> None:
+        if len(per_state) != len(self._expanding) or any(isinstance(p, (Proposal, str)) for p in per_state):
+            raise TypeError(f"tree {self.tree_id}: fed {per_state!r} for {len(self._expanding)} proposal state(s); "
+                            "expected one list of mcts.protocols.Proposal per state")
+        bad = next((p for proposals in per_state for p in proposals if not isinstance(p, Proposal)), None)
+        if bad is not None:  # checked before anything changes: the search can still be fed the right answer
             raise TypeError(f"tree {self.tree_id}: the policy returned {bad!r}; expected mcts.protocols.Proposal")
-        self.stats.expansions += 1
-        self.stats.proposals += len(proposals)
-        leaf = self.tree.nodes[self._leaf]
-        room = self.config.max_depth - leaf.depth
-        self._new = []
-        self._live = [_LiveChain(parse_proposal(p, room, self.config.require_code), self._leaf) for p in proposals]
+        self._live = []
+        for i, proposals in zip(self._expanding, per_state, strict=True):
+            lane = self._lanes[i]
+            self.stats.expansions += 1
+            self.stats.proposals += len(proposals)
+            room = self.config.max_depth - self.tree.nodes[lane.leaf].depth
+            lane.new = []
+            self._live += [_LiveChain(parse_proposal(p, room, self.config.require_code), lane.leaf, i)
+                           for p in proposals]
         self._next_level()
 
     def _next_level(self) -> None:
@@ -263,7 +314,7 @@ class TreeSearch:
                 if slot in pending:
                     self.stats.merged += 1
                 else:
-                    pending[slot] = _Pending(tree.new_id(), live.parent, steps[live.pos], final)
+                    pending[slot] = _Pending(tree.new_id(), live.parent, steps[live.pos], final, live.lane)
                 pending[slot].chains.append(live)
                 still.append(live)
                 break
@@ -318,7 +369,7 @@ class TreeSearch:
         elif depth >= self.config.max_depth:
             status = "dead"
         node = tree.add_child(p.node_id, p.parent, p.step, stdout, status, verdict)
-        self._new.append(node.id)
+        self._lanes[p.lane].new.append(node.id)
         if status == "terminal":
             self.stats.terminals += 1
             if verdict != "ungraded":  # test-time terminals are backed up once the PPM scored them
@@ -343,27 +394,31 @@ class TreeSearch:
 
     def _end_expansion(self) -> None:
         tree = self.tree
-        leaf = tree.nodes[self._leaf]
-        if not leaf.children:
-            self.stats.failed_expansions += 1
-            leaf.errors += 1
-            if leaf.errors >= self.config.max_consecutive_errors:
-                self.stats.dead_ends += 1
-                tree.make_dead(leaf.id, DEAD_END_REWARD)
-                self._dead_end(leaf.id)
-            self._start_rollout()
-            return
-        leaf.errors = 0
-        tree.mark_expanded(leaf.id)
-        scored = [i for i in self._new if self._gets_prior(tree.nodes[i])] if self.config.uses_scorer else []
-        self._new = []
+        scored: list[int] = []
+        for i in self._expanding:
+            lane = self._lanes[i]
+            leaf = tree.nodes[lane.leaf]
+            if not leaf.children:
+                self.stats.failed_expansions += 1
+                leaf.errors += 1
+                if leaf.errors >= self.config.max_consecutive_errors:
+                    self.stats.dead_ends += 1
+                    tree.make_dead(leaf.id, DEAD_END_REWARD)
+                    self._dead_end(leaf.id)
+                lane.active = False  # the rollout ends; a later one may retry the node
+            else:
+                leaf.errors = 0
+                tree.mark_expanded(leaf.id)
+                if self.config.uses_scorer:
+                    scored += [n for n in lane.new if self._gets_prior(tree.nodes[n])]
+            lane.new = []
         if scored:
             states = tuple(
                 SearchState(self.tree_id, tree.info.question, tree.render_path(i), tree.info.seed) for i in scored
             )
             self._request = ScoreBatch(states, tuple(scored))
             return
-        self._continue_rollout()
+        self._next_wave()
 
     def _gets_prior(self, node: Node) -> bool:
         """Which new nodes the PPM scores: open ones, and test-time terminals (their score is their reward).
@@ -386,7 +441,7 @@ class TreeSearch:
             if node.verdict == "ungraded":
                 node.reward = node.prior
                 backup(tree.nodes, node_id, node.reward)
-        self._continue_rollout()
+        self._next_wave()
 
 
 def solved(search: TreeSearch) -> bool:

@@ -13,6 +13,10 @@ unvisited: it starts at Q = its prior with n = w.
 
 Only open children compete (closed ones can yield nothing new); exact ties are broken by the tree's
 seeded ``random.Random`` so a search is reproducible but not biased towards the first-generated child.
+
+Virtual loss (``SearchConfig.parallel_rollouts`` > 1): while several rollouts of one tree are chosen together,
+each node on a path already chosen counts, for the choices after it, ``virtual[id]`` extra visits that each
+returned -1 (the worst outcome), so the next rollout is steered to other branches until the real outcomes are in.
 """
 
 from __future__ import annotations
@@ -33,6 +37,14 @@ def uct_score(q: float, n: float, n_parent: float, c: float, unvisited: str) -> 
     return q + c * math.sqrt(log_parent / n)
 
 
+def _with_virtual_loss(node: Node, prior_weight: float, losses: int) -> tuple[float, float]:
+    """(Q, effective visits) of ``node`` as if ``losses`` more outcomes of -1 had been backed up through it."""
+    n = effective_visits(node, prior_weight)
+    if not losses:
+        return q_value(node, prior_weight), n
+    return (q_value(node, prior_weight) * n - losses) / (n + losses), n + losses
+
+
 def select_child(
     nodes: Mapping[int, Node],
     parent: Node,
@@ -40,16 +52,20 @@ def select_child(
     unvisited: str,
     prior_weight: float,
     rng: random.Random,
+    virtual: Mapping[int, int] | None = None,
 ) -> int | None:
-    """Id of the open child of ``parent`` with the highest UCT (ties: ``rng``); None if none is open."""
-    n_parent = effective_visits(parent, prior_weight)
+    """Id of the open child of ``parent`` with the highest UCT (ties: ``rng``); None if none is open.
+    ``virtual``: node id -> virtual losses (module doc); None or empty = none."""
+    virtual = virtual or {}
+    n_parent = _with_virtual_loss(parent, prior_weight, virtual.get(parent.id, 0))[1]
     best: list[int] = []
     best_score = -math.inf
     for cid in parent.children:
         child = nodes[cid]
         if child.closed:
             continue
-        score = uct_score(q_value(child, prior_weight), effective_visits(child, prior_weight), n_parent, c, unvisited)
+        q, n = _with_virtual_loss(child, prior_weight, virtual.get(cid, 0))
+        score = uct_score(q, n, n_parent, c, unvisited)
         if score > best_score:
             best, best_score = [cid], score
         elif score == best_score:

@@ -1,6 +1,7 @@
 """Many trees in lockstep: one wave = one expansion of every tree that waits for the policy.
 
-A wave sends ONE ``policy.propose`` batch (one per distinct k, normally one), then one executor batch per
+A wave sends ONE ``policy.propose`` batch (one per distinct k, normally one; a tree with parallel rollouts adds a
+state per rollout in flight), then one executor batch per
 chain level (every tree's steps of that level together), then ONE scorer batch (PPM modes). It is built
 on the per-tree protocol of ``mcts.search.TreeSearch`` and adds no search logic: a tree advanced by
 waves ends exactly as the same tree advanced alone, because each tree's randomness is its own.
@@ -38,11 +39,12 @@ def run_wave(searches: Sequence[TreeSearch], policy: Policy, executor: Executor,
     for s, req in proposing:
         by_k.setdefault(req.k, []).append((s, req))
     for k, group in by_k.items():
-        states = [req.state for _, req in group]
+        states = [st for _, req in group for st in req.states]
         outs = policy.propose(states, k)
         if len(outs) != len(states):
             raise ValueError(f"policy.propose returned {len(outs)} lists for {len(states)} states")
-        for (s, _), proposals in zip(group, outs, strict=True):
+        for (s, _), proposals in zip(group, _split(outs, [len(req.states) for _, req in group], "policy.propose"),
+                                     strict=True):
             s.feed(proposals)
     while True:
         execs = _waiting(searches, ExecBatch)
@@ -108,7 +110,7 @@ def answer_request(
 ) -> list[object]:
     """Serve one tree's request directly (the async / single-tree path)."""
     if isinstance(request, ProposeRequest):
-        return list(policy.propose([request.state], request.k)[0])
+        return list(policy.propose(list(request.states), request.k))
     if isinstance(request, ExecBatch):
         return list(executor.run(list(request.requests)))
     if scorer is None:

@@ -14,7 +14,11 @@ the reference and always qualifies. The decision is cached per machine and archi
 ``OPEN_RSTAR_REPROBE=1`` measures again. The greedy check, though, belongs to the weights: a cached pick is used
 on another checkpoint only after that checkpoint's greedy text on it equals fp32's (checked once per checkpoint,
 remembered in the cache); when it differs, the next fastest cached path that agrees is used (fp32 at worst).
-``engines.cpu_fast_path`` names a path instead ('int8' included). torch.compile is not a candidate: not measured.
+``engines.cpu_fast_path`` names a path instead ('int8' included).
+
+torch.compile is not a candidate (measured 2026-12-01, README "Generation at the machine's limit"): compiling the
+model's forward (inductor, dynamic shapes) made bf16 decode steps at ~48 rows 1.2-1.45x faster, but took 5.2-5.4
+minutes per engine start on the 2-core machine, warm inductor cache or not; an engine here decodes 1-3 minutes.
 """
 
 from __future__ import annotations

@@ -65,6 +65,22 @@ def test_select_child_by_hand():
     assert select_child(nodes, parent, 4.0, "zero", 1.0, rng) == 2
 
 
+def test_virtual_loss_counts_extra_visits_that_each_returned_minus_one():
+    a = _node(1, visits=3, value_sum=1.0)  # Q = 1/3
+    b = _node(2, visits=1, value_sum=-1.0)  # Q = -1
+    nodes, parent = _family(a, b)
+    rng = random.Random(0)
+    assert select_child(nodes, parent, 2.0, "zero", 1.0, rng, virtual={}) == 1  # as without (by hand above)
+    # One rollout already went through A (and the parent): A counts N = 4, W = 0, the parent N = 5.
+    # A = 0 + 2*sqrt(ln5/4) = 1.2686;  B = -1 + 2*sqrt(ln5/1) = 1.5372  -> B
+    assert select_child(nodes, parent, 2.0, "zero", 1.0, rng, virtual={0: 1, 1: 1}) == 2
+    # An unvisited child under 'zero' scores 0 until a virtual loss gives it N = 1, Q = -1.
+    c, d = _node(1), _node(2)
+    nodes, parent = _family(c, d)
+    assert select_child(nodes, parent, 0.0, "zero", 1.0, rng, virtual={1: 1}) == 2
+    assert select_child(nodes, parent, 0.0, "zero", 1.0, rng, virtual={2: 1}) == 1
+
+
 def test_unvisited_children_zero_versus_inf():
     a = _node(1, visits=3, value_sum=1.0)  # Q = 1/3
     b = _node(2, visits=1, value_sum=-1.0)

@@ -8,6 +8,7 @@ from mcts.config import ExtractConfig, SearchConfig
 def test_defaults_are_rstar_math_numbers():
     cfg = SearchConfig()
     assert (cfg.c_puct, cfg.max_depth, cfg.max_consecutive_errors, cfg.unvisited) == (2.0, 16, 2, "zero")
+    assert cfg.parallel_rollouts == 1  # one rollout after another, as rStar-Math searches
     assert (cfg.extract.sft_top_n, cfg.extract.pair_top_k) == (2, 2)
     assert not cfg.uses_scorer and SearchConfig(mode="ppm").uses_scorer and SearchConfig(mode="test_time").uses_scorer
 
@@ -19,6 +20,7 @@ def test_defaults_are_rstar_math_numbers():
         ({"children": -2}, "children=-2: must be an integer >= 1"),
         ({"max_depth": 0}, "max_depth=0: must be an integer >= 1"),
         ({"max_consecutive_errors": 0}, "max_consecutive_errors=0: must be an integer >= 1"),
+        ({"parallel_rollouts": 0}, "parallel_rollouts=0: must be an integer >= 1"),
         ({"c_puct": -1.0}, "c_puct=-1.0: must be a finite number >= 0"),
         ({"c_puct": float("nan")}, "c_puct=nan"),
         ({"prior_weight": 0.0}, "prior_weight=0.0: must be a finite number > 0"),

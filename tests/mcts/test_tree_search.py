@@ -12,6 +12,7 @@ from mcts_fakes import (
     TableScript,
     exact_grader,
     final,
+    last_step,
     random_script,
     step,
 )
@@ -202,18 +203,20 @@ def test_test_time_mode_backs_up_the_terminal_ppm_score_and_picks_the_best_answe
 def test_requests_follow_the_protocol_and_errors_say_what_is_wrong():
     s = TreeSearch(P, SearchConfig(rollouts=1, children=2), seed=0, grader=exact_grader)
     req = s.next_request()
-    assert isinstance(req, ProposeRequest) and req.k == 2 and req.state.history == "" and req.state.tree_id == "p1"
-    s.feed([step(A2)])
+    assert isinstance(req, ProposeRequest) and req.k == 2 and req.states[0].history == "" and req.states[0].tree_id == "p1"
+    s.feed([[step(A2)]])
     req = s.next_request()
     assert isinstance(req, ExecBatch) and [r.node_key for r in req.requests] == ["1"]
     with pytest.raises(TypeError, match="the policy returned 'oops'; expected mcts.protocols.Proposal"):
-        TreeSearch(P, SearchConfig(), seed=0, grader=exact_grader).feed(["oops"])
+        TreeSearch(P, SearchConfig(), seed=0, grader=exact_grader).feed([["oops"]])
+    with pytest.raises(TypeError, match=r"for 1 proposal state\(s\); expected one list of mcts.protocols.Proposal"):
+        TreeSearch(P, SearchConfig(), seed=0, grader=exact_grader).feed([step(A2)])  # not wrapped per state
     with pytest.raises(ValueError, match="2 outcomes for 1 exec requests"):
         s.feed([None, None])
     with pytest.raises(ValueError, match="pass a grader"):
         TreeSearch(P, SearchConfig(), seed=0)
     ppm = TreeSearch(P, SearchConfig(mode="ppm", rollouts=1, children=1), seed=0, grader=exact_grader)
-    ppm.feed([step(A2)])
+    ppm.feed([[step(A2)]])
     ppm.feed(InstantExecutor().run(ppm.next_request().requests))
     assert isinstance(ppm.next_request(), ScoreBatch)
     with pytest.raises(ValueError, match=r"node 1 PPM score=1.7: must be a number in \[-1, 1\]"):
@@ -306,6 +309,65 @@ def test_escalate_extends_an_open_tree_and_restarts_an_exhausted_one_with_a_new_
     assert e.tree.root.closed and e.tree.rollouts == 1
     fresh = escalate(e, 8, seed=99)
     assert fresh is not e and fresh.tree.info.seed == 99 and fresh.config.rollouts == 8 and len(fresh.tree) == 1
-    assert fresh.next_request().state.seed != e.tree.info.seed  # sampling seeds derive from the new tree seed
+    assert fresh.next_request().states[0].seed != e.tree.info.seed  # sampling seeds derive from the new tree seed
     with pytest.raises(ValueError, match="escalate only a finished, unsolved search"):
         escalate(fresh, 16, seed=1)
+
+
+def test_parallel_rollouts_expand_different_leaves_together_steered_by_virtual_loss():
+    script = TableScript({
+        "": [step(A2), step(A3)],
+        A2: [final("# The answer is \\boxed{4}")],
+        A3: [final("# The answer is \\boxed{6}")],
+    })
+    s = TreeSearch(P, SearchConfig(rollouts=4, children=2, parallel_rollouts=2), seed=0, grader=exact_grader)
+    # Wave 1: only the root is open and unexpanded, so the second rollout waits for the next wave.
+    req = s.next_request()
+    assert isinstance(req, ProposeRequest) and len(req.states) == 1 and s.tree.rollouts == 1
+    s.feed([script(req.states[0])])
+    s.feed(NamespaceExecutor().run(s.next_request().requests))
+    # Wave 2: rollout 1 continues into one child (an unvisited tie); rollout 2 starts from the root and, with a
+    # virtual loss of -1 on rollout 1's child (Q -1 against the other child's 0), takes the other one.
+    req = s.next_request()
+    assert isinstance(req, ProposeRequest) and s.tree.rollouts == 2
+    assert sorted(last_step(st.history) for st in req.states) == [A2, A3]
+    s.feed([script(st) for st in req.states])
+    ex = s.next_request()
+    assert isinstance(ex, ExecBatch) and len(ex.requests) == 2  # both rollouts' steps in one executor batch
+    s.feed(InstantExecutor().run(ex.requests))
+    # Both answers graded and backed up once each; everything closed after 2 of the 4 rollouts.
+    t = s.tree
+    assert s.done and t.root.closed and t.rollouts == 2 and s.stats.expansions == 3
+    assert (t.root.visits, t.root.value_sum) == (2, 0.0)
+    assert {n.answer: n.verdict for n in t.terminals()} == {"4": "correct", "6": "wrong"}
+
+
+def test_parallel_rollouts_keep_outcomes_exact_reproducible_and_batched():
+    def searches(lanes, mode="terminal"):
+        cfg = SearchConfig(rollouts=8, children=3, mode=mode, parallel_rollouts=lanes)
+        return [TreeSearch(Problem(f"p{i}", f"q{i}", "4"), cfg, seed=i, grader=exact_grader) for i in range(4)]
+
+    serial, parallel = searches(1), searches(3)
+    p1, p3 = ScriptedPolicy(random_script), ScriptedPolicy(random_script)
+    run_search(serial, p1, NamespaceExecutor())
+    run_search(parallel, p3, NamespaceExecutor())
+    for s in parallel:
+        t = s.tree
+        assert s.done and t.rollouts <= 8
+        # each outcome backed up once: the root's N and W are those of the terminals (dead ends stay at their node)
+        outcomes = [n.reward for n in t.terminals()]
+        assert (t.root.visits, t.root.value_sum) == (len(outcomes), sum(outcomes))
+        assert all(n.visits == sum(t.nodes[c].visits for c in n.children if t.nodes[c].status != "dead")
+                   for n in t.nodes.values() if n.status == "open" and n.expanded)
+    assert sum(s.stats.expansions for s in parallel) > 0
+    # more than one expansion of a tree per policy call, so fewer calls for the same rollout budget
+    assert max(len(b) for b in p3.batches) > len(parallel) and len(p3.batches) < len(p1.batches)
+    # the same trees whether the trees run in waves or each on its own
+    alone = [run_one(s, ScriptedPolicy(random_script), NamespaceExecutor()) for s in searches(3)]
+    assert [tree_to_rows(a.tree) for a in alone] == [tree_to_rows(s.tree) for s in parallel]
+    # PPM modes: one scorer batch per wave, holding every rollout's new nodes
+    ppm, scorer = searches(3, mode="ppm"), TableScorer({}, default=0.25)
+    policy = ScriptedPolicy(random_script)
+    run_search(ppm, policy, NamespaceExecutor(), scorer)
+    assert len(scorer.batches) <= len(policy.batches)
+    assert all(n.prior == 0.25 for s in ppm for n in s.tree.nodes.values() if n.id != 0 and n.status == "open")
