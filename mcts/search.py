@@ -233,7 +233,7 @@ class TreeSearch:
                 while node.expanded:  # an expanded open node always has an open child
                     node = tree.nodes[self._select(node, virtual)]
                 if node.id in taken:
-                    continue  # another lane expands it in this wave: start next wave instead
+                    continue  # another lane expands it in this wave: this one waits for the next wave
                 tree.rollouts += 1
                 lane.active = True
             else:
