@@ -232,14 +232,13 @@ class TreeSearch:
                 node = tree.root
                 while node.expanded:  # an expanded open node always has an open child
                     node = tree.nodes[self._select(node, virtual)]
-                if node.id in taken:
-                    continue  # another lane expands it in this wave: this one waits for the next wave
-                tree.rollouts += 1
-                lane.active = True
             else:
                 continue
-            if node.id in taken:  # unreachable: leaves of running rollouts lie in their own new subtrees
-                continue
+            if node.id in taken:
+                continue  # a lane before it expands that node in this wave: this one waits for the next wave
+            if not lane.active:  # a new rollout starts
+                tree.rollouts += 1
+                lane.active = True
             lane.leaf = node.id
             taken.add(node.id)
             self._expanding.append(i)

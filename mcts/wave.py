@@ -41,8 +41,6 @@ def run_wave(searches: Sequence[TreeSearch], policy: Policy, executor: Executor,
     for k, group in by_k.items():
         states = [st for _, req in group for st in req.states]
         outs = policy.propose(states, k)
-        if len(outs) != len(states):
-            raise ValueError(f"policy.propose returned {len(outs)} lists for {len(states)} states")
         for (s, _), proposals in zip(group, _split(outs, [len(req.states) for _, req in group], "policy.propose"),
                                      strict=True):
             s.feed(proposals)
