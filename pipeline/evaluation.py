@@ -7,6 +7,9 @@ the call of ``rounds.evaluate.evaluate`` with the run's engines and sandbox (in-
 Round N evaluates the newest policy trained by round N (else the bootstrap model) and the newest PPM. When both
 are the ones an earlier round evaluated, that round's numbers are copied (``reuse_eval``) with this round's own
 search coverage. ``eval.full_rounds`` picks the rounds that get maj@k and the PPM metrics besides greedy pass@1.
+Greedy chains depend on the policy alone: a greedy-only round whose policy an earlier round evaluated copies that
+evaluation whatever its PPM, and a full round takes the earlier greedy pass@1 (``earlier_greedy``) and measures
+only the rest.
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ def phase_eval(ctx: RoundContext) -> dict:
     if same is not None:
         # Nothing this round trained changed what is evaluated: the earlier numbers stand, re-measuring costs minutes.
         ctx.log.info("eval_reused", round=ctx.round_no, same_as_round=same,
-                     reason="the policy and PPM are the ones an earlier round evaluated")
-        return reuse_eval(ctx.run, ctx.round_no, same, (solved, len(ctx.problems)))
+                     reason="the policy and PPM are the ones an earlier round evaluated" if full else
+                     "a greedy-only evaluation of the policy an earlier round evaluated")
+        return reuse_eval(ctx.run, ctx.round_no, same, (solved, len(ctx.problems)), {"policy": policy, "ppm": ppm})
+    greedy_from = earlier_greedy(ctx.run, ctx.round_no, policy, [p.id for p in ctx.eval_problems])
     return evaluate_model(ctx.cfg, ctx.run, ctx.round_no, policy, ppm, ctx.eval_problems,
-                          ctx.log, trained=trained is not None, train_solved=(solved, len(ctx.problems)), full=full)
+                          ctx.log, trained=trained is not None, train_solved=(solved, len(ctx.problems)), full=full,
+                          greedy_from=greedy_from)
 
 
 def full_eval(cfg: RunConfig, round_no: int) -> bool:
@@ -63,25 +69,62 @@ def models_in_run(run: RunDir, models: dict) -> dict:
     return out
 
 
-def same_models_eval(run: RunDir, round_no: int, models: dict, full: bool) -> int | None:
-    """The previous evaluated round when it evaluated exactly ``models`` (and fully, if this round is full). Models
-    are compared by their names in the run (``models_in_run``) where eval.json records them."""
+def _last_eval(run: RunDir, round_no: int) -> tuple[int, dict] | None:
+    """(round, its eval.json) of the latest round before ``round_no`` that has one."""
     from rounds.report import read_json
 
-    mine = models_in_run(run, models)
     for r in range(round_no - 1, -1, -1):
         ev, _ = read_json(run.root / f"round_{r}" / "eval.json")
-        if ev is None:
-            continue
-        same = ev["models_in_run"] == mine if "models_in_run" in ev else ev.get("models") == models
-        if same and (ev.get("full", True) or not full):
-            return ev.get("same_as_round", r)
-        return None
+        if ev is not None:
+            return r, ev
     return None
 
 
-def reuse_eval(run: RunDir, round_no: int, same: int, train_solved: tuple[int, int]) -> dict:
-    """round_N/eval.json as a copy of round ``same``'s held-out numbers, with this round's own search coverage."""
+def _same(run: RunDir, ev: dict, models: dict, roles: tuple[str, ...]) -> bool:
+    """Whether ``ev`` evaluated ``models`` in ``roles``, compared by their names in the run (``models_in_run``)
+    where eval.json records them."""
+    if "models_in_run" in ev:
+        mine, theirs = models_in_run(run, models), ev["models_in_run"]
+    else:
+        mine, theirs = models, ev.get("models") or {}
+    return all(mine.get(role) == theirs.get(role) for role in roles)
+
+
+def same_models_eval(run: RunDir, round_no: int, models: dict, full: bool) -> int | None:
+    """The previous evaluated round when its numbers are this round's: a full evaluation of exactly ``models`` for
+    a full round; for a greedy-only round, any evaluation of the same policy (greedy chains use no PPM)."""
+    last = _last_eval(run, round_no)
+    if last is None:
+        return None
+    r, ev = last
+    if _same(run, ev, models, ("policy", "ppm") if full else ("policy",)) and (ev.get("full", True) or not full):
+        return ev.get("same_as_round", r)
+    return None
+
+
+def earlier_greedy(run: RunDir, round_no: int, policy: str, problem_ids: list[str]):
+    """The greedy chains of the previous evaluated round (``rounds.evaluate.GreedyFrom``) when it evaluated the same
+    policy on these problems: greedy decoding depends on the policy alone, so a full round whose PPM is new (or
+    that is full where that one was greedy-only) takes them instead of decoding them again. None otherwise."""
+    from rounds.evaluate import GreedyFrom
+
+    last = _last_eval(run, round_no)
+    if last is None:
+        return None
+    r, ev = last
+    if not _same(run, ev, {"policy": policy}, ("policy",)):
+        return None
+    rows = {row.get("id"): row for row in ev.get("problems") or [] if "greedy_correct" in row}
+    if not problem_ids or any(i not in rows for i in problem_ids):
+        return None
+    measured = (ev.get("counts") or {}).get("greedy", {}).get("same_as_round", ev.get("same_as_round", r))
+    return GreedyFrom(round=measured, problems=[rows[i] for i in problem_ids])
+
+
+def reuse_eval(run: RunDir, round_no: int, same: int, train_solved: tuple[int, int],
+               models: dict | None = None) -> dict:
+    """round_N/eval.json as a copy of round ``same``'s held-out numbers, with this round's own search coverage and,
+    when given, this round's ``models`` (a greedy-only copy may have a PPM the copied round had not)."""
     from rounds.report import read_json, write_json_atomic
 
     ev, reason = read_json(run.root / f"round_{same}" / "eval.json")
@@ -89,6 +132,8 @@ def reuse_eval(run: RunDir, round_no: int, same: int, train_solved: tuple[int, i
         raise RuntimeError(f"round {round_no}: cannot reuse round {same}'s evaluation ({reason})")
     solved, n = train_solved
     ev = dict(ev, round=round_no, same_as_round=same)
+    if models is not None:
+        ev.update(models=models, models_in_run=models_in_run(run, models))
     ev["metrics"] = dict(ev["metrics"], train_solved=solved / n if n else None)
     ev["counts"] = dict(ev.get("counts") or {})
     ev["skipped"] = dict(ev.get("skipped") or {})
@@ -101,15 +146,16 @@ def reuse_eval(run: RunDir, round_no: int, same: int, train_solved: tuple[int, i
 
 def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm: str | None, problems: list,
                    log: RunLog, trained: bool = False, train_solved: tuple[int, int] | None = None,
-                   full: bool = True, out_dir: Path | None = None) -> dict:
+                   full: bool = True, out_dir: Path | None = None, greedy_from=None) -> dict:
     """Evaluate one policy (+ PPM) on ``problems``; writes eval.json into ``out_dir`` (default round_N/; round 0 =
-    the base model). ``full`` False: greedy pass@1 only."""
+    the base model). ``full`` False: greedy pass@1 only. ``greedy_from`` (``earlier_greedy``): greedy pass@1 as an
+    earlier round measured it for this policy, not decoded again."""
     from rounds.report import EVAL_FILE, write_json_atomic
 
     out_dir = out_dir if out_dir is not None else run.root / f"round_{round_no}"
     # The models as this driver names them: the task may see them at other paths (a node cache, on object storage).
     models = {"policy": policy, "ppm": ppm}
-    args = (cfg, round_no, policy, ppm, problems, trained, train_solved, full, models)
+    args = (cfg, round_no, policy, ppm, problems, trained, train_solved, full, models, greedy_from)
     log.info("eval_start", round=round_no, policy=policy, ppm=ppm, problems=len(problems))
     # Progress lines reach the run log only in-process; a Ray task's output goes to the job log instead.
     say = None if cfg.ray.gpus_per_engine else (lambda msg: log.info("eval_progress", message=msg))
@@ -125,7 +171,7 @@ def evaluate_model(cfg: RunConfig, run: RunDir, round_no: int, policy: str, ppm:
 
 
 def _evaluate(cfg: RunConfig, round_no: int, policy: str, ppm: str | None, problems: list, trained: bool,
-              train_solved: tuple[int, int] | None, full: bool, models: dict,
+              train_solved: tuple[int, int] | None, full: bool, models: dict, greedy_from,
               say: Callable[[str], None] | None = None, track: Callable | None = None) -> dict:
     import data
     from pipeline.engines import make_policy, make_scorer, with_generation
@@ -147,7 +193,7 @@ def _evaluate(cfg: RunConfig, round_no: int, policy: str, ppm: str | None, probl
                         no_train_reason="round 0 is the base model: no search of its own" if round_no == 0 else None,
                         greedy_only_reason=None if full else f"greedy only at round {round_no} (eval.full_rounds="
                                                              f"{cfg.eval.full_rounds})",
-                        models=models, log=say, track=track)
+                        models=models, greedy_from=greedy_from, log=say, track=track)
 
 
 def write_metrics(ctx: RoundContext) -> None:

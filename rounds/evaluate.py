@@ -104,6 +104,16 @@ class _View:
 
 
 @dataclass(frozen=True)
+class GreedyFrom:
+    """Greedy pass@1 as an earlier evaluation of the same policy measured it: its eval.json rows (``id``,
+    ``greedy_answer``, ``greedy_correct``) for every problem. Greedy chains depend on the policy alone, so
+    ``evaluate`` takes them from here instead of decoding them again."""
+
+    round: int
+    problems: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class ChainResult:
     answer: str | None  # the \boxed{} answer of the chain's terminal; None: no terminal or no answer
     correct: bool
@@ -189,6 +199,7 @@ def evaluate(
     no_train_reason: str | None = None,
     greedy_only_reason: str | None = None,
     models: dict[str, str | None] | None = None,
+    greedy_from: GreedyFrom | None = None,
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     track: Track | None = None,
@@ -200,7 +211,8 @@ def evaluate(
     rollouts and children are set here. ``no_ppm_reason`` / ``no_train_reason`` say why ``scorer`` /
     ``train_solved`` are absent (defaults name the round). ``greedy_only_reason``: measure greedy pass@1 only
     and skip the sampled and PPM metrics with this reason (a CPU run's budget). ``models`` (policy and PPM paths)
-    is stored in the result, so a later round with the same models can reuse it. Returns the ``eval.json`` content as a dict and
+    is stored in the result, so a later round with the same models can reuse it. ``greedy_from``: greedy pass@1 of
+    an earlier evaluation of the same policy, taken instead of measured (``counts.greedy.same_as_round``). Returns the ``eval.json`` content as a dict and
     writes it to ``out_dir/eval.json`` (temp file + rename) when ``out_dir`` is given.
     """
     problems = list(problems)
@@ -225,19 +237,31 @@ def evaluate(
                                          for i, p in zip(ids, problems, strict=True)]
 
     # --- greedy pass@1 ---
-    t = time.perf_counter()
     m = meter("greedy")
-    greedy_runs = run_chains(problems, 1, greedy, executor, grade, search, seed, round_index, "greedy", m)
-    wall["greedy"] = time.perf_counter() - t
-    correct = 0
-    for row, (chain,) in zip(per_problem, greedy_runs, strict=True):
-        row.update(greedy_answer=chain.answer, greedy_correct=chain.correct)
-        correct += chain.correct
+    if greedy_from is not None:
+        answers = _greedy_rows(greedy_from, ids, round_index)
+        for row in per_problem:
+            row.update(answers[row["id"]])
+        correct = sum(row["greedy_correct"] for row in per_problem)
+        counts["greedy"] = {"correct": correct, "problems": n,
+                            "answered": sum(row["greedy_answer"] is not None for row in per_problem),
+                            "same_as_round": greedy_from.round}
+        m.close(f"greedy pass@1 {correct}/{n}, round {greedy_from.round}'s (same policy)")
+        say(f"eval round {round_index}: greedy pass@1 {correct}/{n}, as round {greedy_from.round} measured it "
+            f"(same policy)")
+    else:
+        t = time.perf_counter()
+        greedy_runs = run_chains(problems, 1, greedy, executor, grade, search, seed, round_index, "greedy", m)
+        wall["greedy"] = time.perf_counter() - t
+        correct = 0
+        for row, (chain,) in zip(per_problem, greedy_runs, strict=True):
+            row.update(greedy_answer=chain.answer, greedy_correct=chain.correct)
+            correct += chain.correct
+        counts["greedy"] = {"correct": correct, "problems": n,
+                            "answered": sum(c[0].answer is not None for c in greedy_runs)}
+        m.close(f"greedy pass@1 {correct}/{n}")
+        say(f"eval round {round_index}: greedy pass@1 {correct}/{n} ({wall['greedy']:.1f}s)")
     metrics["greedy_pass1"] = correct / n
-    counts["greedy"] = {"correct": correct, "problems": n,
-                        "answered": sum(c[0].answer is not None for c in greedy_runs)}
-    m.close(f"greedy pass@1 {correct}/{n}")
-    say(f"eval round {round_index}: greedy pass@1 {correct}/{n} ({wall['greedy']:.1f}s)")
 
     if greedy_only_reason is not None:
         for key in ("maj_at_k", "ppm_best_of_n", "ppm_mcts"):
@@ -281,6 +305,20 @@ def evaluate(
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / EVAL_FILE, result)
     return result
+
+
+def _greedy_rows(greedy_from: GreedyFrom, ids: list[str], round_index: int) -> dict[str, dict[str, Any]]:
+    """Problem id -> its greedy answer and verdict from ``greedy_from``, which must cover every id."""
+    rows = {}
+    for row in greedy_from.problems:
+        if "greedy_correct" in row:
+            rows[row["id"]] = {"greedy_answer": row.get("greedy_answer"), "greedy_correct": bool(row["greedy_correct"])}
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise ValueError(f"evaluate(round {round_index}): greedy_from (round {greedy_from.round}) has no greedy "
+                         f"result for {len(missing)} of {len(ids)} problems, e.g. {missing[:3]}; evaluate those "
+                         f"problems anew (greedy_from=None)")
+    return rows
 
 
 def _sampled_metrics(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], metrics: dict[str, Any],

@@ -216,13 +216,17 @@ def build_table(run_dir: str | Path, rounds: list[int]) -> tuple[str, dict[int, 
 
     notes: list[str] = []  # one footnote per distinct (round, reason)
     rows = []
-    for r in rounds:
+    for r, ev in zip(rounds, evals, strict=True):
         row = [f"{r} (base)" if r == 0 else str(r)]
+        greedy_from = None
         if r in reused:
-            note = (f"round {r}: trained no new model, so its held-out numbers are round {reused[r]}'s "
-                    f"(not measured again)")
+            what = "policy and PPM" if ev.get("full", True) else "policy (greedy chains use no PPM)"
+            note = (f"round {r}: the {what} that round {reused[r]} evaluated, so its held-out numbers are round "
+                    f"{reused[r]}'s (not measured again)")
             notes.append(note)
             row[0] += f" [{len(notes)}]"
+        elif isinstance(((ev.get("counts") or {}).get("greedy") or {}).get("same_as_round"), int):
+            greedy_from = ev["counts"]["greedy"]["same_as_round"]
         for key in keys:
             cell = per_round[r][key]
             if cell.value is None:
@@ -230,6 +234,10 @@ def build_table(run_dir: str | Path, rounds: list[int]) -> tuple[str, dict[int, 
                 if note not in notes:
                     notes.append(note)
                 row.append(f"- [{notes.index(note) + 1}]")
+            elif key == "greedy_pass1" and greedy_from is not None:
+                notes.append(f"round {r}: greedy pass@1 is round {greedy_from}'s, which evaluated the same policy "
+                             f"(greedy chains use no PPM; not decoded again)")
+                row.append(f"{cell.text} [{len(notes)}]")
             else:
                 row.append(cell.text)
         rows.append(row)

@@ -103,8 +103,10 @@ def test_a_round_that_changed_no_model_reuses_the_earlier_evaluation(tmp_path):
     assert same_models_eval(run, 2, {"policy": "r1/policy", "ppm": None}, full=False) == 1
     # a full evaluation is not replaced by round 1's greedy-only numbers
     assert same_models_eval(run, 2, {"policy": "r1/policy", "ppm": None}, full=True) is None
-    # a new PPM is a new evaluation
-    assert same_models_eval(run, 2, {"policy": "r1/policy", "ppm": "r2/ppm"}, full=False) is None
+    # a new PPM changes nothing a greedy-only evaluation measures (greedy chains use no PPM) ...
+    assert same_models_eval(run, 2, {"policy": "r1/policy", "ppm": "r2/ppm"}, full=False) == 1
+    # ... but a new policy is a new evaluation
+    assert same_models_eval(run, 2, {"policy": "r2/policy", "ppm": None}, full=False) is None
     # round 1 that trained nothing: the base model again, round 0 was full
     assert same_models_eval(run, 1, {"policy": "base", "ppm": None}, full=False) == 0
 
@@ -118,7 +120,37 @@ def test_a_round_that_changed_no_model_reuses_the_earlier_evaluation(tmp_path):
     # 5/10 -> Wilson [24-76]; 4/8 -> centre (4 + 1.92) / 11.84 = 0.5, half 1.96 * sqrt(2 + 0.96) / 11.84 = 0.285
     assert r2[0].startswith("2 [") and r2[1] == "50.0% (5/10) [24-76]" and r2[5] == "50.0% (4/8) [22-78]"
     note = r2[0][len("2 "):]
-    assert f"{note} round 2: trained no new model, so its held-out numbers are round 1's" in table
+    assert f"{note} round 2: the policy (greedy chains use no PPM) that round 1 evaluated, so its held-out numbers " \
+           f"are round 1's" in table
+
+
+def test_a_full_round_takes_greedy_pass1_from_an_earlier_evaluation_of_its_policy(tmp_path):
+    from pipeline.evaluation import earlier_greedy, reuse_eval
+    from pipeline.storage import RunDir
+    from rounds.report import build_table, write_json_atomic
+
+    run = RunDir(tmp_path / "run")
+    rows = [{"id": "a", "reference": "1", "greedy_answer": "1", "greedy_correct": True},
+            {"id": "b", "reference": "2", "greedy_answer": None, "greedy_correct": False}]
+    _eval_json(run, 2, "r2/policy", "r2/ppm", full=False, greedy=(1, 2), extra={"problems": rows})
+    # round 3 trained nothing: a copy of round 2's, with this round's PPM recorded
+    reuse_eval(run, 3, 2, (1, 2), {"policy": "r2/policy", "ppm": "r3/ppm"})
+    got = earlier_greedy(run, 4, "r2/policy", ["b", "a"])
+    assert got.round == 2  # the round that decoded them, not the copy
+    assert [r["id"] for r in got.problems] == ["b", "a"]
+    assert earlier_greedy(run, 4, "r4/policy", ["a", "b"]) is None  # another policy decodes anew
+    assert earlier_greedy(run, 4, "r2/policy", ["a", "c"]) is None  # a problem it did not evaluate
+    assert earlier_greedy(run, 2, "r2/policy", ["a"]) is None  # no earlier evaluation at all
+    # round 4 evaluates fully with it; the report says whose greedy number it shows
+    write_json_atomic(run.root / "round_4" / "eval.json", {
+        "round": 4, "metrics": {"greedy_pass1": 0.5, "maj_at_k": 1.0, "train_solved": None},
+        "counts": {"greedy": {"correct": 1, "problems": 2, "same_as_round": 2},
+                   "maj": {"k": 2, "correct": 2, "problems": 2}},
+        "skipped": {"train_solved": "x"}, "full": True, "models": {"policy": "r2/policy", "ppm": "r3/ppm"}})
+    table, _ = build_table(run.root, [2, 3, 4])
+    r4 = next(line for line in table.splitlines() if line.startswith("| 4"))
+    note = r4.split("|")[2].strip()[len("50.0% (1/2) [9-91] "):]
+    assert f"{note} round 4: greedy pass@1 is round 2's, which evaluated the same policy" in table
 
 
 def test_unchanged_sft_data_is_not_retrained(tmp_path):

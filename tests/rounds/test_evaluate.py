@@ -27,7 +27,7 @@ import pytest
 from mcts.protocols import ExecRequest, Proposal, SearchState
 from mcts.steps import ANSWER_END, STEP_END, last_boxed
 from rounds.eval_config import EvalConfig
-from rounds.evaluate import TrainSolved, evaluate
+from rounds.evaluate import GreedyFrom, TrainSolved, evaluate
 from rounds.voting import normalise
 
 
@@ -196,6 +196,27 @@ def test_all_metrics_hand_checked(executor, tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text()) == res
     assert [f.name for f in tmp_path.iterdir()] == ["eval.json"]
     assert set(res["wall_s"]) == {"greedy", "samples", "best_of_n", "mcts", "total"}
+
+
+class NoPolicy:
+    def propose(self, states, k):
+        raise AssertionError("greedy chains were decoded although greedy_from holds them")
+
+
+def test_greedy_from_an_earlier_evaluation_is_taken_not_decoded(executor):
+    earlier = _run(executor, None, params=EvalConfig(maj_k=2, best_of_n=2), greedy_only_reason="greedy-only round")
+    full = _run(executor, ScriptedPPM(), params=EvalConfig(maj_k=4, best_of_n=4, mcts_rollouts=2, mcts_children=2),
+                greedy=NoPolicy(), greedy_from=GreedyFrom(round=1, problems=list(reversed(earlier["problems"]))))
+    assert full["metrics"]["greedy_pass1"] == earlier["metrics"]["greedy_pass1"] == pytest.approx(1 / 3)
+    assert full["counts"]["greedy"] == {"correct": 1, "problems": 3, "answered": 2, "same_as_round": 1}
+    assert [(r["greedy_answer"], r["greedy_correct"]) for r in full["problems"]] == [("5", True), ("25", False),
+                                                                                      (None, False)]
+    assert "greedy" not in full["wall_s"]
+    # the rest is measured as usual: the same numbers as the hand-checked full evaluation
+    assert full["metrics"]["maj_at_k"] == full["metrics"]["ppm_mcts"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match=r"greedy_from \(round 1\) has no greedy result for 1 of 3 problems"):
+        _run(executor, None, greedy=NoPolicy(), greedy_only_reason="x",
+             greedy_from=GreedyFrom(round=1, problems=earlier["problems"][:2]))
 
 
 def test_batching_one_policy_batch_per_wave(executor):
