@@ -16,11 +16,11 @@ from mcts.search import ExecBatch, ProposeRequest, ScoreBatch, TreeSearch
 from mcts.seeds import derive_seed, tree_seed
 from mcts.serialize import table_to_trees, tree_from_rows, tree_to_rows, trees_to_table
 from mcts.tree import Tree, TreeInfo
-from mcts.wave import answer_request, run_one, run_search, run_wave
+from mcts.wave import answer_request, run_lanes, run_one, run_search, run_wave
 
 __all__ = [
     "SearchConfig", "ExtractConfig", "TreeSearch", "ProposeRequest", "ExecBatch", "ScoreBatch", "Tree", "TreeInfo",
-    "run_wave", "run_search", "run_one", "answer_request", "extract", "Extracted", "SFTRecord", "PairRecord",
+    "run_wave", "run_search", "run_lanes", "run_one", "answer_request", "extract", "Extracted", "SFTRecord", "PairRecord",
     "StepsRecord", "best_answer", "terminal_answers", "vote", "TerminalAnswer", "tree_to_rows", "tree_from_rows",
     "trees_to_table", "table_to_trees", "derive_seed", "tree_seed",
 ]

@@ -6,13 +6,17 @@ chain level (every tree's steps of that level together), then ONE scorer batch (
 on the per-tree protocol of ``mcts.search.TreeSearch`` and adds no search logic: a tree advanced by
 waves ends exactly as the same tree advanced alone, because each tree's randomness is its own.
 
-A worker that wants generation never to wait for the slowest tree skips this module and drives each
-``TreeSearch`` itself (``next_request`` / ``feed``), e.g. with ``answer_request`` from its own loop.
+A worker that wants generation never to wait for the slowest tree skips the waves and drives each
+``TreeSearch`` itself (``next_request`` / ``feed``), e.g. with ``answer_request`` from its own loop;
+``run_lanes`` does that with one thread per search in flight, for a policy that batches concurrent callers
+itself (the transformers engine's running batch).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 from mcts.protocols import Executor, Policy, Scorer
@@ -101,6 +105,42 @@ def run_search(
     while run_wave(searches, policy, executor, scorer):
         collect()
     collect()
+
+
+def run_lanes(
+    searches: Sequence[TreeSearch],
+    policy: Policy,
+    executor: Executor,
+    scorer: Scorer | None = None,
+    on_done: Callable[[TreeSearch], None] | None = None,
+    lanes: int = 8,
+) -> None:
+    """Run every search on its own, ``lanes`` at a time, each on a thread that answers its requests one by one
+    (``run_one``): a search's next step goes to the policy as soon as its last one is executed, instead of
+    waiting for the slowest tree of a wave. For a policy that batches concurrent callers itself
+    (``concurrent_calls``: the transformers engine's running batch, which ``lanes`` at least as wide as its
+    batch keeps full); one that does not would serve the lanes one call at a time. Each tree ends as it would in
+    waves (its randomness is its own) wherever the engine's rows do not depend on what they are batched with.
+    ``on_done`` is called once per finished search, from one thread at a time. The first error stops the lanes
+    not yet started and is raised once the running ones finish."""
+    if lanes < 1:
+        raise ValueError(f"lanes={lanes!r}: must be >= 1")
+    done_lock = threading.Lock()
+
+    def lane(search: TreeSearch) -> None:
+        run_one(search, policy, executor, scorer)
+        if on_done is not None:
+            with done_lock:
+                on_done(search)
+
+    with ThreadPoolExecutor(max_workers=min(lanes, max(1, len(searches))), thread_name_prefix="lane") as pool:
+        futures = [pool.submit(lane, s) for s in searches]
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in finished and f.exception() is not None), None)
+        if failed is not None:
+            for f in futures:
+                f.cancel()
+            raise failed.exception()
 
 
 def answer_request(

@@ -20,12 +20,20 @@ class EvalConfig:
     # Extra test-time strategies from the registry (rounds.strategies), 'NAME@BUDGET', e.g. [beam@8, dvts@8]:
     # measured in the full evaluations beside the four metrics, exactly as `python -m pipeline solve` runs them.
     strategies: tuple[str, ...] = ()
+    # Chains (greedy and sampled) in flight at once, each on its own (mcts.wave.run_lanes) instead of in waves
+    # that wait for their slowest chain; 0: waves. Only where the engine batches concurrent callers (the
+    # transformers backend). Faster where one chain's steps are the critical path, but under bf16 a row's bits
+    # depend on what it is batched with, and lanes batch by timing: a rerun need not repeat (README, "Evaluation
+    # in lanes"). Waves batch alike every run.
+    chain_lanes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("maj_k", "best_of_n", "mcts_rollouts", "mcts_children"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        if not isinstance(self.chain_lanes, int) or isinstance(self.chain_lanes, bool) or self.chain_lanes < 0:
+            raise ValueError(f"chain_lanes={self.chain_lanes!r}: must be an integer >= 0 (0: chains advance in waves)")
         from rounds.solve import parse_spec
 
         for spec in self.strategies:

@@ -27,10 +27,13 @@ in their parent's state, printed output rendered into the history, the same pars
   children, PPM-initialised Q, each terminal's PPM score backed up) and ``mcts.answers.best_answer``.
 
 Batching: each phase puts every tree of every problem into one ``run_search``, so the policy sees one
-batch per wave across the whole eval set (and the PPM one batch per wave in MCTS). Without a scorer the
+batch per wave across the whole eval set (and the PPM one batch per wave in MCTS). With ``chain_lanes`` the
+chains run in lanes instead (``mcts.wave.run_lanes``: each chain's next step joins the engine's running batch as
+soon as its last one is executed), on an engine that batches concurrent callers. Without a scorer the
 two PPM metrics are skipped with a recorded reason, never filled in.
 
-Seeds derive from (run seed, round, phase, problem id, sample index): a rerun evaluates identically.
+Seeds derive from (run seed, round, phase, problem id, sample index): a rerun evaluates identically (in lanes,
+only where the engine's rows do not depend on what they are batched with, e.g. fp32).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from mcts.protocols import Executor, Grader, Policy, ProblemLike, Scorer, Search
 from mcts.qvalues import check_unit
 from mcts.search import TreeSearch
 from mcts.seeds import derive_seed
-from mcts.wave import run_search
+from mcts.wave import run_lanes, run_search
 from rounds.eval_config import EvalConfig
 from rounds.report import EVAL_FILE, write_json_atomic
 from rounds.solve import parse_spec, solve
@@ -140,9 +143,12 @@ def run_chains(
     round_index: int,
     phase: str,
     meter: Meter | None = None,
+    lanes: int = 0,
 ) -> list[list[ChainResult]]:
     """``samples`` linear chains per problem, all advanced together; result[i][j] = problem i, chain j.
-    ``meter`` counts a problem done when its last chain finishes, solved when one of its chains is correct."""
+    ``meter`` counts a problem done when its last chain finishes, solved when one of its chains is correct.
+    ``lanes`` > 0: that many chains in flight at once, each on its own (``mcts.wave.run_lanes``; only for a policy
+    with ``concurrent_calls``), instead of waves."""
     chain_cfg = replace(search, mode="terminal", rollouts=1, children=1)
     searches = [
         TreeSearch(
@@ -166,7 +172,10 @@ def run_chains(
         if left[i] == 0 and meter is not None:
             meter.update(1, solved=int(solved[i]))
 
-    run_search(searches, policy, executor, on_done=finished)
+    if lanes and getattr(policy, "concurrent_calls", False):
+        run_lanes(searches, policy, executor, on_done=finished, lanes=lanes)
+    else:
+        run_search(searches, policy, executor, on_done=finished)
     out: list[list[ChainResult]] = []
     for i in range(len(problems)):
         row = []
@@ -224,6 +233,9 @@ def evaluate(
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"evaluate(round {round_index}): duplicate problem ids {dup}; ids must be unique")
     say = log or (lambda _msg: None)
+    if params.chain_lanes and not getattr(sampler, "concurrent_calls", False):
+        say(f"eval round {round_index}: eval.chain_lanes={params.chain_lanes} has no effect here: "
+            f"{type(sampler).__name__} does not batch concurrent callers, so chains advance in waves")
 
     def meter(label: str) -> Meter:  # one live counter per metric (``track``), or none
         return track(label, len(problems)) if track is not None else _NoMeter()
@@ -251,7 +263,8 @@ def evaluate(
             f"(same policy)")
     else:
         t = time.perf_counter()
-        greedy_runs = run_chains(problems, 1, greedy, executor, grade, search, seed, round_index, "greedy", m)
+        greedy_runs = run_chains(problems, 1, greedy, executor, grade, search, seed, round_index, "greedy", m,
+                                 lanes=params.chain_lanes)
         wall["greedy"] = time.perf_counter() - t
         correct = 0
         for row, (chain,) in zip(per_problem, greedy_runs, strict=True):
@@ -300,6 +313,8 @@ def evaluate(
         "models": models or {},
         "problems": per_problem,
     }
+    if params.chain_lanes and getattr(sampler, "concurrent_calls", False):
+        result["chain_lanes"] = params.chain_lanes  # batched by timing: under bf16 a rerun need not repeat
     if strategies:
         result["strategies"] = strategies
     if out_dir is not None:
@@ -334,7 +349,8 @@ def _sampled_metrics(problems: Sequence[ProblemLike], per_problem: list[dict[str
     n_samples = max(params.maj_k, params.best_of_n if scorer is not None else 0)
     t = time.perf_counter()
     m = meter(f"{n_samples} samples")
-    sampled = run_chains(problems, n_samples, sampler, executor, grade, search, seed, round_index, "sample", m)
+    sampled = run_chains(problems, n_samples, sampler, executor, grade, search, seed, round_index, "sample", m,
+                         lanes=params.chain_lanes)
     wall["samples"] = time.perf_counter() - t
     correct = any_correct = 0
     k = params.maj_k

@@ -1,6 +1,7 @@
 """Scripted-fake searches whose every visit count and value is computed by hand in the comments."""
 
 import dataclasses
+import threading
 
 import pytest
 from mcts_fakes import (
@@ -21,7 +22,7 @@ from mcts.config import SearchConfig
 from mcts.protocols import Proposal
 from mcts.search import ExecBatch, ProposeRequest, ScoreBatch, TreeSearch
 from mcts.serialize import tree_to_rows
-from mcts.wave import run_one, run_search
+from mcts.wave import run_lanes, run_one, run_search
 
 P = Problem("p1", "What is 2 * 2?", "4")
 A2 = "# a is 2\na = 2\nprint(a)"
@@ -242,6 +243,52 @@ def test_waves_batch_all_trees_and_give_the_same_trees_as_running_each_alone():
     other = _searches(seed_base=100)
     run_search(other, ScriptedPolicy(random_script), NamespaceExecutor())
     assert [tree_to_rows(s.tree) for s in other] != [tree_to_rows(s.tree) for s in waved]
+
+
+class _LockedExecutor(NamespaceExecutor):
+    """The namespace fake behind a lock: its stdout capture is process-wide, the lanes call it from threads."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def run(self, requests):
+        with self._lock:
+            return super().run(requests)
+
+
+class _MeetingPolicy(ScriptedPolicy):
+    """Its first ``parties`` calls wait for one another (a barrier): they pass only if that many are in flight."""
+
+    def __init__(self, script, parties):
+        super().__init__(script)
+        self.barrier, self.calls = threading.Barrier(parties, timeout=2), 0
+        self._lock = threading.Lock()
+
+    def propose(self, states, k):
+        with self._lock:
+            self.calls += 1
+            first = self.calls <= self.barrier.parties
+        if first:
+            self.barrier.wait()
+        return super().propose(states, k)
+
+
+def test_lanes_run_the_trees_at_once_and_give_the_same_trees_as_waves():
+    waved = _searches()
+    run_search(waved, ScriptedPolicy(random_script), NamespaceExecutor())
+    laned, ex, done = _searches(), _LockedExecutor(), []
+    policy = _MeetingPolicy(random_script, parties=4)  # all four trees' first expansions are in flight together
+    run_lanes(laned, policy, ex, on_done=lambda s: done.append(s.tree_id), lanes=4)
+    for w, la in zip(waved, laned, strict=True):
+        assert tree_to_rows(w.tree) == tree_to_rows(la.tree)
+    assert sorted(done) == sorted(ex.released) == ["p0", "p1", "p2", "p3"]
+    assert all(len(b) == 1 for b in policy.batches)  # each lane asks for its own tree's expansion
+    # one lane at a time cannot gather two callers: the barrier breaks, and the error reaches the caller
+    with pytest.raises(threading.BrokenBarrierError):
+        run_lanes(_searches(), _MeetingPolicy(random_script, parties=2), _LockedExecutor(), lanes=1)
+    with pytest.raises(ValueError, match="lanes=0: must be >= 1"):
+        run_lanes(_searches(), ScriptedPolicy(random_script), _LockedExecutor(), lanes=0)
 
 
 def test_ppm_waves_send_one_scorer_batch_per_wave():

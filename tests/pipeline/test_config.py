@@ -55,6 +55,7 @@ def test_dump_then_load_round_trips(tmp_path):
         (["rounds.schedule.0.rollouts=0"], "rollouts=0: must be >= 1"),
         (["search.c_puct=-1"], "search.c_puct=-1"),
         (["ray.rollout_workers=0"], "ray.rollout_workers=0: must be >= 1"),
+        (["eval.chain_lanes=-1"], "chain_lanes=-1: must be an integer >= 0"),
         (["engines.policy_model=./no/such/model"], "engines.policy_model='./no/such/model': no model there"),
         (["rounds.schedule.7.rollouts=3"], "rounds.schedule.7: is a list of 4"),
         (["rounds.schedule.0.q_mode=ppm"], "round 1 has no trained PPM"),

@@ -18,8 +18,10 @@ it wrongly likes p2's "26" (0.95); prefixes without an answer score 0.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -217,6 +219,42 @@ def test_greedy_from_an_earlier_evaluation_is_taken_not_decoded(executor):
     with pytest.raises(ValueError, match=r"greedy_from \(round 1\) has no greedy result for 1 of 3 problems"):
         _run(executor, None, greedy=NoPolicy(), greedy_only_reason="x",
              greedy_from=GreedyFrom(round=1, problems=earlier["problems"][:2]))
+
+
+class LaneScriptedPolicy(ScriptedPolicy):
+    concurrent_calls = True  # as the transformers engine: callers on several threads share its running batch
+
+
+class LockedLiteral(LiteralExecutor):
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def run(self, requests):
+        with self._lock:
+            return super().run(requests)
+
+    def release(self, tree_id):
+        with self._lock:
+            super().release(tree_id)
+
+
+def test_chains_in_lanes_give_the_numbers_of_waves(executor):
+    executor = LockedLiteral() if isinstance(executor, LiteralExecutor) else executor
+    params = EvalConfig(maj_k=4, best_of_n=4, mcts_rollouts=2, mcts_children=2)
+    waves = _run(executor, ScriptedPPM(), params=params)
+    greedy, sampler, said = LaneScriptedPolicy(GREEDY), LaneScriptedPolicy(SAMPLES), []
+    lanes = _run(executor, ScriptedPPM(), params=dataclasses.replace(params, chain_lanes=3), greedy=greedy,
+                 sampler=sampler, log=said.append)
+    assert lanes["metrics"] == waves["metrics"] and lanes["problems"] == waves["problems"]
+    assert lanes["chain_lanes"] == 3 and "chain_lanes" not in waves
+    # every greedy call is one chain's own step (waves send the three problems' first steps together)
+    assert set(greedy.calls) == {1}
+    # a policy that does not batch concurrent callers gets waves, and the log says the setting did nothing
+    plain = _run(executor, None, params=dataclasses.replace(params, chain_lanes=3), log=said.append)
+    assert "chain_lanes" not in plain and plain["metrics"]["maj_at_k"] == waves["metrics"]["maj_at_k"]
+    assert any("eval.chain_lanes=3 has no effect here: ScriptedPolicy does not batch concurrent callers" in m
+               for m in said)
 
 
 def test_batching_one_policy_batch_per_wave(executor):
