@@ -45,7 +45,7 @@ def phase_eval(ctx: RoundContext) -> dict:
                      reason="the policy and PPM are the ones an earlier round evaluated" if full else
                      "a greedy-only evaluation of the policy an earlier round evaluated")
         return reuse_eval(ctx.run, ctx.round_no, same, (solved, len(ctx.problems)), {"policy": policy, "ppm": ppm})
-    greedy_from = earlier_greedy(ctx.run, ctx.round_no, policy, [p.id for p in ctx.eval_problems])
+    greedy_from = earlier_greedy(ctx.run, ctx.round_no, policy, [p.id for p in ctx.eval_problems], ctx.cfg)
     return evaluate_model(ctx.cfg, ctx.run, ctx.round_no, policy, ppm, ctx.eval_problems,
                           ctx.log, trained=trained is not None, train_solved=(solved, len(ctx.problems)), full=full,
                           greedy_from=greedy_from)
@@ -102,11 +102,12 @@ def same_models_eval(run: RunDir, round_no: int, models: dict, full: bool) -> in
     return None
 
 
-def earlier_greedy(run: RunDir, round_no: int, policy: str, problem_ids: list[str]):
+def earlier_greedy(run: RunDir, round_no: int, policy: str, problem_ids: list[str], cfg: RunConfig | None = None):
     """The greedy chains of the previous evaluated round (``rounds.evaluate.GreedyFrom``) when it evaluated the same
-    policy on these problems: greedy decoding depends on the policy alone, so a full round whose PPM is new (or
-    that is full where that one was greedy-only) takes them instead of decoding them again. None otherwise."""
-    from rounds.evaluate import GreedyFrom
+    policy on these problems (with ``cfg``'s seed and search settings, where it recorded them): greedy decoding
+    depends on the policy alone, so a full round whose PPM is new (or that is full where that one was greedy-only)
+    takes them instead of decoding them again. None otherwise."""
+    from rounds.evaluate import GreedyFrom, search_record
 
     last = _last_eval(run, round_no)
     if last is None:
@@ -114,6 +115,9 @@ def earlier_greedy(run: RunDir, round_no: int, policy: str, problem_ids: list[st
     r, ev = last
     if not _same(run, ev, {"policy": policy}, ("policy",)):
         return None
+    if cfg is not None and (ev.get("seed", cfg.seed) != cfg.seed
+                            or ev.get("search", search_record(cfg.search)) != search_record(cfg.search)):
+        return None  # a resumed run whose settings changed (--force): its chains would differ
     rows = {row.get("id"): row for row in ev.get("problems") or [] if "greedy_correct" in row}
     if not problem_ids or any(i not in rows for i in problem_ids):
         return None

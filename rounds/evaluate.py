@@ -306,8 +306,7 @@ def evaluate(
         "skipped": skipped,
         "wall_s": {k_: round(v_, 3) for k_, v_ in wall.items()},
         "params": params.budgets(),
-        "search": {"c_puct": search.c_puct, "max_depth": search.max_depth, "unvisited": search.unvisited,
-                   "max_consecutive_errors": search.max_consecutive_errors, "prior_weight": search.prior_weight},
+        "search": search_record(search),
         "seed": seed,
         "full": greedy_only_reason is None,
         "models": models or {},
@@ -320,6 +319,12 @@ def evaluate(
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / EVAL_FILE, result)
     return result
+
+
+def search_record(search: SearchConfig) -> dict[str, Any]:
+    """The search settings an evaluation's chains and MCTS share, as eval.json records them."""
+    return {"c_puct": search.c_puct, "max_depth": search.max_depth, "unvisited": search.unvisited,
+            "max_consecutive_errors": search.max_consecutive_errors, "prior_weight": search.prior_weight}
 
 
 def _greedy_rows(greedy_from: GreedyFrom, ids: list[str], round_index: int) -> dict[str, dict[str, Any]]:

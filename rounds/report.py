@@ -220,9 +220,10 @@ def build_table(run_dir: str | Path, rounds: list[int]) -> tuple[str, dict[int, 
         row = [f"{r} (base)" if r == 0 else str(r)]
         greedy_from = None
         if r in reused:
-            what = "policy and PPM" if ev.get("full", True) else "policy (greedy chains use no PPM)"
-            note = (f"round {r}: the {what} that round {reused[r]} evaluated, so its held-out numbers are round "
-                    f"{reused[r]}'s (not measured again)")
+            what = ("the policy and PPM" if ev.get("full", True)
+                    else "the policy (a greedy-only evaluation, which uses no PPM)")
+            note = (f"round {r}: evaluates {what} that round {reused[r]} evaluated, so its held-out numbers are "
+                    f"round {reused[r]}'s (not measured again)")
             notes.append(note)
             row[0] += f" [{len(notes)}]"
         elif isinstance(((ev.get("counts") or {}).get("greedy") or {}).get("same_as_round"), int):

@@ -1,5 +1,7 @@
 """Driver decisions that need no cluster (the phases themselves run in tests/test_end_to_end.py)."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 from pipeline.config import load_config
@@ -120,8 +122,8 @@ def test_a_round_that_changed_no_model_reuses_the_earlier_evaluation(tmp_path):
     # 5/10 -> Wilson [24-76]; 4/8 -> centre (4 + 1.92) / 11.84 = 0.5, half 1.96 * sqrt(2 + 0.96) / 11.84 = 0.285
     assert r2[0].startswith("2 [") and r2[1] == "50.0% (5/10) [24-76]" and r2[5] == "50.0% (4/8) [22-78]"
     note = r2[0][len("2 "):]
-    assert f"{note} round 2: the policy (greedy chains use no PPM) that round 1 evaluated, so its held-out numbers " \
-           f"are round 1's" in table
+    assert f"{note} round 2: evaluates the policy (a greedy-only evaluation, which uses no PPM) that round 1 " \
+           f"evaluated, so its held-out numbers are round 1's" in table
 
 
 def test_a_full_round_takes_greedy_pass1_from_an_earlier_evaluation_of_its_policy(tmp_path):
@@ -141,6 +143,16 @@ def test_a_full_round_takes_greedy_pass1_from_an_earlier_evaluation_of_its_polic
     assert earlier_greedy(run, 4, "r4/policy", ["a", "b"]) is None  # another policy decodes anew
     assert earlier_greedy(run, 4, "r2/policy", ["a", "c"]) is None  # a problem it did not evaluate
     assert earlier_greedy(run, 2, "r2/policy", ["a"]) is None  # no earlier evaluation at all
+    # a resumed run whose seed or search settings changed (--force) decodes anew
+    from rounds.evaluate import search_record
+
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    write_json_atomic(run.root / "round_3" / "eval.json", dict(
+        json.loads((run.root / "round_3" / "eval.json").read_text()), seed=cfg.seed, search=search_record(cfg.search)))
+    assert earlier_greedy(run, 4, "r2/policy", ["a", "b"], cfg).round == 2
+    assert earlier_greedy(run, 4, "r2/policy", ["a", "b"], dataclasses.replace(cfg, seed=cfg.seed + 1)) is None
+    deeper = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, max_depth=cfg.search.max_depth + 1))
+    assert earlier_greedy(run, 4, "r2/policy", ["a", "b"], deeper) is None
     # round 4 evaluates fully with it; the report says whose greedy number it shows
     write_json_atomic(run.root / "round_4" / "eval.json", {
         "round": 4, "metrics": {"greedy_pass1": 0.5, "maj_at_k": 1.0, "train_solved": None},
