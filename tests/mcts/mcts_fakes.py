@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,25 @@ class Outcome:
     ok: bool
     error: str | None
     stdout: str
+
+
+class Locked:
+    """A fake executor behind one lock, for callers on several threads (``mcts.wave.run_lanes``): the fakes keep
+    plain dicts, and ``NamespaceExecutor`` captures stdout process-wide."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self._lock = inner, threading.Lock()
+
+    def run(self, requests):
+        with self._lock:
+            return self.inner.run(requests)
+
+    def release(self, tree_id: str) -> None:
+        with self._lock:
+            self.inner.release(tree_id)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
 
 class NamespaceExecutor:

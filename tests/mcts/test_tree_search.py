@@ -6,6 +6,7 @@ import threading
 import pytest
 from mcts_fakes import (
     InstantExecutor,
+    Locked,
     NamespaceExecutor,
     Problem,
     ScriptedPolicy,
@@ -245,18 +246,6 @@ def test_waves_batch_all_trees_and_give_the_same_trees_as_running_each_alone():
     assert [tree_to_rows(s.tree) for s in other] != [tree_to_rows(s.tree) for s in waved]
 
 
-class _LockedExecutor(NamespaceExecutor):
-    """The namespace fake behind a lock: its stdout capture is process-wide, the lanes call it from threads."""
-
-    def __init__(self):
-        super().__init__()
-        self._lock = threading.Lock()
-
-    def run(self, requests):
-        with self._lock:
-            return super().run(requests)
-
-
 class _MeetingPolicy(ScriptedPolicy):
     """Its first ``parties`` calls wait for one another (a barrier): they pass only if that many are in flight."""
 
@@ -277,7 +266,7 @@ class _MeetingPolicy(ScriptedPolicy):
 def test_lanes_run_the_trees_at_once_and_give_the_same_trees_as_waves():
     waved = _searches()
     run_search(waved, ScriptedPolicy(random_script), NamespaceExecutor())
-    laned, ex, done = _searches(), _LockedExecutor(), []
+    laned, ex, done = _searches(), Locked(NamespaceExecutor()), []
     policy = _MeetingPolicy(random_script, parties=4)  # all four trees' first expansions are in flight together
     run_lanes(laned, policy, ex, on_done=lambda s: done.append(s.tree_id), lanes=4)
     for w, la in zip(waved, laned, strict=True):
@@ -286,9 +275,9 @@ def test_lanes_run_the_trees_at_once_and_give_the_same_trees_as_waves():
     assert all(len(b) == 1 for b in policy.batches)  # each lane asks for its own tree's expansion
     # one lane at a time cannot gather two callers: the barrier breaks, and the error reaches the caller
     with pytest.raises(threading.BrokenBarrierError):
-        run_lanes(_searches(), _MeetingPolicy(random_script, parties=2), _LockedExecutor(), lanes=1)
+        run_lanes(_searches(), _MeetingPolicy(random_script, parties=2), Locked(NamespaceExecutor()), lanes=1)
     with pytest.raises(ValueError, match="lanes=0: must be >= 1"):
-        run_lanes(_searches(), ScriptedPolicy(random_script), _LockedExecutor(), lanes=0)
+        run_lanes(_searches(), ScriptedPolicy(random_script), Locked(NamespaceExecutor()), lanes=0)
 
 
 def test_ppm_waves_send_one_scorer_batch_per_wave():

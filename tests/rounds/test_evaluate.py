@@ -21,7 +21,6 @@ import ast
 import dataclasses
 import json
 import re
-import threading
 from dataclasses import dataclass
 
 import pytest
@@ -31,6 +30,7 @@ from mcts.steps import ANSWER_END, STEP_END, last_boxed
 from rounds.eval_config import EvalConfig
 from rounds.evaluate import GreedyFrom, TrainSolved, evaluate
 from rounds.voting import normalise
+from tests.mcts.mcts_fakes import Locked
 
 
 @dataclass(frozen=True)
@@ -225,22 +225,8 @@ class LaneScriptedPolicy(ScriptedPolicy):
     concurrent_calls = True  # as the transformers engine: callers on several threads share its running batch
 
 
-class LockedLiteral(LiteralExecutor):
-    def __init__(self):
-        super().__init__()
-        self._lock = threading.Lock()
-
-    def run(self, requests):
-        with self._lock:
-            return super().run(requests)
-
-    def release(self, tree_id):
-        with self._lock:
-            super().release(tree_id)
-
-
 def test_chains_in_lanes_give_the_numbers_of_waves(executor):
-    executor = LockedLiteral() if isinstance(executor, LiteralExecutor) else executor
+    executor = Locked(LiteralExecutor()) if isinstance(executor, LiteralExecutor) else executor
     params = EvalConfig(maj_k=4, best_of_n=4, mcts_rollouts=2, mcts_children=2)
     waves = _run(executor, ScriptedPPM(), params=params)
     greedy, sampler, said = LaneScriptedPolicy(GREEDY), LaneScriptedPolicy(SAMPLES), []
