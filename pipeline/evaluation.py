@@ -44,7 +44,8 @@ def phase_eval(ctx: RoundContext) -> dict:
         ctx.log.info("eval_reused", round=ctx.round_no, same_as_round=same,
                      reason="the policy and PPM are the ones an earlier round evaluated" if full else
                      "a greedy-only evaluation of the policy an earlier round evaluated")
-        return reuse_eval(ctx.run, ctx.round_no, same, (solved, len(ctx.problems)), {"policy": policy, "ppm": ppm})
+        return reuse_eval(ctx.run, ctx.round_no, same, (solved, len(ctx.problems)), {"policy": policy, "ppm": ppm},
+                          greedy_only=None if full else greedy_only_reason(ctx.cfg, ctx.round_no))
     greedy_from = earlier_greedy(ctx.run, ctx.round_no, policy, [p.id for p in ctx.eval_problems], ctx.cfg)
     return evaluate_model(ctx.cfg, ctx.run, ctx.round_no, policy, ppm, ctx.eval_problems,
                           ctx.log, trained=trained is not None, train_solved=(solved, len(ctx.problems)), full=full,
@@ -54,6 +55,11 @@ def phase_eval(ctx: RoundContext) -> dict:
 def full_eval(cfg: RunConfig, round_no: int) -> bool:
     """Whether ``round_no`` gets maj@k and the PPM metrics besides greedy pass@1 (``eval.full_rounds``)."""
     return cfg.eval.full_rounds is None or round_no in cfg.eval.full_rounds
+
+
+def greedy_only_reason(cfg: RunConfig, round_no: int) -> str:
+    """Why a round that is not full skips maj@k and the PPM metrics (the report's footnote)."""
+    return f"greedy only at round {round_no} (eval.full_rounds={cfg.eval.full_rounds})"
 
 
 def models_in_run(run: RunDir, models: dict) -> dict:
@@ -126,9 +132,10 @@ def earlier_greedy(run: RunDir, round_no: int, policy: str, problem_ids: list[st
 
 
 def reuse_eval(run: RunDir, round_no: int, same: int, train_solved: tuple[int, int],
-               models: dict | None = None) -> dict:
+               models: dict | None = None, greedy_only: str | None = None) -> dict:
     """round_N/eval.json as a copy of round ``same``'s held-out numbers, with this round's own search coverage and,
-    when given, this round's ``models`` (a greedy-only copy may have a PPM the copied round had not)."""
+    when given, this round's ``models`` (a greedy-only copy may have a PPM the copied round had not) and this
+    round's reason for skipping what a greedy-only evaluation skips (``greedy_only``)."""
     from rounds.report import read_json, write_json_atomic
 
     ev, reason = read_json(run.root / f"round_{same}" / "eval.json")
@@ -141,6 +148,8 @@ def reuse_eval(run: RunDir, round_no: int, same: int, train_solved: tuple[int, i
     ev["metrics"] = dict(ev["metrics"], train_solved=solved / n if n else None)
     ev["counts"] = dict(ev.get("counts") or {})
     ev["skipped"] = dict(ev.get("skipped") or {})
+    if greedy_only is not None:
+        ev["skipped"].update({k: greedy_only for k in ("maj_at_k", "ppm_best_of_n", "ppm_mcts") if k in ev["skipped"]})
     if n:
         ev["counts"]["train"] = {"solved": solved, "problems": n}
         ev["skipped"].pop("train_solved", None)
@@ -195,8 +204,7 @@ def _evaluate(cfg: RunConfig, round_no: int, policy: str, ppm: str | None, probl
                         search=cfg.search, seed=cfg.seed, train_solved=solved,
                         no_ppm_reason=None if ppm else "no PPM trained yet at this round",
                         no_train_reason="round 0 is the base model: no search of its own" if round_no == 0 else None,
-                        greedy_only_reason=None if full else f"greedy only at round {round_no} (eval.full_rounds="
-                                                             f"{cfg.eval.full_rounds})",
+                        greedy_only_reason=None if full else greedy_only_reason(cfg, round_no),
                         models=models, greedy_from=greedy_from, log=say, track=track)
 
 

@@ -114,6 +114,12 @@ def test_a_round_that_changed_no_model_reuses_the_earlier_evaluation(tmp_path):
 
     out = reuse_eval(run, 2, 1, (4, 8))
     assert out["same_as_round"] == 1 and out["metrics"]["greedy_pass1"] == 0.5
+    # what the copy skips, it skips for this round's reason, not the copied round's
+    _eval_json(run, 1, "r1/policy", None, full=False, greedy=(5, 10),
+               extra={"skipped": {"maj_at_k": "greedy only at round 1", "train_solved": "x"}})
+    assert reuse_eval(run, 2, 1, (4, 8), greedy_only="greedy only at round 2")["skipped"] == {
+        "maj_at_k": "greedy only at round 2"}
+    out = reuse_eval(run, 2, 1, (4, 8))
     assert out["metrics"]["train_solved"] == 0.5  # round 2's own search: 4/8
     # a chain of reuses points at the round that was measured
     assert same_models_eval(run, 3, {"policy": "r1/policy", "ppm": None}, full=False) == 1
