@@ -149,7 +149,9 @@ def reuse_eval(run: RunDir, round_no: int, same: int, train_solved: tuple[int, i
     ev["counts"] = dict(ev.get("counts") or {})
     ev["skipped"] = dict(ev.get("skipped") or {})
     if greedy_only is not None:
-        ev["skipped"].update({k: greedy_only for k in ("maj_at_k", "ppm_best_of_n", "ppm_mcts") if k in ev["skipped"]})
+        from rounds.evaluate import FULL_ONLY_KEYS
+
+        ev["skipped"].update({k: greedy_only for k in FULL_ONLY_KEYS if k in ev["skipped"]})
     if n:
         ev["counts"]["train"] = {"solved": solved, "problems": n}
         ev["skipped"].pop("train_solved", None)

@@ -59,6 +59,7 @@ from rounds.strategies.base import SolveContext
 from rounds.voting import Equivalent, best_scored, majority_vote
 
 METRIC_KEYS = ("greedy_pass1", "maj_at_k", "ppm_best_of_n", "ppm_mcts", "train_solved")
+FULL_ONLY_KEYS = ("maj_at_k", "ppm_best_of_n", "ppm_mcts")  # what a greedy-only evaluation skips
 
 
 class _NoMeter:
@@ -233,7 +234,9 @@ def evaluate(
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"evaluate(round {round_index}): duplicate problem ids {dup}; ids must be unique")
     say = log or (lambda _msg: None)
-    if params.chain_lanes and not getattr(sampler, "concurrent_calls", False):
+    # run_chains uses lanes only on an engine that batches concurrent callers (``greedy`` shares ``sampler``'s).
+    lanes = params.chain_lanes if getattr(sampler, "concurrent_calls", False) else 0
+    if params.chain_lanes and not lanes:
         say(f"eval round {round_index}: eval.chain_lanes={params.chain_lanes} has no effect here: "
             f"{type(sampler).__name__} does not batch concurrent callers, so chains advance in waves")
 
@@ -277,7 +280,7 @@ def evaluate(
     metrics["greedy_pass1"] = correct / n
 
     if greedy_only_reason is not None:
-        for key in ("maj_at_k", "ppm_best_of_n", "ppm_mcts"):
+        for key in FULL_ONLY_KEYS:
             skipped[key] = greedy_only_reason
     else:
         _sampled_metrics(problems, per_problem, metrics, counts, skipped, wall, sampler=sampler, executor=executor,
@@ -312,8 +315,8 @@ def evaluate(
         "models": models or {},
         "problems": per_problem,
     }
-    if params.chain_lanes and getattr(sampler, "concurrent_calls", False):
-        result["chain_lanes"] = params.chain_lanes  # batched by timing: under bf16 a rerun need not repeat
+    if lanes:
+        result["chain_lanes"] = lanes  # batched by timing: under bf16 a rerun need not repeat
     if strategies:
         result["strategies"] = strategies
     if out_dir is not None:

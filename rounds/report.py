@@ -218,7 +218,8 @@ def build_table(run_dir: str | Path, rounds: list[int]) -> tuple[str, dict[int, 
     rows = []
     for r, ev in zip(rounds, evals, strict=True):
         row = [f"{r} (base)" if r == 0 else str(r)]
-        greedy_from = None
+        # the round whose greedy chains this full evaluation took (counts.greedy.same_as_round), if any
+        greedy_from = None if r in reused else ((ev.get("counts") or {}).get("greedy") or {}).get("same_as_round")
         if r in reused:
             what = ("the policy and PPM" if ev.get("full", True)
                     else "the policy (a greedy-only evaluation, which uses no PPM)")
@@ -226,8 +227,6 @@ def build_table(run_dir: str | Path, rounds: list[int]) -> tuple[str, dict[int, 
                     f"round {reused[r]}'s (not measured again)")
             notes.append(note)
             row[0] += f" [{len(notes)}]"
-        elif isinstance(((ev.get("counts") or {}).get("greedy") or {}).get("same_as_round"), int):
-            greedy_from = ev["counts"]["greedy"]["same_as_round"]
         for key in keys:
             cell = per_round[r][key]
             if cell.value is None:
@@ -235,7 +234,7 @@ def build_table(run_dir: str | Path, rounds: list[int]) -> tuple[str, dict[int, 
                 if note not in notes:
                     notes.append(note)
                 row.append(f"- [{notes.index(note) + 1}]")
-            elif key == "greedy_pass1" and greedy_from is not None:
+            elif key == "greedy_pass1" and isinstance(greedy_from, int):
                 notes.append(f"round {r}: greedy pass@1 is round {greedy_from}'s, which evaluated the same policy "
                              f"(greedy chains use no PPM; not decoded again)")
                 row.append(f"{cell.text} [{len(notes)}]")
