@@ -34,6 +34,7 @@ from pipeline.engines.config import GenerationConfig
 from pipeline.engines.prompts import PromptBuilder
 
 _TOPK_FIRST = 256  # candidates tried before a full sort for top-p
+_PREFIX_FORWARDS = 4  # most forwards of the shared prefix made to get two that agree bit for bit
 # The fast-path probe's greedy check decodes this question in the engine's own prompt (pipeline.engines.fastpath).
 PROBE_QUESTION = "Tom has 12 apples and buys 30 more. How many apples does he have now?"
 
@@ -149,6 +150,7 @@ class TransformersPolicy:
         self.max_batch_rows = max_batch_rows
         self.share_prefix = share_prefix
         self.stats = GenStats()
+        self.prefix_disagreements = 0  # extra forwards the shared prefix's KV took to repeat (_agreed_prefix_kv)
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -222,20 +224,12 @@ class TransformersPolicy:
         """The builder's shared prefix (instruction + examples) as token ids; its KV is computed on first use
         (every prompt of the engine starts with it) and pinned in the prefix store, or, under cascade attention,
         held once by the running batch (the store then keeps what follows it: an empty pinned entry here)."""
-        import torch
-
-        from pipeline.engines.kv_cache import cache_kwargs, growing_cache, row_kv
-
         batch = self.batch  # shared with with_generation's views of this engine
         if batch.prefix_ids is None:
             text = self.builder.shared_prefix if self.share_prefix else ""
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
             if ids:
-                cache = growing_cache(self.model.config)
-                with torch.inference_mode():
-                    self.model(input_ids=torch.tensor([ids], device=self.device), **cache_kwargs(self.model, cache),
-                               use_cache=True, logits_to_keep=1)
-                    kv = row_kv(cache, 0, torch.arange(len(ids)))
+                kv = self._agreed_prefix_kv(ids)
                 if self.cascade:
                     batch.shared = kv
                     kv = [(k[..., :0, :], v[..., :0, :]) for k, v in kv]
@@ -243,6 +237,42 @@ class TransformersPolicy:
                 self.stats.prefill_tokens += len(ids)
             batch.prefix_ids = ids
         return batch.prefix_ids
+
+    def _agreed_prefix_kv(self, ids: list[int]) -> list:
+        """The shared prefix's per-layer KV, from a forward that an identical second forward reproduces bit for bit.
+
+        Every request of the engine's lifetime attends to this KV, so a wrong bit in it moves every sampled text.
+        In the engine actor of a Ray run, the first forward of the prefix gave other KV than the same forward
+        repeated right after, about once in ten starts (tiny-random kill-resume test, 2026-12-02; not
+        reproduced outside Ray, cause not found). Forwards are repeated until two in a row agree."""
+        import torch
+
+        from pipeline.engines.kv_cache import cache_kwargs, growing_cache, row_kv
+
+        def forward() -> list:
+            cache = growing_cache(self.model.config)
+            with torch.inference_mode():
+                self.model(input_ids=torch.tensor([ids], device=self.device), **cache_kwargs(self.model, cache),
+                           use_cache=True, logits_to_keep=1)
+                return row_kv(cache, 0, torch.arange(len(ids)))
+
+        def same(a: list, b: list) -> bool:
+            return all(torch.equal(ka, kb) and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(a, b, strict=True))
+
+        kv = forward()
+        for n in range(2, _PREFIX_FORWARDS + 1):
+            again = forward()
+            if same(kv, again):
+                if n > 2:
+                    self.prefix_disagreements = n - 2
+                    print(f"transformers engine: warning: the shared prefix's KV ({len(ids)} tokens) differed between "
+                          f"identical forwards; forwards {n - 1} and {n} agreed and are used", file=sys.stderr,
+                          flush=True)
+                return again
+            kv = again
+        raise EngineError(f"the shared prefix's KV ({len(ids)} tokens) differed in each of {_PREFIX_FORWARDS} identical "
+                          f"forwards: this process's numerics are not repeatable; set "
+                          f"engines.shared_prefix_attention: false and engines.prefix_cache_mb: 0 to run without it")
 
     def _hit_stop(self, row: list[int]) -> bool:
         tail = self.tokenizer.decode(row[-self._tail :], skip_special_tokens=True)

@@ -120,6 +120,49 @@ def test_a_failing_tick_fails_the_requests_and_the_batch_recovers(tiny, tok):
     assert pol.propose(_states(1), 2) == _policy(tiny, tok).propose(_states(1), 2)
 
 
+def _perturb_forwards(model, calls: int):
+    """Make the model's next ``calls`` forwards write other keys into their cache (each a different amount)."""
+    from transformers import DynamicCache
+
+    seen = []
+
+    def hook(module, args, kwargs, output):
+        if len(seen) < calls:
+            seen.append(1)
+            cache = next(v for v in kwargs.values() if isinstance(v, DynamicCache))
+            cache.layers[0].keys.add_(1e-3 * len(seen))
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_the_shared_prefix_kv_is_the_one_two_identical_forwards_agree_on(tiny, tok, capsys):
+    clean = _policy(tiny, tok)
+    clean.propose(_states(1), 2)
+    pol = _policy(tiny, tok)
+    handle = _perturb_forwards(pol.model, 1)  # the prefix's first forward goes wrong, as seen in a Ray actor
+    try:
+        got = pol.propose(_states(1), 2)
+    finally:
+        handle.remove()
+    assert pol.prefix_disagreements == 1 and clean.prefix_disagreements == 0
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(pol.batch.shared, clean.batch.shared, strict=True))
+    assert got == clean.propose(_states(1), 2)
+    assert "differed between identical forwards" in capsys.readouterr().err
+
+
+def test_a_prefix_kv_that_never_repeats_is_an_error(tiny, tok):
+    from pipeline.engines.common import EngineError
+
+    pol = _policy(tiny, tok)
+    handle = _perturb_forwards(pol.model, 10)
+    try:
+        with pytest.raises(EngineError, match="differed in each of 4 identical forwards"):
+            pol.propose(_states(1), 2)
+    finally:
+        handle.remove()
+
+
 # -- shared histories ---------------------------------------------------------------------------------
 
 
