@@ -243,7 +243,7 @@ class TransformersPolicy:
 
         Every request of the engine's lifetime attends to this KV, so a wrong bit in it moves every sampled text.
         In the engine actor of a Ray run, the first forward of the prefix gave other KV than the same forward
-        repeated right after, about once in ten starts (tiny-random kill-resume test, 2026-12-02; not
+        repeated right after, in a few starts of a hundred (tiny-random kill-resume test, 2026-12-02; not
         reproduced outside Ray, cause not found). Forwards are repeated until two in a row agree, at most
         ``_PREFIX_FORWARDS``; if none do, the last is used with a warning (a run goes on, less repeatable)."""
         import torch
