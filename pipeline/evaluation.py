@@ -124,10 +124,10 @@ def earlier_greedy(run: RunDir, round_no: int, policy: str, problem_ids: list[st
     if cfg is not None and (ev.get("seed", cfg.seed) != cfg.seed
                             or ev.get("search", search_record(cfg.search)) != search_record(cfg.search)):
         return None  # a resumed run whose settings changed (--force): its chains would differ
-    rows = {row.get("id"): row for row in ev.get("problems") or [] if "greedy_correct" in row}
+    measured = (ev.get("counts") or {}).get("greedy", {}).get("same_as_round", ev.get("same_as_round", r))
+    rows = GreedyFrom(round=measured, problems=list(ev.get("problems") or [])).by_id()
     if not problem_ids or any(i not in rows for i in problem_ids):
         return None
-    measured = (ev.get("counts") or {}).get("greedy", {}).get("same_as_round", ev.get("same_as_round", r))
     return GreedyFrom(round=measured, problems=[rows[i] for i in problem_ids])
 
 

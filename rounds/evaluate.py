@@ -116,6 +116,10 @@ class GreedyFrom:
     round: int
     problems: list[dict[str, Any]]
 
+    def by_id(self) -> dict[str, dict[str, Any]]:
+        """Problem id -> its row, for the rows that hold a greedy result."""
+        return {row.get("id"): row for row in self.problems if "greedy_correct" in row}
+
 
 @dataclass(frozen=True)
 class ChainResult:
@@ -332,16 +336,14 @@ def search_record(search: SearchConfig) -> dict[str, Any]:
 
 def _greedy_rows(greedy_from: GreedyFrom, ids: list[str], round_index: int) -> dict[str, dict[str, Any]]:
     """Problem id -> its greedy answer and verdict from ``greedy_from``, which must cover every id."""
-    rows = {}
-    for row in greedy_from.problems:
-        if "greedy_correct" in row:
-            rows[row["id"]] = {"greedy_answer": row.get("greedy_answer"), "greedy_correct": bool(row["greedy_correct"])}
+    rows = greedy_from.by_id()
     missing = [i for i in ids if i not in rows]
     if missing:
         raise ValueError(f"evaluate(round {round_index}): greedy_from (round {greedy_from.round}) has no greedy "
                          f"result for {len(missing)} of {len(ids)} problems, e.g. {missing[:3]}; evaluate those "
                          f"problems anew (greedy_from=None)")
-    return rows
+    return {i: {"greedy_answer": rows[i].get("greedy_answer"), "greedy_correct": bool(rows[i]["greedy_correct"])}
+            for i in ids}
 
 
 def _sampled_metrics(problems: Sequence[ProblemLike], per_problem: list[dict[str, Any]], metrics: dict[str, Any],
