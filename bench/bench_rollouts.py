@@ -200,6 +200,10 @@ def main() -> None:
             total = sum(st.engine_parts_s.values())
             parts = ", ".join(f"{p} {s:.1f} s ({s / total:.0%})" for p, s in st.engine_parts_s.items())
             print(f"{g}: {st.engine_rows_per_tick:.1f} rows per decode step; the running batch's time: {parts}")
+    for g, st in results.items():
+        if st.engine_prefix_hit_rate:
+            print(f"{g}: {st.engine_prefix_hit_rate:.1%} of the requests' prompt tokens came from the engine's "
+                  f"prefix cache (shared prefix + tree prefixes; vLLM: its prefix cache)")
     base_g = next(iter(results))
     base = results[base_g]
     for g, st in results.items():

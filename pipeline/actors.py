@@ -77,6 +77,10 @@ class EngineStats:
     # a tick (prefill, join, sample, retire, decode); empty for backends that do not keep them.
     decode_ticks: int = 0
     parts_s: dict[str, float] = field(default_factory=dict)
+    # Prompt tokens of the requests, and of those the ones a cache served (the transformers backend's shared
+    # prefix and prefix store, vLLM's prefix cache): their ratio is the engine's prefix hit rate.
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class _Metered:
@@ -92,7 +96,7 @@ class _Metered:
         self._busy_since = 0.0
 
     def _tokens(self) -> int:
-        # The transformers backend keeps cumulative counters in ``stats`` (pipeline.engines.hf_policy.GenStats).
+        # The policy backends keep cumulative counters in ``stats`` (pipeline.engines.common.GenStats).
         return int(getattr(getattr(self.backend, "stats", None), "new_tokens", 0) or 0)
 
     def _timed(self, fn: Callable[[], list], n_items: int) -> list:
@@ -123,7 +127,9 @@ class _Metered:
         parts = {p: float(getattr(gen, f"{p}_s")) for p in BATCH_PARTS if hasattr(gen, f"{p}_s")}
         return EngineStats(busy_s=self._busy, calls=self._calls, items=self._items, outputs=self._outputs,
                            tokens=self._tokens(), started_at=self._started, pid=os.getpid(),
-                           decode_ticks=int(getattr(gen, "decode_ticks", 0) or 0), parts_s=parts)
+                           decode_ticks=int(getattr(gen, "decode_ticks", 0) or 0), parts_s=parts,
+                           prompt_tokens=int(getattr(gen, "prompt_tokens", 0) or 0),
+                           cached_tokens=int(getattr(gen, "reused_tokens", 0) or 0))
 
 
 class PolicyEngine(_Metered):

@@ -77,9 +77,12 @@ class RolloutStats:
     engine_busy_s: float = 0.0
     engine_utilisation: float = 0.0  # engine_busy_s / (engines * wall_s)
     # Running-batch engines (transformers): mean rows per decode step, and the engines' seconds per part of a
-    # tick (prefill, join, sample, retire, decode; pipeline.engines.hf_policy.GenStats), summed over engines.
+    # tick (prefill, join, sample, retire, decode; pipeline.engines.common.GenStats), summed over engines.
     engine_rows_per_tick: float = 0.0
     engine_parts_s: dict[str, float] = field(default_factory=dict)
+    # Share of the phase's prompt tokens whose KV a cache served instead of a forward: the transformers backend's
+    # shared prefix and tree prefix store, or vLLM's prefix cache (0 when the backend does not count them).
+    engine_prefix_hit_rate: float = 0.0
     engines: int = 0
     workers: int = 0
     engine_retries: int = 0  # engine requests re-sent after their engine actor died
@@ -438,6 +441,8 @@ def _summarise(phase: _Phase, stats: RolloutStats, reports: list[WorkerReport],
     stats.engine_rows_per_tick = sum(st.tokens for st in each if st.decode_ticks) / ticks if ticks else 0.0
     stats.engine_parts_s = {p: sum(st.parts_s.get(p, 0.0) for st in each) for p in BATCH_PARTS
                             if any(p in st.parts_s for st in each)}
+    prompt_tokens = sum(st.prompt_tokens for st in each)
+    stats.engine_prefix_hit_rate = sum(st.cached_tokens for st in each) / prompt_tokens if prompt_tokens else 0.0
     stats.engines = len(phase.engines)
     stats.workers = len(phase.workers)
     stats.engine_busy_s = busy

@@ -42,7 +42,10 @@ def leftovers() -> list[str]:
             try:
                 if child.status() == psutil.STATUS_ZOMBIE:
                     continue  # exited; nothing runs (its parent is gone or reaps it later)
-                found.append(f"child process {child.pid}: {' '.join(' '.join(child.cmdline()).split())[:200]}")
+                cmd = " ".join(" ".join(child.cmdline()).split())
+                if "multiprocessing.resource_tracker" in cmd:
+                    continue  # Python's own helper, started by multiprocessing's first use (vLLM), ends with us
+                found.append(f"child process {child.pid}: {cmd[:200]}")
             except psutil.NoSuchProcess:
                 pass
     ray = sys.modules.get("ray")

@@ -273,6 +273,7 @@ class RunningBatch:
                          **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1, **self._shared())
         t1 = time.perf_counter()
         self.stats.prefill_s += t1 - t0
+        self.stats.prompt_tokens += sum(map(len, prompts))
         self.stats.prefill_tokens += sum(len(ids) - skip - n for ids, (n, _) in zip(prompts, found, strict=True))
         self.stats.reused_tokens += sum(skip + n for n, _ in found)
         mask = mask.to(dev)

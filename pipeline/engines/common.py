@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from mcts.protocols import Proposal
 from mcts.steps import SOLUTION_STOP_STRINGS, STOP_STRINGS
@@ -13,6 +14,34 @@ MODES = ("step", "solution")
 
 class EngineError(RuntimeError):
     """A backend failed in a way the caller cannot fix by retrying; the message says where and what to do."""
+
+
+@dataclass
+class GenStats:
+    """Cumulative work of one policy engine: what the benchmarks and the logs report. The transformers backend
+    fills every field; the vLLM backends the calls, token counts and seconds (vLLM keeps its own clocks)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0  # prompt tokens of the requests (each distinct prompt once), what a cache could serve
+    prefill_tokens: int = 0  # prompt tokens actually run through the model (shared prefix counted once)
+    new_tokens: int = 0  # sampled tokens, stop/EOS tokens included
+    # Prompt tokens whose KV came from a cache instead of a forward: the transformers backend's shared prefix and
+    # prefix store, vLLM's automatic prefix cache (``RequestOutput.num_cached_tokens``).
+    reused_tokens: int = 0
+    seconds: float = 0.0
+    # The running batch's own clock (pipeline.engines.batcher): ticks that decoded rows (new_tokens / decode_ticks
+    # = mean rows per decode step) and seconds per part of a tick, which say where a phase's tokens/s goes.
+    decode_ticks: int = 0
+    prefill_s: float = 0.0  # prompt forwards of admitted requests
+    join_s: float = 0.0  # storing prompt KV, copying it to sample rows, joining the running batch
+    sample_s: float = 0.0  # choosing each row's token
+    retire_s: float = 0.0  # stop checks and dropping finished rows from the cache
+    decode_s: float = 0.0  # the decode forward of the running rows
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of the requests' prompt tokens served from a cache (0 before any request)."""
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 def import_vllm():
@@ -48,11 +77,12 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> Proposal:
     return Proposal(text=text[: best[0]], stop=best[1])
 
 
-def prefix_order(prompts: Sequence[Sequence[int]]) -> list[int]:
-    """Indices of ``prompts`` (token ids) in lexicographic order: prompts sharing a prefix (one tree's siblings,
-    one question's nodes, the instruction everyone shares) become neighbours, so a prefix cache that fills in
-    arrival order (vLLM's automatic prefix caching) computes each shared prefix once, for its first prompt."""
-    return sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+def prefix_order(prompts: Sequence[Sequence[int]] | Sequence[str]) -> list[int]:
+    """Indices of ``prompts`` (token ids, or texts) in lexicographic order: prompts sharing a prefix (one tree's
+    siblings, one question's nodes, the instruction everyone shares) become neighbours, so a prefix cache that
+    fills in arrival order (vLLM's automatic prefix caching) computes each shared prefix once, for its first
+    prompt."""
+    return sorted(range(len(prompts)), key=lambda i: prompts[i] if isinstance(prompts[i], str) else list(prompts[i]))
 
 
 def sample_seed(seed: int, index: int) -> int:

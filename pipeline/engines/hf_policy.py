@@ -25,11 +25,10 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from mcts.protocols import Proposal, SearchState
-from pipeline.engines.common import EngineError, cut_at_stop, sample_seed, stop_strings
+from pipeline.engines.common import EngineError, GenStats, cut_at_stop, sample_seed, stop_strings
 from pipeline.engines.config import GenerationConfig
 from pipeline.engines.prompts import PromptBuilder
 
@@ -37,25 +36,6 @@ _TOPK_FIRST = 256  # candidates tried before a full sort for top-p
 _PREFIX_FORWARDS = 4  # most forwards of the shared prefix made to get two that agree bit for bit
 # The fast-path probe's greedy check decodes this question in the engine's own prompt (pipeline.engines.fastpath).
 PROBE_QUESTION = "Tom has 12 apples and buys 30 more. How many apples does he have now?"
-
-
-@dataclass
-class GenStats:
-    """Cumulative work of one engine: what the benchmark and the logs report."""
-
-    calls: int = 0
-    prefill_tokens: int = 0  # prompt tokens actually run through the model (shared prefix counted once)
-    new_tokens: int = 0  # sampled tokens, stop/EOS tokens included
-    reused_tokens: int = 0  # prompt tokens whose KV came from the prefix store instead
-    seconds: float = 0.0
-    # The running batch's own clock (pipeline.engines.batcher): ticks that decoded rows (new_tokens / decode_ticks
-    # = mean rows per decode step) and seconds per part of a tick, which say where a phase's tokens/s goes.
-    decode_ticks: int = 0
-    prefill_s: float = 0.0  # prompt forwards of admitted requests
-    join_s: float = 0.0  # storing prompt KV, copying it to sample rows, joining the running batch
-    sample_s: float = 0.0  # choosing each row's token
-    retire_s: float = 0.0  # stop checks and dropping finished rows from the cache
-    decode_s: float = 0.0  # the decode forward of the running rows
 
 
 def pick_device(device: str) -> str:

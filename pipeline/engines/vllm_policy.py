@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
 from mcts.protocols import Proposal, SearchState
-from pipeline.engines.common import import_vllm, prefix_order, stop_strings
+from pipeline.engines.common import GenStats, import_vllm, prefix_order, stop_strings
 from pipeline.engines.config import GenerationConfig, VllmConfig
 from pipeline.engines.prompts import PromptBuilder
 
@@ -43,6 +44,18 @@ class _VllmBase:
         self.gen = gen
         self.mode = mode
         self.stops = stop_strings(mode)
+        # Calls, prompt / cached / generated tokens: vLLM's prefix-cache hit rate is stats.prefix_hit_rate.
+        self.stats = GenStats()
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of prompt tokens whose KV came from vLLM's prefix cache, over this engine's requests."""
+        return self.stats.prefix_hit_rate
+
+    def _count(self, prompt: dict, request_output) -> None:
+        self.stats.prompt_tokens += len(prompt["prompt_token_ids"])
+        self.stats.reused_tokens += int(getattr(request_output, "num_cached_tokens", 0) or 0)
+        self.stats.new_tokens += sum(len(c.token_ids) for c in request_output.outputs)
 
     def _prompt(self, state: SearchState) -> dict:
         text = self.builder.build(state.question, state.history)
@@ -75,19 +88,19 @@ class VllmPolicy(_VllmBase):
         vllm = import_vllm()
         super().__init__(builder, gen, mode)
         self.llm = vllm.LLM(**engine_kwargs(model_path, cfg or VllmConfig(), dtype, seed))
-        self.prompt_tokens = 0  # prompt tokens sent
-        self.cached_tokens = 0  # of which vLLM's prefix cache served (RequestOutput.num_cached_tokens)
 
-    @property
-    def prefix_hit_rate(self) -> float:
-        """Share of prompt tokens whose KV came from vLLM's prefix cache, over this engine's calls."""
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+    def close(self) -> None:
+        """Stop vLLM's engine-core and worker processes now (otherwise they live until the ``LLM`` is collected)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
 
     def propose(self, states: Sequence[SearchState], k: int) -> list[list[Proposal]]:
         if k < 1:
             raise ValueError(f"k={k}: must be >= 1")
         if not states:
             return []
+        t0 = time.perf_counter()
         prompts = [self._prompt(s) for s in states]
         # Requests sharing a prefix go in side by side: the first computes it, the rest hit the cache.
         order = prefix_order([p["prompt_token_ids"] for p in prompts])
@@ -96,8 +109,9 @@ class VllmPolicy(_VllmBase):
         out: list[list[Proposal]] = [[] for _ in states]
         for i, o in zip(order, outputs, strict=True):
             out[i] = self._proposals(o, k)
-            self.prompt_tokens += len(prompts[i]["prompt_token_ids"])
-            self.cached_tokens += int(getattr(o, "num_cached_tokens", 0) or 0)
+            self._count(prompts[i], o)
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - t0
         return out
 
 
@@ -130,11 +144,13 @@ class AsyncVllmPolicy(_VllmBase):
         from vllm.sampling_params import RequestOutputKind
 
         params = self._params(k, state.seed, output_kind=RequestOutputKind.FINAL_ONLY)
+        prompt = self._prompt(state)
         final = None
-        async for out in self.engine.generate(self._prompt(state), params, f"{state.tree_id}-{uuid.uuid4().hex}"):
+        async for out in self.engine.generate(prompt, params, f"{state.tree_id}-{uuid.uuid4().hex}"):
             final = out
         if final is None:
             raise RuntimeError(f"vLLM returned no output for tree {state.tree_id}")
+        self._count(prompt, final)  # on the event loop's one thread
         return self._proposals(final, k)
 
     def submit(self, state: SearchState, k: int) -> Future:
@@ -144,8 +160,14 @@ class AsyncVllmPolicy(_VllmBase):
         return asyncio.run_coroutine_threadsafe(self.agenerate(state, k), self._loop)
 
     def propose(self, states: Sequence[SearchState], k: int) -> list[list[Proposal]]:
-        futures = [self.submit(s, k) for s in states]
-        return [f.result() for f in futures]
+        t0 = time.perf_counter()
+        # Submitted in prefix order, as the offline engine sends them: neighbours share their prefix's cache.
+        order = prefix_order([self.builder.build(s.question, s.history) for s in states])
+        futures = {i: self.submit(states[i], k) for i in order}
+        out = [futures[i].result() for i in range(len(states))]
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - t0
+        return out
 
     def close(self) -> None:
         shutdown = getattr(self.engine, "shutdown", None)

@@ -183,6 +183,10 @@ def test_children_reuse_the_parents_prompt_kv_and_get_the_same_text(tiny, tok):
     assert pol.propose([child], 2) == got
     child_len = len(tok(pol.builder.build(child.question, child.history))["input_ids"])
     assert pol.stats.reused_tokens - before == child_len - 1
+    # Prompt tokens count each request's whole prompt; the hit rate is the cached share of them.
+    assert pol.stats.prompt_tokens == root_len + 2 * child_len
+    assert pol.stats.prefix_hit_rate == pytest.approx(pol.stats.reused_tokens / pol.stats.prompt_tokens)
+    assert plain.stats.prompt_tokens == child_len and plain.stats.prefix_hit_rate == 0.0
 
 
 def _kv(n: int, layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -46,13 +46,20 @@ def test_vllm_backend_samples_k_steps_reproducibly(backend):
         backend=backend,
         generation=GenerationConfig(max_new_tokens_step=48),
         vllm=VllmConfig(max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.3),
+        # float32: under bfloat16 vLLM's CPU kernels give a repeated call other bits (scripts/vllm_cpu_check.py)
+        dtype="float32",
     )
     policy = make_policy(cfg, mode="step", few_shot=True)
     try:
         first = policy.propose(STATES, 4)
         assert [len(p) for p in first] == [4, 4]
         assert any(p.stop in STOP_STRINGS for row in first for p in row), first
+        cached_first = policy.stats.reused_tokens
         assert policy.propose(STATES, 4) == first, "same seeds, same samples"
+        # Its prefix cache served the instruction both states share in the first call, and more of the repeated
+        # prompts in the second (it caches full blocks only: 128 tokens on CPU, so not whole prompts).
+        st = policy.stats
+        assert st.calls == 2 and st.new_tokens > 0 and 0 < cached_first < st.reused_tokens < st.prompt_tokens, st
     finally:
         if hasattr(policy, "close"):
             policy.close()
@@ -68,3 +75,5 @@ def test_prefix_order_puts_prompts_sharing_a_prefix_side_by_side():
     assert order == [1, 2, 4, 0, 3]
     # q1's three prompts (the node and its two children) are neighbours: q1's prefix is computed once.
     assert sorted(order.index(i) for i in (0, 2, 4)) == [1, 2, 3]
+    # Texts order the same way (the async engine orders its submissions by prompt text).
+    assert prefix_order(["".join(map(chr, p)) for p in prompts]) == order

@@ -226,6 +226,7 @@ def test_engine_meters_busy_time_and_counts_in_process():
     assert (st.calls, st.items, st.outputs, st.tokens) == (1, 2, 6, 30)
     assert st.busy_s >= 0.02, st
     assert (st.decode_ticks, st.parts_s) == (0, {}), "a backend without a running batch reports no batch clock"
+    assert (st.prompt_tokens, st.cached_tokens) == (0, 0), "nor prompt-token counts it does not keep"
     scorer = ScorerEngine(FixedScorer)
     assert scorer.score(states) == [0.5, 0.5]
     assert scorer.stats().outputs == 2
@@ -398,6 +399,8 @@ def test_real_tiny_model_with_sandbox_and_grader(cluster, tmp_path):
     stats = run_rollouts(cfg, 1, spec, problems, model, None, store, quiet_log(tmp_path))
     assert stats.done == 2 and store.completed_problem_ids() == {p.id for p in problems}
     assert stats.tokens > 0 and stats.expansions >= 2, stats
+    # Every request's prompt starts with the engine's shared prefix, served from its cache.
+    assert 0.0 < stats.engine_prefix_hit_rate < 1.0, stats
     table = pa.concat_tables(list(store.iter_trees()))
     assert set(table.column("record").to_pylist()) <= {"node", "failed"}
     assert dataclasses.asdict(stats)["engine_busy_s"] > 0
