@@ -3,7 +3,8 @@
 * ``PolicyEngine``: holds one policy backend (``mcts.protocols.Policy``, built in the actor by a factory so
   the model loads where the GPU is). It serves ``propose`` calls concurrently (a threaded actor) when the
   backend batches concurrent callers itself (``concurrent_calls``: the transformers backend's running batch
-  takes every tree group's and worker's requests into one batch), else one at a time. It measures its own
+  takes every tree group's and worker's requests into one batch; vLLM's ``AsyncLLM`` batches whatever is in
+  flight), else one at a time (offline ``vllm.LLM``, HTTP). It measures its own
   busy time (time with at least one call in progress), the numerator of engine utilisation.
 * ``ScorerEngine``: the same for the PPM (``mcts.protocols.Scorer``).
 * ``RolloutWorker``: owns a shard of problems and its own sandbox executor, runs MCTS over all of them

@@ -22,7 +22,7 @@ class EvalConfig:
     strategies: tuple[str, ...] = ()
     # Chains (greedy and sampled) in flight at once, each on its own (mcts.wave.run_lanes) instead of in waves
     # that wait for their slowest chain; 0: waves. Only where the engine batches concurrent callers (the
-    # transformers backend). Faster where one chain's steps are the critical path, but under bf16 a row's bits
+    # transformers backend, vllm_async). Faster where one chain's steps are the critical path, but under bf16 a row's bits
     # depend on what it is batched with, and lanes batch by timing: a rerun need not repeat (README, "Evaluation
     # in lanes"). Waves batch alike every run.
     chain_lanes: int = 0

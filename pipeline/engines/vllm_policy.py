@@ -118,7 +118,11 @@ class VllmPolicy(_VllmBase):
 class AsyncVllmPolicy(_VllmBase):
     """vLLM's ``AsyncLLM`` on an event loop of its own (a daemon thread), so synchronous callers such as a
     Ray actor can ``submit`` one state at a time and collect each tree's proposals as soon as they are done,
-    while vLLM batches whatever is in flight. ``propose`` is the blocking protocol method on top."""
+    while vLLM batches whatever is in flight. ``propose`` is the blocking protocol method on top; callers on
+    several threads may call it at once (an engine actor serving several tree groups), and vLLM batches their
+    requests together."""
+
+    concurrent_calls = True  # pipeline.actors.PolicyEngine then serves its callers concurrently
 
     def __init__(self, model_path: str | Path, builder: PromptBuilder, gen: GenerationConfig, mode: str = "step",
                  *, cfg: VllmConfig | None = None, dtype: str = "auto", seed: int = 0):
@@ -129,6 +133,7 @@ class AsyncVllmPolicy(_VllmBase):
         self._thread.start()
         kwargs = engine_kwargs(model_path, cfg or VllmConfig(), dtype, seed)
         self.engine = asyncio.run_coroutine_threadsafe(self._make_engine(kwargs), self._loop).result()
+        self._calls_lock = threading.Lock()  # propose's callers count calls and seconds from their own threads
 
     @staticmethod
     async def _make_engine(kwargs: dict):
@@ -165,8 +170,9 @@ class AsyncVllmPolicy(_VllmBase):
         order = prefix_order([self.builder.build(s.question, s.history) for s in states])
         futures = {i: self.submit(states[i], k) for i in order}
         out = [futures[i].result() for i in range(len(states))]
-        self.stats.calls += 1
-        self.stats.seconds += time.perf_counter() - t0
+        with self._calls_lock:
+            self.stats.calls += 1
+            self.stats.seconds += time.perf_counter() - t0
         return out
 
     def close(self) -> None:

@@ -60,6 +60,13 @@ def test_vllm_backend_samples_k_steps_reproducibly(backend):
         # prompts in the second (it caches full blocks only: 128 tokens on CPU, so not whole prompts).
         st = policy.stats
         assert st.calls == 2 and st.new_tokens > 0 and 0 < cached_first < st.reused_tokens < st.prompt_tokens, st
+        if getattr(policy, "concurrent_calls", False):
+            # Callers on two threads at once (an engine actor's tree groups): each gets what it gets alone.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as pool:
+                both = list(pool.map(lambda s: policy.propose([s], 4), STATES))
+            assert [b[0] for b in both] == first
     finally:
         if hasattr(policy, "close"):
             policy.close()
