@@ -38,7 +38,8 @@ def phase_eval(ctx: RoundContext) -> dict:
     policy = trained or lineage.bootstrap
     ppm = lineage.newest_ppm(ctx.round_no)
     full = full_eval(ctx.cfg, ctx.round_no)
-    same = same_models_eval(ctx.run, ctx.round_no, {"policy": policy, "ppm": ppm}, full)
+    same = same_models_eval(ctx.run, ctx.round_no, {"policy": policy, "ppm": ppm}, full, ctx.cfg,
+                            [p.id for p in ctx.eval_problems])
     if same is not None:
         # Nothing this round trained changed what is evaluated: the earlier numbers stand, re-measuring costs minutes.
         ctx.log.info("eval_reused", round=ctx.round_no, same_as_round=same,
@@ -96,16 +97,37 @@ def _same(run: RunDir, ev: dict, models: dict, roles: tuple[str, ...]) -> bool:
     return all(mine.get(role) == theirs.get(role) for role in roles)
 
 
-def same_models_eval(run: RunDir, round_no: int, models: dict, full: bool) -> int | None:
+def _same_settings(ev: dict, cfg: RunConfig | None, *, budgets: bool) -> bool:
+    """Whether ``ev`` was measured with ``cfg``'s seed and search settings (and, with ``budgets``, its evaluation
+    budgets), where it recorded them: a run resumed with changed settings (--force) measures anew."""
+    from rounds.evaluate import search_record
+
+    if cfg is None:
+        return True
+    if ev.get("seed", cfg.seed) != cfg.seed or ev.get("search", search_record(cfg.search)) != search_record(cfg.search):
+        return False
+    return not budgets or ev.get("params", cfg.eval.budgets()) == cfg.eval.budgets()
+
+
+def same_models_eval(run: RunDir, round_no: int, models: dict, full: bool, cfg: RunConfig | None = None,
+                     problem_ids: list[str] | None = None) -> int | None:
     """The previous evaluated round when its numbers are this round's: a full evaluation of exactly ``models`` for
-    a full round; for a greedy-only round, any evaluation of the same policy (greedy chains use no PPM)."""
+    a full round; for a greedy-only round, any evaluation of the same policy (greedy chains use no PPM). With
+    ``cfg`` / ``problem_ids``, it must also have used their seed, search settings and budgets, and these problems,
+    where it recorded them."""
     last = _last_eval(run, round_no)
     if last is None:
         return None
     r, ev = last
-    if _same(run, ev, models, ("policy", "ppm") if full else ("policy",)) and (ev.get("full", True) or not full):
-        return ev.get("same_as_round", r)
-    return None
+    if not _same(run, ev, models, ("policy", "ppm") if full else ("policy",)) or (full and not ev.get("full", True)):
+        return None
+    if not _same_settings(ev, cfg, budgets=full):
+        return None
+    recorded = ev.get("problems")
+    if problem_ids is not None and isinstance(recorded, list) and recorded:
+        if sorted(str(row.get("id")) for row in recorded) != sorted(map(str, problem_ids)):
+            return None
+    return ev.get("same_as_round", r)
 
 
 def earlier_greedy(run: RunDir, round_no: int, policy: str, problem_ids: list[str], cfg: RunConfig | None = None):
@@ -113,7 +135,7 @@ def earlier_greedy(run: RunDir, round_no: int, policy: str, problem_ids: list[st
     policy on these problems (with ``cfg``'s seed and search settings, where it recorded them): greedy decoding
     depends on the policy alone, so a full round whose PPM is new (or that is full where that one was greedy-only)
     takes them instead of decoding them again. None otherwise."""
-    from rounds.evaluate import GreedyFrom, search_record
+    from rounds.evaluate import GreedyFrom
 
     last = _last_eval(run, round_no)
     if last is None:
@@ -121,8 +143,7 @@ def earlier_greedy(run: RunDir, round_no: int, policy: str, problem_ids: list[st
     r, ev = last
     if not _same(run, ev, {"policy": policy}, ("policy",)):
         return None
-    if cfg is not None and (ev.get("seed", cfg.seed) != cfg.seed
-                            or ev.get("search", search_record(cfg.search)) != search_record(cfg.search)):
+    if not _same_settings(ev, cfg, budgets=False):
         return None  # a resumed run whose settings changed (--force): its chains would differ
     measured = (ev.get("counts") or {}).get("greedy", {}).get("same_as_round", ev.get("same_as_round", r))
     rows = GreedyFrom(round=measured, problems=list(ev.get("problems") or [])).by_id()

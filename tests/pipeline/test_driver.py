@@ -132,6 +132,28 @@ def test_a_round_that_changed_no_model_reuses_the_earlier_evaluation(tmp_path):
            f"evaluated, so its held-out numbers are round 1's" in table
 
 
+def test_an_evaluation_with_other_settings_or_problems_is_not_reused(tmp_path):
+    # A run resumed with changed settings (--force) measures anew what the earlier round measured otherwise.
+    from pipeline.evaluation import same_models_eval
+    from pipeline.storage import RunDir
+    from rounds.evaluate import search_record
+
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    run = RunDir(tmp_path / "run")
+    rows = [{"id": "a", "reference": "1"}, {"id": "b", "reference": "2"}]
+    _eval_json(run, 1, "r1/policy", None, full=True, extra={
+        "seed": cfg.seed, "search": search_record(cfg.search), "params": cfg.eval.budgets(), "problems": rows})
+    models = {"policy": "r1/policy", "ppm": None}
+    assert same_models_eval(run, 2, models, True, cfg, ["b", "a"]) == 1
+    assert same_models_eval(run, 2, models, True, dataclasses.replace(cfg, seed=cfg.seed + 1), ["a", "b"]) is None
+    deeper = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, max_depth=cfg.search.max_depth + 1))
+    assert same_models_eval(run, 2, models, True, deeper, ["a", "b"]) is None
+    assert same_models_eval(run, 2, models, True, cfg, ["a", "c"]) is None  # other held-out problems
+    more = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, maj_k=cfg.eval.maj_k + 1))
+    assert same_models_eval(run, 2, models, True, more, ["a", "b"]) is None  # other budgets: a full round anew
+    assert same_models_eval(run, 2, models, False, more, ["a", "b"]) == 1  # greedy-only: budgets do not matter
+
+
 def test_a_full_round_takes_greedy_pass1_from_an_earlier_evaluation_of_its_policy(tmp_path):
     from pipeline.evaluation import earlier_greedy, reuse_eval
     from pipeline.storage import RunDir
