@@ -12,9 +12,9 @@ repository root, and the embedded checkpoint comes from the project's model cach
 It checks, and prints: k samples per state with the step stop strings (offline ``vllm.LLM``), the same
 seeds giving the same samples again, vLLM's prefix-cache hit rate (``stats.prefix_hit_rate``) on a search-like
 wave sent in the engine's prefix order against arrival order, whole-solution mode running past <end_of_step>,
-the async engine (``AsyncLLM``) returning per-state futures and its hit rate, and with ``--ppm`` (a checkpoint from rounds.ppm_model) that
-vLLM's pooling runner scores states like the transformers scorer does. Engines are created under ``if __name__ == "__main__"``
-(vLLM's worker processes re-import the main module).
+the async engine (``AsyncLLM``) returning per-state futures and its hit rate, and with ``--ppm`` (a checkpoint
+from rounds.ppm_model) that vLLM's pooling runner scores states like the transformers scorer does. Engines are
+created under ``if __name__ == "__main__"`` (vLLM's worker processes re-import the main module).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _check_policy(args, failures: list[str]) -> None:
     # Solution mode runs past <end_of_step>; it stops at the answer or where the model writes '# output:'.
     if any(p.stop not in (*SOLUTION_STOP_STRINGS, None) for p in sol[0]):
         failures.append(f"solution mode stopped at something else than {SOLUTION_STOP_STRINGS}: {sol}")
-    del policy
+    policy.close()  # its engine processes and KV cache, before the async engine starts its own
 
     if not args.skip_async:
         import gc
