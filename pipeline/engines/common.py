@@ -77,12 +77,11 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> Proposal:
     return Proposal(text=text[: best[0]], stop=best[1])
 
 
-def prefix_order(prompts: Sequence[Sequence[int]] | Sequence[str]) -> list[int]:
-    """Indices of ``prompts`` (token ids, or texts) in lexicographic order: prompts sharing a prefix (one tree's
-    siblings, one question's nodes, the instruction everyone shares) become neighbours, so a prefix cache that
-    fills in arrival order (vLLM's automatic prefix caching) computes each shared prefix once, for its first
-    prompt."""
-    return sorted(range(len(prompts)), key=lambda i: prompts[i] if isinstance(prompts[i], str) else list(prompts[i]))
+def prefix_order(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of ``prompts`` (token ids) in lexicographic order: prompts sharing a prefix (one tree's siblings,
+    one question's nodes, the instruction everyone shares) become neighbours, so a prefix cache that fills in
+    arrival order (vLLM's automatic prefix caching) computes each shared prefix once, for its first prompt."""
+    return sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
 
 
 def sample_seed(seed: int, index: int) -> int:

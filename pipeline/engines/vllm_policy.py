@@ -145,11 +145,12 @@ class AsyncVllmPolicy(_VllmBase):
             from vllm import AsyncLLMEngine as AsyncLLM
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
-    async def agenerate(self, state: SearchState, k: int) -> list[Proposal]:
+    async def agenerate(self, state: SearchState, k: int, prompt: dict | None = None) -> list[Proposal]:
+        """``state``'s ``k`` proposals; ``prompt``: its ``_prompt`` when the caller built it already."""
         from vllm.sampling_params import RequestOutputKind
 
         params = self._params(k, state.seed, output_kind=RequestOutputKind.FINAL_ONLY)
-        prompt = self._prompt(state)
+        prompt = prompt or self._prompt(state)
         final = None
         async for out in self.engine.generate(prompt, params, f"{state.tree_id}-{uuid.uuid4().hex}"):
             final = out
@@ -158,17 +159,18 @@ class AsyncVllmPolicy(_VllmBase):
         self._count(prompt, final)  # on the event loop's one thread
         return self._proposals(final, k)
 
-    def submit(self, state: SearchState, k: int) -> Future:
+    def submit(self, state: SearchState, k: int, prompt: dict | None = None) -> Future:
         """Start one state's generation; the future resolves to its ``k`` proposals."""
         if k < 1:
             raise ValueError(f"k={k}: must be >= 1")
-        return asyncio.run_coroutine_threadsafe(self.agenerate(state, k), self._loop)
+        return asyncio.run_coroutine_threadsafe(self.agenerate(state, k, prompt), self._loop)
 
     def propose(self, states: Sequence[SearchState], k: int) -> list[list[Proposal]]:
         t0 = time.perf_counter()
+        prompts = [self._prompt(s) for s in states]
         # Submitted in prefix order, as the offline engine sends them: neighbours share their prefix's cache.
-        order = prefix_order([self.builder.build(s.question, s.history) for s in states])
-        futures = {i: self.submit(states[i], k) for i in order}
+        order = prefix_order([p["prompt_token_ids"] for p in prompts])
+        futures = {i: self.submit(states[i], k, prompts[i]) for i in order}
         out = [futures[i].result() for i in range(len(states))]
         with self._calls_lock:
             self.stats.calls += 1

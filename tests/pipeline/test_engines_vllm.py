@@ -82,5 +82,3 @@ def test_prefix_order_puts_prompts_sharing_a_prefix_side_by_side():
     assert order == [1, 2, 4, 0, 3]
     # q1's three prompts (the node and its two children) are neighbours: q1's prefix is computed once.
     assert sorted(order.index(i) for i in (0, 2, 4)) == [1, 2, 3]
-    # Texts order the same way (the async engine orders its submissions by prompt text).
-    assert prefix_order(["".join(map(chr, p)) for p in prompts]) == order
