@@ -81,6 +81,7 @@ class RunningBatch:
         self.shared: list | None = None  # its per-layer KV, under cascade attention; None: rows hold it themselves
         self.peak_rows = 0  # most rows decoded together
         self.joins = 0  # admissions into a batch that was already running (refills)
+        self.joins_copied = 0  # of those, joins that copied the running rows (no free slot or headroom left)
         self.ticks = 0
 
     @property
@@ -295,7 +296,10 @@ class RunningBatch:
         cache.batch_select_indices(sel)
         logits = out.logits[:, -1, :].float()[sel]
         pos = torch.tensor([len(r.req.ids) for r in rows], device=dev)
-        self._cache, self._mask = join_left_padded(self.model.config, self._cache, self._mask, cache, mask[sel])
+        running = self._cache
+        self._cache, self._mask = join_left_padded(self.model.config, running, self._mask, cache, mask[sel],
+                                                   slots=self.max_rows)
+        self.joins_copied += running is not None and self._cache is not running
         self._pos = pos if self._pos is None else torch.cat([self._pos, pos])
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
         self._rows += rows

@@ -63,6 +63,7 @@ def test_finished_slots_are_refilled_and_every_request_matches_its_run_alone(tin
         pol._prefix()
         pol.batch.run(together)
     assert pol.batch.joins >= 4, f"only {pol.batch.joins} refills: the batch ran in static chunks"
+    assert pol.batch.joins_copied < pol.batch.joins, "every refill copied the running rows instead of joining in place"
     assert pol.batch.peak_rows == 4
     for i, req in enumerate(requests()):
         with torch.inference_mode():
@@ -215,6 +216,78 @@ def test_finished_rows_leave_the_cache_in_place_and_the_others_keep_their_keys_a
     k, v = cache.layers[0].update(torch.full((3, 1, 1, 4), 7.0), torch.full((3, 1, 1, 4), 7.0))
     assert k.shape == (3, 1, 4, 4) and torch.equal(k[:, 0, 3, 0], torch.full((3,), 7.0))
     assert compact_rows(cache, []) == [] and cache.layers[0].keys.shape[0] == 0
+
+
+def _left_padded(config, widths: list[int], width: int, base: float):
+    """A cache of rows whose last ``widths[i]`` of ``width`` columns hold keys ``base + row + column / 100``
+    (values: their negatives) and whose mask marks them; the rest is padding."""
+    from pipeline.engines.kv_cache import cache_of
+
+    keys = torch.zeros(len(widths), 1, width, 4)
+    mask = torch.zeros(len(widths), width, dtype=torch.long)
+    for i, w in enumerate(widths):
+        keys[i, :, width - w :] = base + i + torch.arange(w, dtype=torch.float32).view(1, w, 1) / 100
+        mask[i, width - w :] = 1
+    return cache_of(config, [(keys, -keys), (keys + 1, -keys - 1)], spare=8), mask
+
+
+def _rows(cache, mask) -> list[list[float]]:
+    """Each row's unmasked keys of layer 0 (first element of each column), in column order."""
+    keys = cache.layers[0].keys[:, 0, :, 0]
+    assert keys.shape == mask.shape
+    return [keys[i][mask[i].bool()].tolist() for i in range(mask.shape[0])]
+
+
+def test_joins_go_in_place_into_free_slots_and_headroom_and_keep_every_row():
+    from transformers import LlamaConfig
+
+    from pipeline.engines.kv_cache import JOIN_HEADROOM, compact_rows, join_left_padded
+
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=8)
+    a, mask_a = _left_padded(config, [3, 5], 6, 0.0)  # 1 all-padding column
+    b, mask_b = _left_padded(config, [2], 4, 10.0)
+    want = _rows(a, mask_a) + _rows(b, mask_b)
+    run, mask = join_left_padded(config, a, mask_a, b, mask_b, slots=8)  # a has no free slot: copied, with room
+    assert run is not a and mask.shape == (3, 5) and _rows(run, mask) == want
+    assert run.layers[0].slots == 8 and run.layers[0].headroom == JOIN_HEADROOM
+    buffers = [layer._k.data_ptr() for layer in run.layers]
+    # Narrower rows: into free slots, no copy of the running rows.
+    c, mask_c = _left_padded(config, [1, 4], 4, 20.0)
+    want += _rows(c, mask_c)
+    run2, mask = join_left_padded(config, run, mask, c, mask_c, slots=8)
+    assert run2 is run and mask.shape == (5, 5) and _rows(run, mask) == want
+    # A wider row: the running rows gain columns from the headroom, still in place.
+    d, mask_d = _left_padded(config, [9], 9, 30.0)
+    want += _rows(d, mask_d)
+    run3, mask = join_left_padded(config, run, mask, d, mask_d, slots=8)
+    assert run3 is run and mask.shape == (6, 9) and _rows(run, mask) == want
+    assert run.layers[0].headroom == JOIN_HEADROOM - 4
+    assert torch.allclose(run.layers[1].keys[:, 0, :, 0][mask.bool()] - 1, run.layers[0].keys[:, 0, :, 0][mask.bool()])
+    assert torch.equal(run.layers[0].values, -run.layers[0].keys)
+    assert not run.layers[0].keys[:, 0][~mask.bool()].any(), "padding columns hold zeros"
+    assert [layer._k.data_ptr() for layer in run.layers] == buffers
+    # The wide row finishes: its columns become padding everywhere and the next join trims them, no copy.
+    order = compact_rows(run, [0, 1, 2, 3, 4])
+    mask, want = mask[order], [want[i] for i in order]
+    e, mask_e = _left_padded(config, [2], 2, 40.0)
+    want += _rows(e, mask_e)
+    run4, mask = join_left_padded(config, run, mask, e, mask_e, slots=8)
+    assert run4 is run and mask.shape == (6, 5) and _rows(run, mask) == want
+    assert run.layers[0].get_seq_length() == 5 and [layer._k.data_ptr() for layer in run.layers] == buffers
+    # Decoding goes on: every row gets its next column, in its own slot.
+    for layer in run.layers:
+        k, _ = layer.update(torch.full((6, 1, 1, 4), 7.0), torch.full((6, 1, 1, 4), 7.0))
+        assert k.shape == (6, 1, 6, 4) and torch.equal(k[:, 0, 5, 0], torch.full((6,), 7.0))
+    # More rows than free slots: copied again.
+    f, mask_f = _left_padded(config, [1, 1, 1], 1, 50.0)
+    run5, mask5 = join_left_padded(config, run, torch.cat([mask, mask.new_ones(6, 1)], 1), f, mask_f, slots=8)
+    assert run5 is not run and mask5.shape == (9, 6) and run5.layers[0].slots == 9
+    # A batch that runs for long, its oldest columns trimmed as rows come and go: the buffer does not grow with it.
+    layer = run5.layers[0]
+    for _ in range(500):
+        layer.update(torch.ones(9, 1, 1, 4), torch.ones(9, 1, 1, 4))
+        layer.trim(1)
+    assert layer.get_seq_length() == 6 and layer._k.shape[2] <= 4 * (JOIN_HEADROOM + 6 + 1)
 
 
 def test_prefix_store_stays_within_its_memory_bound_and_evicts_least_recent():
