@@ -38,7 +38,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from mcts.protocols import ExecRequest
-from pipeline.sandbox import wire
+from pipeline.sandbox import procs, wire
 from pipeline.sandbox.config import SandboxConfig
 from pipeline.sandbox.dispatch import Dispatcher
 from pipeline.sandbox.reactor import Reactor
@@ -64,7 +64,11 @@ class SandboxPool(Reactor, Dispatcher, LiveStates, ZygoteKeeper):
     def __init__(self, config: SandboxConfig | None = None):
         self.config = config or SandboxConfig()
         self._ids = pwd.getpwnam(self.config.user) if os.geteuid() == 0 and self.config.user else None
-        self._scratch = tempfile.mkdtemp(prefix="open-rstar-sandbox-")
+        stale = procs.sweep_stale_scratch(tempfile.gettempdir())
+        if stale:
+            log.info("sandbox: removed %d scratch directories of pools that were killed: %s", len(stale),
+                     ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else ""))
+        self._scratch = tempfile.mkdtemp(prefix=procs.scratch_prefix())
         if self._ids is not None:
             os.chown(self._scratch, self._ids.pw_uid, self._ids.pw_gid)
         self._init_reactor()

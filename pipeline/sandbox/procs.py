@@ -231,6 +231,62 @@ def scrubbed_env(scratch: str) -> dict[str, str]:
     }
 
 
+SCRATCH_PREFIX = "open-rstar-sandbox-"
+
+
+def _start_ticks(pid: int) -> int | None:
+    """``pid``'s start time (clock ticks after boot, /proc/PID/stat field 22); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    rest = stat[stat.rfind(b")") + 2 :].split()
+    return int(rest[19]) if len(rest) > 19 and rest[0] not in (b"Z", b"X") else None
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def scratch_prefix() -> str:
+    """The prefix of this process's scratch directory names: ``open-rstar-sandbox-NS-PID-START-``, so a later pool
+    can tell that the pool which made one has died (``sweep_stale_scratch``)."""
+    pid = os.getpid()
+    return f"{SCRATCH_PREFIX}{_pid_namespace()}-{pid}-{_start_ticks(pid) or 0}-"
+
+
+def sweep_stale_scratch(parent: str) -> list[str]:
+    """Remove scratch directories under ``parent`` whose pool's process is gone: a pool killed by SIGKILL (or
+    an OOM kill) cannot remove its own. Only names made by ``scratch_prefix`` in this PID namespace count; a
+    directory whose process is alive (same pid and start time), from another namespace, or named otherwise
+    (older releases) is left. Returns the directories removed."""
+    ns, removed = str(_pid_namespace()), []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(SCRATCH_PREFIX):
+            continue
+        parts = name[len(SCRATCH_PREFIX) :].split("-", 3)
+        if len(parts) != 4 or parts[0] != ns or not (parts[1].isdigit() and parts[2].isdigit()):
+            continue
+        if ns == "0" or _start_ticks(int(parts[1])) == int(parts[2]):
+            continue  # alive (or no namespace to tell pids apart by)
+        path = os.path.join(parent, name)
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            log.debug("sandbox: could not remove stale scratch %s: %s", path, e)
+            continue
+        removed.append(path)
+    return removed
+
+
 def rmtree_error(func: Callable, path: str, exc_info: tuple) -> None:
     if isinstance(exc_info[1], FileNotFoundError):
         return  # the process died before creating its directory, or it is already removed

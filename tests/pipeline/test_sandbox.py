@@ -5,6 +5,9 @@ the Executor / Future surfaces, LRU and release, and recovery from dead processe
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import as_completed
 
@@ -212,3 +215,26 @@ def test_unencodable_output_is_stored_as_replacement_characters(pool):
     tree.add_child(1, 0, Step(text="t", reasoning="", code="print(1)", answer=None), r.stdout, "open")
     [back] = table_to_trees(trees_to_table([tree]))
     assert back.nodes[1].stdout == "\ufffd x\n"
+
+
+def test_scratch_of_a_killed_pool_is_swept_by_the_next(tmp_path):
+    from pipeline.sandbox import procs as sandbox_procs
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", "from pipeline.sandbox import procs; print(procs.scratch_prefix())"],
+                         cwd=root, capture_output=True, text=True, check=True)
+    dead = tempfile.mkdtemp(prefix=out.stdout.strip(), dir=tmp_path)  # its process has exited
+    os.makedirs(os.path.join(dead, "root"))
+    alive = tempfile.mkdtemp(prefix=sandbox_procs.scratch_prefix(), dir=tmp_path)
+    legacy = tempfile.mkdtemp(prefix="open-rstar-sandbox-", dir=tmp_path)  # named before pids were in names
+    pid = os.path.basename(dead).split("-")[4]
+    elsewhere = tmp_path / f"open-rstar-sandbox-1-{pid}-7-abc"  # another PID namespace: its pids are not ours
+    elsewhere.mkdir()
+    assert sandbox_procs.sweep_stale_scratch(str(tmp_path)) == [dead]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (alive, legacy, elsewhere))
+
+
+def test_pool_names_its_scratch_after_its_process(pool):
+    from pipeline.sandbox import procs as sandbox_procs
+
+    assert os.path.basename(pool.processes()["scratch"]).startswith(sandbox_procs.scratch_prefix())
