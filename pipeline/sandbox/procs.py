@@ -133,24 +133,25 @@ def tasks_and_children(pid: int) -> tuple[int, list[int]]:
     return len(tids), [k for k in kids if _alive(k)]
 
 
-def describe(pid: int) -> str:
-    """'pid state ppid' of a process, for log lines about strays."""
+def _stat(pid: int, missing: type[OSError] = OSError) -> list[bytes] | None:
+    """/proc/PID/stat's fields after the command name (field 3, the state, first); None when unreadable."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except OSError:
-        return f"{pid} gone"
-    rest = stat[stat.rfind(b")") + 2 :].split()
-    return f"{pid} state {rest[0].decode()} ppid {int(rest[1])}"
+    except missing:
+        return None
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def describe(pid: int) -> str:
+    """'pid state ppid' of a process, for log lines about strays."""
+    rest = _stat(pid)
+    return f"{pid} gone" if rest is None else f"{pid} state {rest[0].decode()} ppid {int(rest[1])}"
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+    rest = _stat(pid)
+    return rest is not None and rest[0] not in (b"Z", b"X")
 
 
 def pss_kb(pid: int) -> int:
@@ -202,12 +203,9 @@ def exit_status(pid: int) -> int | None:
     handles the end of stream first); when it was not, the status is unknown and the error says so.
     """
     for _ in range(20):  # the socket closes a moment before the process becomes a zombie
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except FileNotFoundError:
+        rest = _stat(pid, FileNotFoundError)
+        if rest is None:
             return None
-        rest = stat[stat.rfind(b")") + 2 :].split()
         if rest[0] == b"Z" and len(rest) >= 50:
             return int(rest[49])
         time.sleep(0.005)
@@ -236,13 +234,8 @@ SCRATCH_PREFIX = "open-rstar-sandbox-"
 
 def _start_ticks(pid: int) -> int | None:
     """``pid``'s start time (clock ticks after boot, /proc/PID/stat field 22); None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    rest = stat[stat.rfind(b")") + 2 :].split()
-    return int(rest[19]) if len(rest) > 19 and rest[0] not in (b"Z", b"X") else None
+    rest = _stat(pid)
+    return int(rest[19]) if rest is not None and len(rest) > 19 and rest[0] not in (b"Z", b"X") else None
 
 
 def _pid_namespace() -> int:
