@@ -268,8 +268,8 @@ def sweep_stale_scratch(parent: str) -> list[str]:
         parts = name[len(SCRATCH_PREFIX) :].split("-", 3)
         if len(parts) != 4 or parts[0] != ns or not (parts[1].isdigit() and parts[2].isdigit()):
             continue
-        if ns == "0" or _start_ticks(int(parts[1])) == int(parts[2]):
-            continue  # alive (or no namespace to tell pids apart by)
+        if ns == "0" or parts[2] == "0" or _start_ticks(int(parts[1])) == int(parts[2]):
+            continue  # alive, or no namespace / start time to tell it by
         path = os.path.join(parent, name)
         try:
             shutil.rmtree(path)
