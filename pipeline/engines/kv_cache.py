@@ -259,8 +259,13 @@ def join_left_padded(config, a: DynamicCache | None, mask_a: torch.Tensor | None
     for la, lb, layer in zip(layers_a, layers_b, _growing_layers(cache), strict=True):
         pair = []
         for xa, xb in ((la.keys, lb.keys), (la.values, lb.values)):
-            out = xa.new_zeros((n_slots, xa.shape[1], start + w + _MIN_CAPACITY, xa.shape[-1]))
+            # Empty, not zeros: only the rows' padding is read (zeroed here); headroom, free slots and columns
+            # past the rows are written before they are read (``GrowingLayer``), so zeroing them all, max_rows
+            # slots wide, would be wasted work on every copying join.
+            out = xa.new_empty((n_slots, xa.shape[1], start + w + _MIN_CAPACITY, xa.shape[-1]))
+            out[:ra, :, start : start + w - wa] = 0
             out[:ra, :, start + w - wa : start + w] = xa[:, :, ta:]
+            out[ra : ra + rb, :, start : start + w - wb] = 0
             out[ra : ra + rb, :, start + w - wb : start + w] = xb[:, :, tb:]
             pair.append(out)
         layer.adopt(pair[0], pair[1], start + w, start=start, rows=ra + rb)
