@@ -187,6 +187,36 @@ def test_sampling_is_reproducible_per_state_seed(tiny, tok):
     assert twins == [both[0], other[0]]
 
 
+def test_top_p_sorts_only_flat_rows_and_keeps_each_rows_pick():
+    """A flat row (its nucleus past the top 256 tokens) is sorted on its own: it can pick beyond the top 256,
+    and the peaked rows batched with it pick what they pick alone (sorting the whole batch for the flat row, as
+    before, ordered a peaked row's tied tokens otherwise than its own top-k: its pick depended on its company)."""
+    import torch
+
+    from pipeline.engines.hf_policy import TransformersPolicy
+
+    vocab, top_p = 1000, 0.95
+    flat = torch.linspace(0.0, 1.0, vocab)  # distinct, nearly uniform: the nucleus is ~950 tokens
+    peaked = torch.zeros(vocab)
+    tied = set((torch.arange(40) * 97 % vocab).tolist())
+    peaked[list(tied)] = 8.0  # 40 equally likely tokens: a full sort and topk order them differently
+
+    def picks(rows, seeds):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return TransformersPolicy._sample(torch.stack(rows), gens, 1.0, top_p).tolist()
+
+    ranks = []
+    for seed in range(20):
+        batch = picks([peaked, flat, peaked], [seed, 100 + seed, 200 + seed])
+        assert batch == [picks([peaked], [seed])[0], picks([flat], [100 + seed])[0], picks([peaked], [200 + seed])[0]]
+        assert {batch[0], batch[2]} <= tied
+        rank = vocab - 1 - batch[1]  # linspace: token vocab - 1 is the likeliest
+        probs = torch.softmax(flat, -1).flip(0)
+        assert probs[:rank].sum() < top_p, f"token of rank {rank} is outside the flat row's nucleus"
+        ranks.append(rank)
+    assert max(ranks) >= 256, f"the flat row never picked past the top 256: {ranks}"
+
+
 def test_rows_are_chunked_by_max_batch_rows(tiny, tok):
     pol = _policy(tiny, tok, max_batch_rows=2)
     wide = _policy(tiny, tok, max_batch_rows=64)
