@@ -182,7 +182,10 @@ class RunningBatch:
         order = compact_rows(self._cache, keep)
         self._rows = [self._rows[i] for i in order]
         sel = torch.tensor(order, device=self.device)
-        self._mask, self._pos, self._logits = self._mask[sel], self._pos[sel], self._logits[sel]
+        self._mask, self._pos = self._mask[sel], self._pos[sel]
+        # This tick's logits are sampled already and the decode step after replaces them: gathering them (rows x
+        # vocabulary floats, 16 MB at 84 rows) would be wasted.
+        self._logits = None
         return order
 
     def _sample_all(self) -> list[int]:

@@ -273,9 +273,9 @@ def join_left_padded(config, a: DynamicCache | None, mask_a: torch.Tensor | None
 
 
 def row_kv(cache: DynamicCache, row: int, cols: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Row ``row``'s keys/values at sequence columns ``cols``, as ``[1, heads, len(cols), head_dim]`` copies."""
-    return [(layer.keys[row : row + 1, :, cols].clone(), layer.values[row : row + 1, :, cols].clone())
-            for layer in _growing_layers(cache)]
+    """Row ``row``'s keys/values at sequence columns ``cols``, as ``[1, heads, len(cols), head_dim]`` copies (indexing
+    by a tensor copies already: no ``clone`` on top)."""
+    return [(layer.keys[row : row + 1, :, cols], layer.values[row : row + 1, :, cols]) for layer in _growing_layers(cache)]
 
 
 class PrefixStore:
