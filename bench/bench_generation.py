@@ -4,11 +4,14 @@
     .venv/bin/python bench/bench_generation.py --batches 1 8 --paths fp32 bf16 int8 --new-tokens 16
     .venv/bin/python bench/bench_generation.py --paths fp32 fp32:flat     # cascade prefix attention on vs off
     .venv/bin/python bench/bench_generation.py --paths fp32 --hf-generate-batch  # vs transformers' generate_batch
+    .venv/bin/python bench/bench_generation.py --batches 64 --paths auto --history-steps 0 6  # a rollout's contexts
 
 A batch of B rows is B/k distinct few-shot prompts x k samples each (k = min(B, 8): one MCTS expansion asks
 for 5-8 children), i.e. what one search wave sends. Throughput = sampled tokens / wall seconds of the whole
 call, prefill included (the engine's shared instruction+examples prefix is computed before timing: it is
-computed once per engine lifetime).
+computed once per engine lifetime). ``--history-steps N`` gives every prompt N executed steps of history, as a
+node N deep in a tree has: rows then attend to ~40 more tokens of their own per step (a rollout's rows carry
+question + history + generated text, the reference call only a question).
 
 Roofline: the model's decode cost is 2 FLOPs per weight of its linear layers (lm_head included) per token,
 so achieved FLOP/s = tok/s x that; the roofline ratio divides it by the machine's fp32 matmul FLOP/s
@@ -34,11 +37,20 @@ import argparse
 import time
 
 
-def _states(n: int, seed0: int = 0):
+def _states(n: int, seed0: int = 0, history_steps: int = 0):
     from mcts.protocols import SearchState
+    from mcts.steps import render_steps
+
+    def history(i: int) -> str:
+        steps, total = [], i + 3
+        for j in range(history_steps):
+            total += j + 2
+            steps.append((f"# Step {j + 1}: he buys {j + 2} more apples, so the running total grows.\n"
+                          f"total = total + {j + 2}\nprint(total)", str(total), False))
+        return render_steps(steps)
 
     return [SearchState(f"p{i}", f"Tom has {i + 3} apples and buys {2 * i + 5} more. How many apples does he have?",
-                        "", seed0 + i) for i in range(n)]
+                        history(i), seed0 + i) for i in range(n)]
 
 
 def matmul_flops(dtype_name: str = "float32", n: int = 1024, repeats: int = 5) -> float:
@@ -107,6 +119,8 @@ def main() -> None:
                     help="cpu fast paths to compare (fp32 first); ':flat' = without shared prefix attention")
     ap.add_argument("--agree-prompts", type=int, default=6, help="prompts of the greedy agreement check")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    ap.add_argument("--history-steps", type=int, nargs="+", default=[0],
+                    help="executed steps of history in every prompt (a node that deep in a tree); several: side by side")
     ap.add_argument("--hf-generate-batch", action="store_true",
                     help="also time transformers' generate_batch (continuous batching, paged cache) side by side")
     args = ap.parse_args()
@@ -141,19 +155,23 @@ def main() -> None:
     print(f"embedded SmolLM2-135M, CPU, torch threads={torch.get_num_threads()}, prompt ~{prompt_len} tokens, "
           f"<= {args.new_tokens} new tokens per row, step mode; machine shared with other work (load varies)")
 
-    print(f"{'batch':>5} {'prompts x k':>11} " + " ".join(f"{p + ' tok/s':>11} {'roofline':>8}" for p in runners))
+    print(f"{'batch':>5} {'prompts x k':>11} {'history':>9} "
+          + " ".join(f"{p + ' tok/s':>11} {'roofline':>8}" for p in runners))
     for batch in args.batches:
         k = min(batch, 8)
-        states = _states(max(1, batch // k))
-        best = dict.fromkeys(runners, 0.0)
+        cases = {h: _states(max(1, batch // k), history_steps=h) for h in args.history_steps}
+        best = {(h, path): 0.0 for h in cases for path in runners}
         for rep in range(args.repeats):
-            for path, run in runners.items():
-                t0 = time.perf_counter()
-                new = run(states, k, rep)
-                best[path] = max(best[path], new / (time.perf_counter() - t0))
+            for h, states in cases.items():
+                for path, run in runners.items():
+                    t0 = time.perf_counter()
+                    new = run(states, k, rep)
+                    best[h, path] = max(best[h, path], new / (time.perf_counter() - t0))
         peak = max(peak, matmul_flops("float32", repeats=2))
-        cells = " ".join(f"{best[p]:>11.1f} {best[p] * ftok / peak:>8.1%}" for p in runners)
-        print(f"{batch:>5} {f'{len(states)} x {k}':>11} {cells}", flush=True)
+        for h, states in cases.items():
+            own = len(first.tokenizer(first.builder.build(states[0].question, states[0].history))["input_ids"])
+            cells = " ".join(f"{best[h, p]:>11.1f} {best[h, p] * ftok / peak:>8.1%}" for p in runners)
+            print(f"{batch:>5} {f'{len(states)} x {k}':>11} {f'{own - prompt_len:+d} tok':>9} {cells}", flush=True)
     print(f"roofline = tok/s x {ftok / 1e6:.0f} MFLOP/token / fp32 matmul {peak / 1e9:.0f} GFLOP/s "
           f"(bf16 matmul {peak_bf16 / 1e9:.0f} GFLOP/s), measured in this run")
 

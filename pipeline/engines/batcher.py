@@ -34,7 +34,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.engines.kv_cache import PrefixStore, cache_kwargs, cache_of, compact_rows, join_left_padded, row_kv
+from pipeline.engines.kv_cache import (
+    PrefixStore,
+    cache_kwargs,
+    cache_of,
+    compact_rows,
+    join_left_padded,
+    row_kv,
+    row_tail_kv,
+)
 
 
 @dataclass
@@ -142,6 +150,7 @@ class RunningBatch:
         t1 = time.perf_counter()
         self.stats.sample_s += t1 - t0
         keep: list[int] = []
+        ended: list[tuple[int, Request, list[int]]] = []  # rows that stopped at a stop string or their budget
         for pos, (row, tok) in enumerate(zip(self._rows, chosen, strict=True)):
             self.stats.new_tokens += 1
             toks = row.req.tokens[row.j]
@@ -150,9 +159,12 @@ class RunningBatch:
                 if len(toks) < row.req.budget and not self.is_stop(toks):
                     keep.append(pos)
                     continue
+                ended.append((pos, row.req, toks))
             row.req.open_rows -= 1
             if row.req.open_rows == 0:
                 row.req.done = True
+        if ended and self.store.max_bytes:
+            self._keep_sampled_kv(ended)
         if len(keep) < len(self._rows):
             order = self._select(keep)
             chosen = [chosen[i] for i in order]
@@ -169,6 +181,16 @@ class RunningBatch:
         self._pos = self._pos + 1
         self.stats.decode_ticks += 1
         self.stats.decode_s += time.perf_counter() - t2
+
+    def _keep_sampled_kv(self, ended: list[tuple[int, Request, list[int]]]) -> None:
+        """Each stopped row's decoded tokens' KV goes to the prefix store with its prompt's entry: a child's prompt
+        starts with the parent's prompt and (mostly) these very tokens, which it then need not prefill. The
+        row's last sampled token was never decoded (no KV); rows that wrote EOS end a solution and are skipped.
+        Cost: a copy of the row's new columns (~0.8 MB for 33 bf16 tokens on the embedded model)."""
+        for pos, req, toks in ended:
+            fed = len(toks) - 1
+            if fed > 0:
+                self.store.extend(req.ids, toks[:fed], row_tail_kv(self._cache, pos, fed))
 
     def _shared(self) -> dict:
         return {"shared_prefix": self.shared} if self.shared is not None else {}
@@ -232,6 +254,7 @@ class RunningBatch:
         # Under cascade attention rows hold what follows the shared prefix: lengths and stored KV start there.
         skip = len(self.prefix_ids or ()) if self.shared is not None else 0
         found = []
+        extended = self.store.extension_tokens
         for ids in prompts:
             n, kv = self.store.longest(ids, len(ids))
             if n < skip:
@@ -280,6 +303,7 @@ class RunningBatch:
         self.stats.prompt_tokens += sum(map(len, prompts))
         self.stats.prefill_tokens += sum(len(ids) - skip - n for ids, (n, _) in zip(prompts, found, strict=True))
         self.stats.reused_tokens += sum(skip + n for n, _ in found)
+        self.stats.sampled_kv_tokens += self.store.extension_tokens - extended
         mask = mask.to(dev)
         # Every prompt's KV goes to the store: its children's prompts start with it.
         for i, ids in enumerate(prompts):

@@ -10,8 +10,10 @@
 * ``compact_rows``: drop finished rows in place, moving only the rows that fill their slots (not a copy of the
   whole cache per retirement: that was ~9% of an evaluation's engine time).
 * ``PrefixStore``: the KV of prompts already prefilled (the instruction prefix, and every tree node's
-  question + history), so a child's prompt prefills only what its parent's lacks. Bounded in bytes,
-  least recently used entries evicted first, pinned entries never.
+  question + history), so a child's prompt prefills only what its parent's lacks; and, kept with a prompt's
+  entry, the KV its samples computed while decoding (``extend``), so the child's prompt does not prefill again
+  the step its parent generated. Bounded in bytes, least recently used entries evicted first (with their
+  samples' KV), pinned entries never.
 
 Imports transformers at module level: import it lazily.
 """
@@ -272,6 +274,13 @@ def join_left_padded(config, a: DynamicCache | None, mask_a: torch.Tensor | None
     return cache, mask
 
 
+def row_tail_kv(cache: DynamicCache, row: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Row ``row``'s keys/values in the last ``count`` columns (its newest tokens: rows are right aligned), as
+    ``[1, heads, count, head_dim]`` copies."""
+    return [(layer.keys[row : row + 1, :, -count:].clone(), layer.values[row : row + 1, :, -count:].clone())
+            for layer in _growing_layers(cache)]
+
+
 def row_kv(cache: DynamicCache, row: int, cols: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Row ``row``'s keys/values at sequence columns ``cols``, as ``[1, heads, len(cols), head_dim]`` copies (indexing
     by a tensor copies already: no ``clone`` on top)."""
@@ -281,7 +290,14 @@ def row_kv(cache: DynamicCache, row: int, cols: torch.Tensor) -> list[tuple[torc
 class PrefixStore:
     """KV of token prefixes, looked up by longest match. At most ``max_bytes`` of tensors (pinned entries
     count too); adding beyond it evicts the least recently used unpinned entries; an entry larger than what
-    eviction can free is not stored. Not thread safe: the caller serialises (the running batch's lock)."""
+    eviction can free is not stored. Not thread safe: the caller serialises (the running batch's lock).
+
+    An entry can carry extensions (``extend``): tokens that followed its prompt in a sample, with the KV the
+    sample's decoding computed for them. A lookup that matches the entry goes on into its extension sharing the
+    most tokens with the prompt looked up (a causal model's KV of a token depends only on the tokens before it,
+    so any shared head of an extension serves). A child's prompt is its parent's prompt + the parent's step
+    (re-tokenized, which mostly gives the sampled tokens back) + the step's output: measured on the embedded
+    model, 32.4 of a sample's 33.5 decoded tokens on average matched its child prompt's tokens."""
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
@@ -290,10 +306,17 @@ class PrefixStore:
         self.bytes = 0
         self._entries: OrderedDict[tuple[int, ...], tuple[list, int, bool]] = OrderedDict()  # kv, bytes, pinned
         self._lengths: dict[int, int] = {}  # prefix length -> entries of that length
+        self._extensions: dict[tuple[int, ...], list[tuple[tuple[int, ...], list, int]]] = {}  # tail, kv, bytes
         self.hits = self.lookups = self.evictions = 0
+        self.extension_tokens = 0  # tokens whose KV lookups served from extensions
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def extension_bytes(self) -> int:
+        """Bytes of the samples' KV kept with entries (``extend``), part of ``bytes``."""
+        return sum(b for exts in self._extensions.values() for _, _, b in exts)
 
     def add(self, ids: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]], pinned: bool = False) -> bool:
         """Stores ``kv`` (per layer, batch 1, ``len(ids)`` positions) for ``ids``; False when it cannot fit."""
@@ -314,8 +337,32 @@ class PrefixStore:
         self.bytes += size
         return True
 
+    def extend(self, ids: Sequence[int], tail: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Keeps ``kv`` (per layer, batch 1, ``len(tail)`` positions) for tokens ``tail`` that followed the stored
+        prompt ``ids``, with that entry (dropped with it; it counts as used now). False when ``ids`` is not stored
+        or pinned (pinned bytes stay what ``add`` checked), ``tail`` is empty, or there is no room without evicting
+        the entry itself or pinned ones."""
+        key, tail = tuple(ids), tuple(tail)
+        if key not in self._entries or self._entries[key][2] or not tail:
+            return False
+        exts = self._extensions.get(key, [])
+        if any(t == tail for t, _, _ in exts):
+            return True
+        size = sum(k.nbytes + v.nbytes for k, v in kv)
+        self._entries.move_to_end(key)
+        while self.bytes + size > self.max_bytes:
+            victim = next((k for k, (_, _, p) in self._entries.items() if not p and k != key), None)
+            if victim is None:
+                return False
+            self._drop(victim)
+            self.evictions += 1
+        self._extensions.setdefault(key, []).append((tail, kv, size))
+        self.bytes += size
+        return True
+
     def _drop(self, key: tuple[int, ...]) -> None:
         _, size, _ = self._entries.pop(key)
+        size += sum(b for _, _, b in self._extensions.pop(key, ()))
         self.bytes -= size
         self._lengths[len(key)] -= 1
         if not self._lengths[len(key)]:
@@ -329,5 +376,23 @@ class PrefixStore:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 self.hits += 1
-                return n, self._entries[key][0]
+                kv = self._entries[key][0]
+                m, tail_kv = self._longest_extension(key, ids[n:limit])
+                if m:
+                    self.extension_tokens += m
+                    kv = [(torch.cat([k, tk[..., :m, :]], dim=-2), torch.cat([v, tv[..., :m, :]], dim=-2))
+                          for (k, v), (tk, tv) in zip(kv, tail_kv, strict=True)]
+                return n + m, kv
         return 0, None
+
+    def _longest_extension(self, key: tuple[int, ...], rest: Sequence[int]) -> tuple[int, list | None]:
+        best, best_kv = 0, None
+        for tail, kv, _ in self._extensions.get(key, ()):
+            m = 0
+            for a, b in zip(tail, rest, strict=False):
+                if a != b:
+                    break
+                m += 1
+            if m > best:
+                best, best_kv = m, kv
+        return best, best_kv

@@ -309,6 +309,44 @@ def test_prefix_store_stays_within_its_memory_bound_and_evicts_least_recent():
     assert store.longest([1, 2, 3, 4, 5], 5)[0] == 5
 
 
+def test_prefix_store_extensions_serve_their_shared_head_and_go_with_their_entry():
+    store = PrefixStore(max_bytes=32 * 25)
+    assert store.add([1, 2, 3], _kv(3), pinned=True)
+    assert not store.extend([1, 2, 3], [4], _kv(1)), "pinned entries take no extensions"
+    assert not store.extend([9, 9], [4], _kv(1)), "nor prompts that are not stored"
+    assert store.add([5, 6], _kv(2))
+    tail = [(torch.arange(4.0).view(1, 1, 4, 1).expand(1, 1, 4, 2).clone(),) * 2 for _ in range(2)]
+    assert store.extend([5, 6], [7, 8, 9, 10], tail)  # 128 bytes
+    assert store.extension_bytes == 128 and store.bytes == 32 * (3 + 2 + 4)
+    # A prompt sharing the entry and the first 2 tail tokens gets 4 positions: the entry's 2, then tail columns 0-1.
+    n, kv = store.longest([5, 6, 7, 8, 11, 12], 6)
+    assert n == 4 and kv[0][0].shape == (1, 1, 4, 2) and kv[0][0][0, 0, 2:, 0].tolist() == [0.0, 1.0]
+    assert store.extension_tokens == 2
+    assert store.longest([5, 6, 7, 8, 9], 4)[0] == 4, "the limit bounds what the tail adds"
+    assert store.longest([5, 6, 3], 3)[0] == 2, "no shared tail token: the entry alone"
+    # Evicting the entry frees its extensions with it.
+    assert store.add([20] * 17, _kv(17))  # 544 bytes: 288 + 544 > 800, so [5, 6] and its tail go
+    assert store.evictions == 1 and store.extension_bytes == 0 and store.bytes == 32 * (3 + 17)
+    assert store.longest([5, 6, 7], 3) == (0, None)
+
+
+def test_a_childs_prompt_reuses_the_kv_its_parent_sample_decoded(tiny, tok):
+    from mcts.steps import render_step
+
+    greedy = GenerationConfig(temperature=0.0, max_new_tokens_step=12)
+    pol = _policy(tiny, tok, gen=greedy)
+    parent = _states(1)[0]
+    step = pol.propose([parent], 1)[0][0]
+    child = SearchState("c", parent.question, render_step(step.text, "42"), 7)
+    before = pol.stats.prefill_tokens
+    got = pol.propose([child], 1)
+    assert pol.stats.sampled_kv_tokens > 0, "the child's prompt did not reuse its parent's decoded tokens"
+    fresh = _policy(tiny, tok, gen=greedy)
+    assert fresh.propose([child], 1) == got, "decode-time KV of the step gave other text than prefilling it"
+    fresh_child_prefill = fresh.stats.prefill_tokens - len(fresh._prefix_ids)
+    assert pol.stats.prefill_tokens - before < fresh_child_prefill
+
+
 def test_engine_prefix_store_respects_its_bound(tiny, tok):
     pol = _policy(tiny, tok)
     pol.propose(_states(1), 1)
@@ -317,12 +355,16 @@ def test_engine_prefix_store_respects_its_bound(tiny, tok):
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4  # layers x (k, v) x fp32 bytes
     prompt = len(tok(pol.builder.build(_states(1)[0].question))["input_ids"])
     # Cascade attention (on by default on CPU): the shared prefix's KV is held once by the batch, and the store
-    # keeps what follows it. Without it, the pinned prefix and the whole prompt are stored.
+    # keeps what follows it. Without it, the pinned prefix and the whole prompt are stored. Either way, with the
+    # prompt's entry, the KV of the tokens its sample decoded (all but its last, unless it wrote EOS).
     assert pol.batch.shared is not None
-    assert pol.store.bytes == per_token * (prompt - len(pol._prefix_ids))
+    sampled = pol.store.extension_bytes
+    assert sampled % per_token == 0 and sampled // per_token < pol.gen.max_new_tokens("step")
+    assert pol.store.bytes == per_token * (prompt - len(pol._prefix_ids)) + sampled
     plain = _policy(tiny, tok, shared_prefix_attention=False)
     plain.propose(_states(1), 1)
-    assert plain.batch.shared is None and plain.store.bytes == per_token * (len(plain._prefix_ids) + prompt)
+    assert plain.batch.shared is None
+    assert plain.store.bytes == per_token * (len(plain._prefix_ids) + prompt) + plain.store.extension_bytes
     pol.store.max_bytes = pol.store.bytes + 3 * (prompt - len(pol._prefix_ids)) * per_token  # ~3 more prompts
     pol.propose(_states(12, 1), 1)
     assert pol.store.bytes <= pol.store.max_bytes and pol.store.evictions > 0, (pol.store.bytes, pol.store.evictions)
