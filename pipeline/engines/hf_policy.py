@@ -268,7 +268,7 @@ class TransformersPolicy:
         cost ~12 ms a call, and a full sort ~180 ms per step at batch 32: most of the sampling time.) The
         nucleus is looked for in each row's top ``_TOPK_FIRST`` tokens; only a row whose mass there falls short
         of ``top_p`` (a flat distribution) is sorted in full, on its own: sorting the whole batch for it cost
-        150-350 ms a step at 52-128 rows, as much as the decode step (measured 2026-12-02).
+        144-358 ms a call at 52-128 rows of real logits, as much as a decode step (measured 2026-12-02).
         """
         import torch
 
