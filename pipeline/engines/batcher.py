@@ -254,7 +254,6 @@ class RunningBatch:
         # Under cascade attention rows hold what follows the shared prefix: lengths and stored KV start there.
         skip = len(self.prefix_ids or ()) if self.shared is not None else 0
         found = []
-        extended = self.store.extension_tokens
         for ids in prompts:
             n, kv = self.store.longest(ids, len(ids))
             if n < skip:
@@ -303,7 +302,6 @@ class RunningBatch:
         self.stats.prompt_tokens += sum(map(len, prompts))
         self.stats.prefill_tokens += sum(len(ids) - skip - n for ids, (n, _) in zip(prompts, found, strict=True))
         self.stats.reused_tokens += sum(skip + n for n, _ in found)
-        self.stats.sampled_kv_tokens += self.store.extension_tokens - extended
         mask = mask.to(dev)
         # Every prompt's KV goes to the store: its children's prompts start with it.
         for i, ids in enumerate(prompts):

@@ -28,9 +28,6 @@ class GenStats:
     # Prompt tokens whose KV came from a cache instead of a forward: the transformers backend's shared prefix and
     # prefix store, vLLM's automatic prefix cache (``RequestOutput.num_cached_tokens``).
     reused_tokens: int = 0
-    # Of those, tokens a sample had decoded (its KV kept with its prompt's entry): a parent's step in its child's
-    # prompt (transformers backend, ``kv_cache.PrefixStore.extend``).
-    sampled_kv_tokens: int = 0
     seconds: float = 0.0
     # The running batch's own clock (pipeline.engines.batcher): ticks that decoded rows (new_tokens / decode_ticks
     # = mean rows per decode step) and seconds per part of a tick, which say where a phase's tokens/s goes.

@@ -308,7 +308,7 @@ class PrefixStore:
         self._lengths: dict[int, int] = {}  # prefix length -> entries of that length
         self._extensions: dict[tuple[int, ...], list[tuple[tuple[int, ...], list, int]]] = {}  # tail, kv, bytes
         self.hits = self.lookups = self.evictions = 0
-        self.extension_tokens = 0  # tokens whose KV lookups served from extensions
+        self.extension_tokens = 0  # tokens whose KV lookups served from extensions (samples' decoded KV)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -326,12 +326,8 @@ class PrefixStore:
             self._entries.move_to_end(key)
             return True
         pinned_bytes = sum(b for _, b, p in self._entries.values() if p)
-        if pinned_bytes + size > self.max_bytes:
+        if pinned_bytes + size > self.max_bytes or not self._make_room(size):
             return False
-        while self.bytes + size > self.max_bytes:
-            victim = next(k for k, (_, _, p) in self._entries.items() if not p)
-            self._drop(victim)
-            self.evictions += 1
         self._entries[key] = (kv, size, pinned)
         self._lengths[len(key)] = self._lengths.get(len(key), 0) + 1
         self.bytes += size
@@ -350,14 +346,21 @@ class PrefixStore:
             return True
         size = sum(k.nbytes + v.nbytes for k, v in kv)
         self._entries.move_to_end(key)
+        if not self._make_room(size, spare=key):
+            return False
+        self._extensions.setdefault(key, []).append((tail, kv, size))
+        self.bytes += size
+        return True
+
+    def _make_room(self, size: int, spare: tuple[int, ...] | None = None) -> bool:
+        """Evicts least recently used unpinned entries (never ``spare``) until ``size`` more bytes fit; False if
+        they cannot."""
         while self.bytes + size > self.max_bytes:
-            victim = next((k for k, (_, _, p) in self._entries.items() if not p and k != key), None)
+            victim = next((k for k, (_, _, p) in self._entries.items() if not p and k != spare), None)
             if victim is None:
                 return False
             self._drop(victim)
             self.evictions += 1
-        self._extensions.setdefault(key, []).append((tail, kv, size))
-        self.bytes += size
         return True
 
     def _drop(self, key: tuple[int, ...]) -> None:

@@ -340,7 +340,7 @@ def test_a_childs_prompt_reuses_the_kv_its_parent_sample_decoded(tiny, tok):
     child = SearchState("c", parent.question, render_step(step.text, "42"), 7)
     before = pol.stats.prefill_tokens
     got = pol.propose([child], 1)
-    assert pol.stats.sampled_kv_tokens > 0, "the child's prompt did not reuse its parent's decoded tokens"
+    assert pol.store.extension_tokens > 0, "the child's prompt did not reuse its parent's decoded tokens"
     fresh = _policy(tiny, tok, gen=greedy)
     assert fresh.propose([child], 1) == got, "decode-time KV of the step gave other text than prefilling it"
     fresh_child_prefill = fresh.stats.prefill_tokens - len(fresh._prefix_ids)
