@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_generation.py --paths fp32 fp32:flat     # cascade prefix attention on vs off
     .venv/bin/python bench/bench_generation.py --paths fp32 --hf-generate-batch  # vs transformers' generate_batch
     .venv/bin/python bench/bench_generation.py --batches 64 --paths auto --history-steps 0 6  # a rollout's contexts
+    .venv/bin/python bench/bench_generation.py --batches 64 --paths auto auto:group --history-steps 0 6  # group attention
 
 A batch of B rows is B/k distinct few-shot prompts x k samples each (k = min(B, 8): one MCTS expansion asks
 for 5-8 children), i.e. what one search wave sends. Throughput = sampled tokens / wall seconds of the whole
@@ -22,7 +23,9 @@ Fast paths (``--paths``): each is its own engine on the same model, run side by 
 ``--repeats``. 'auto' is what the engine's start-up probe picks. Each path's greedy outputs on a fixed
 prompt set are compared with fp32's: 'greedy=fp32' counts the prompts whose text is identical. A path with
 ':flat' (e.g. 'fp32:flat') turns ``engines.shared_prefix_attention`` off: every row holds the shared prefix's KV
-and attends to it itself (pipeline/engines/cascade.py), the engine as it was before 2026-12-01.
+and attends to it itself (pipeline/engines/cascade.py), the engine as it was before 2026-12-01. ':group' (e.g.
+'auto:group') turns ``engines.group_attention`` on: a request's sample rows attend to one copy of their prompt's
+KV (question + history) instead of each holding one.
 
 ``--hf-generate-batch`` also times transformers' own continuous batching (``model.generate_batch``: paged KV
 cache, its scheduler and sampler) on the same prompts, k, sampling settings and new-token budget, with a
@@ -116,7 +119,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32, help="max new tokens per row")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per batch size; the best is kept")
     ap.add_argument("--paths", nargs="+", default=["fp32", "auto"],
-                    help="cpu fast paths to compare (fp32 first); ':flat' = without shared prefix attention")
+                    help="cpu fast paths to compare (fp32 first); ':flat' = without shared prefix attention, "
+                         "':group' = with group attention")
     ap.add_argument("--agree-prompts", type=int, default=6, help="prompts of the greedy agreement check")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     ap.add_argument("--history-steps", type=int, nargs="+", default=[0],
@@ -133,10 +137,12 @@ def main() -> None:
     policies = {}
     for path in dict.fromkeys(args.paths):
         fast, _, variant = path.partition(":")
-        if variant not in ("", "flat"):
-            raise SystemExit(f"--paths {path}: the only variant is ':flat' (no shared prefix attention)")
+        if variant not in ("", "flat", "group"):
+            raise SystemExit(f"--paths {path}: variants are ':flat' (no shared prefix attention) and ':group' "
+                             f"(group attention)")
         cfg = EngineConfig(device="cpu", max_batch_rows=max(args.batches), generation=gen, cpu_fast_path=fast,
-                           cpu_threads=args.threads, shared_prefix_attention=variant != "flat")
+                           cpu_threads=args.threads, shared_prefix_attention=variant != "flat",
+                           group_attention=variant == "group")
         policies[path] = pol = make_policy(cfg, mode="step", few_shot=True)
         pol.propose(_states(1), 1)  # computes the shared prefix once, as a long-lived engine would
         if fast == "auto":

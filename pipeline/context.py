@@ -73,13 +73,21 @@ def prompt_fn(model: str, few_shot: bool) -> Callable[[str, str], str]:
 
 
 def on_accelerators(cfg: RunConfig, run: RunDir, fn: Callable, *args: Any, writes: Path | None = None,
-                    **kwargs: Any) -> Any:
+                    compute_thread: bool = False, **kwargs: Any) -> Any:
     """Run a training or evaluation function where the accelerators are: in-process on a CPU-only run, as a Ray
     task with a GPU otherwise (the driver of a cluster job usually sits on a CPU-only head node). ``writes``: the
     directory of the run ``fn`` writes (a checkpoint). The task may run on another node: on object storage its
-    paths of the run travel through the store (``RunDir.ship``), and ``writes`` is fetched when it returns."""
+    paths of the run travel through the store (``RunDir.ship``), and ``writes`` is fetched when it returns.
+    ``compute_thread``: in-process, ``fn`` runs on the engines' compute thread (``pipeline.engines.compute``), for
+    work that is all model compute (training): computed on the main thread instead, it would leave an OpenMP team
+    there that makes every later engine of the process (the round's evaluation) 1.4-1.7x slower. Not for
+    functions that call engines and wait for them (evaluation): those would wait on their own thread."""
     gpus = cfg.ray.gpus_per_engine
     if not gpus:
+        if compute_thread:
+            from pipeline.engines import compute
+
+            return compute.run(fn, *args, **kwargs)
         return fn(*args, **kwargs)
     import ray
 

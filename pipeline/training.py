@@ -42,7 +42,7 @@ def phase_train_policy(ctx: RoundContext) -> dict:
     out = ctx.run.policy_dir(ctx.round_no)
     with _step_bar(ctx, "train policy") as callbacks:
         result = on_accelerators(ctx.cfg, ctx.run, train_policy, init, sft, out, ctx.cfg.training, callbacks=callbacks,
-                                 writes=out)
+                                 writes=out, compute_thread=True)
     ctx.log.info("policy_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps, rows=n,
                  problems=data["problems"], pooled=ctx.cfg.training.policy_pool)
     # out_dir as this driver sees it (a task on another node wrote the checkpoint into its own node cache first)
@@ -67,7 +67,7 @@ def phase_train_ppm(ctx: RoundContext) -> dict:
     out = ctx.run.ppm_dir(ctx.round_no)
     with _step_bar(ctx, "train ppm") as callbacks:
         result = on_accelerators(ctx.cfg, ctx.run, train_ppm, init, pairs, out, ctx.cfg.training, callbacks=callbacks,
-                                 writes=out)
+                                 writes=out, compute_thread=True)
     ctx.log.info("ppm_trained", round=ctx.round_no, loss=result.final_loss, steps=result.steps,
                  heldout_accuracy=result.pairwise_accuracy, heldout_pairs=result.heldout_pairs)
     return dataclasses.asdict(result) | {"out_dir": str(out)}

@@ -21,7 +21,7 @@ from pipeline.engines.gemm import fix_gemm_order
 fix_gemm_order()  # as round.py does first: tests check that batching leaves each request's tokens alone
 
 # Threads the project starts are daemons, so "non-daemon" alone would miss a leaked pool: name them too.
-_OUR_THREAD_PREFIXES = ("sandbox-pool", "grading-pool", "vllm-async-loop")
+_OUR_THREAD_PREFIXES = ("sandbox-pool", "grading-pool", "vllm-async-loop", "torch-compute")
 _SETTLE_S = 10.0  # shutdowns finish asynchronously (a killed child is reaped, a thread sees its stop flag)
 
 
@@ -162,9 +162,11 @@ def s3_bucket(s3_server, monkeypatch, request):
 def nothing_left_running():
     """Set up first and torn down last in the session, after every other fixture has stopped what it started."""
     yield
+    from pipeline.engines import compute
     from pipeline.sandbox import oneshot
 
     oneshot.close()  # the process-wide pool of ``run_code`` (closed at exit otherwise); tests may use it freely
+    compute.close()  # the process-wide compute thread of the engines, likewise
     deadline = time.monotonic() + _SETTLE_S
     found = leftovers()
     while found and time.monotonic() < deadline:

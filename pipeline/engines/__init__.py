@@ -38,14 +38,18 @@ def _cpu_threads(cfg: EngineConfig) -> None:
 
 
 def _transformers(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: str, seed: int) -> Policy:
+    from pipeline.engines import compute
     from pipeline.engines.hf_policy import TransformersPolicy
 
-    _cpu_threads(cfg)
+    def build() -> Policy:  # on the compute thread: the fast-path probe's forwards are compute too
+        _cpu_threads(cfg)
+        return TransformersPolicy(path, builder, cfg.generation, mode, device=cfg.device, dtype=cfg.dtype,
+                                  max_batch_rows=cfg.max_batch_rows, cpu_fast_path=cfg.cpu_fast_path,
+                                  prefix_cache_mb=cfg.prefix_cache_mb,
+                                  shared_prefix_attention=cfg.shared_prefix_attention,
+                                  group_attention=cfg.group_attention)
 
-    return TransformersPolicy(path, builder, cfg.generation, mode, device=cfg.device, dtype=cfg.dtype,
-                              max_batch_rows=cfg.max_batch_rows, cpu_fast_path=cfg.cpu_fast_path,
-                              prefix_cache_mb=cfg.prefix_cache_mb,
-                              shared_prefix_attention=cfg.shared_prefix_attention)
+    return compute.run(build)
 
 
 def _vllm(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: str, seed: int) -> Policy:
@@ -114,12 +118,15 @@ def make_scorer(cfg: EngineConfig, ppm_path: str | Path, *, few_shot: bool = Fal
 
         return VllmScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, cfg=cfg.vllm,
                           dtype=cfg.dtype, examples=cfg.examples)
+    from pipeline.engines import compute
     from pipeline.engines.scorer import TransformersScorer
 
-    _cpu_threads(cfg)
+    def build() -> Scorer:
+        _cpu_threads(cfg)
+        return TransformersScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, device=cfg.device,
+                                  dtype=cfg.dtype, batch_size=cfg.ppm_batch_size, examples=cfg.examples)
 
-    return TransformersScorer(ppm_path, few_shot=few_shot, n_examples=cfg.few_shot_examples, device=cfg.device,
-                              dtype=cfg.dtype, batch_size=cfg.ppm_batch_size, examples=cfg.examples)
+    return compute.run(build)
 
 
 __all__ = ["EngineConfig", "GenerationConfig", "HttpConfig", "VllmConfig", "EngineError", "PromptBuilder",

@@ -1,8 +1,8 @@
 """Continuous batching for the transformers policy: one running batch shared by every caller of the engine.
 
 Every ``generate`` call (each tree group of each rollout worker, arriving on the engine actor's threads)
-adds its requests to one queue and waits; one driver thread advances the whole batch tick by tick while
-there is work. A tick:
+adds its requests to one queue and waits; the process's compute thread (``pipeline.engines.compute``)
+advances the whole batch tick by tick while there is work. A tick:
 
 1. admits queued requests while their rows fit (``max_rows``): their distinct prompts are prefilled in one
    forward on top of the longest prefixes already in the ``PrefixStore`` (the instruction prefix, a parent
@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.engines import compute
 from pipeline.engines.kv_cache import (
+    GroupKV,
     PrefixStore,
     cache_kwargs,
     cache_of,
@@ -69,6 +71,7 @@ class _Row:
     req: Request
     j: int
     gen: torch.Generator
+    slot: tuple[int, int] | None = None  # under group attention: the GroupKV slot of the row's prompt
 
 
 class RunningBatch:
@@ -79,14 +82,19 @@ class RunningBatch:
         self.model, self.device, self.max_rows = model, device, max_rows
         self.store, self.pad_id, self.eos_ids = store, pad_id, eos_ids
         self.is_stop, self.sample, self.stats = is_stop, sample, stats
-        self._cond = threading.Condition()  # callers wait on it; the driver thread notifies after each tick
-        self._driver: threading.Thread | None = None
+        self._cond = threading.Condition()  # callers wait on it; notified after each tick
+        self._scheduled = False  # a tick is queued on the compute thread (or running)
         self._queue: deque[Request] = deque()
         self._queue_lock = threading.Lock()
         self._rows: list[_Row] = []
         self._cache = self._mask = self._pos = self._logits = None
         self.prefix_ids: list[int] | None = None  # the engine's shared prefix (set by the policy's first call)
         self.shared: list | None = None  # its per-layer KV, under cascade attention; None: rows hold it themselves
+        # Group attention (set with ``shared``): a prompt's KV is held once (``groups``) for the request's rows, which
+        # hold only their generated tokens; False: every row holds a copy of its prompt.
+        self.grouped = False
+        self.groups = GroupKV()
+        self.peak_slots = 0  # most prompts held in ``groups`` together
         self.peak_rows = 0  # most rows decoded together
         self.joins = 0  # admissions into a batch that was already running (refills)
         self.joins_copied = 0  # of those, joins that copied the running rows (no free slot or headroom left)
@@ -101,32 +109,41 @@ class RunningBatch:
     def run(self, requests: Sequence[Request]) -> None:
         with self._queue_lock:
             self._queue.extend(requests)
-        with self._cond:
-            if self._driver is None:
-                self._driver = threading.Thread(target=self._drive, name="engine-batch", daemon=True)
-                self._driver.start()
+        if compute.is_compute_thread():  # nobody else can tick: drive the batch here until these are done
             while not all(r.done for r in requests):
-                self._cond.wait()
+                self._step(resubmit=False)
+        else:
+            with self._cond:
+                if not self._scheduled:
+                    self._scheduled = True
+                    compute.submit(self._step)
+                while not all(r.done for r in requests):
+                    self._cond.wait()
         for r in requests:
             if r.error is not None:
                 raise r.error
 
-    def _drive(self) -> None:
-        """The one thread that runs ticks while there is work. One thread, not the callers in turn: tensors
-        allocated by many threads land in many malloc arenas, and the engine actor's resident memory grew to
-        12.7 GB that way in bench_rollouts (Ray killed it for memory)."""
+    def _step(self, resubmit: bool = True) -> None:
+        """One tick, on the process's compute thread (``pipeline.engines.compute``: a second thread computing
+        beside it would make both slower), queued again while there is work. One tick per turn, so that other
+        work of the process (a PPM scorer's forwards) takes its turn between ticks. One thread, not the callers
+        in turn, also for memory: tensors allocated by many threads land in many malloc arenas, and the engine
+        actor's resident memory grew to 12.7 GB that way in bench_rollouts (Ray killed it for memory)."""
         with torch.inference_mode():
-            while True:
-                with self._cond:
-                    if not self._rows and not self._queue:
-                        self._driver = None
-                        return
-                try:
-                    self._tick()
-                except BaseException as e:
-                    self._fail(e)
-                with self._cond:
-                    self._cond.notify_all()
+            try:
+                self._tick()
+            except BaseException as e:
+                self._fail(e)
+        with self._cond:
+            self._cond.notify_all()
+            if not resubmit:
+                return
+            with self._queue_lock:
+                more = bool(self._rows or self._queue)
+            if more:
+                compute.submit(self._step)
+            else:
+                self._scheduled = False
 
     def _fail(self, e: BaseException) -> None:
         """A tick raised: every running and queued request fails with it (the batch's state is unknown)."""
@@ -137,6 +154,7 @@ class RunningBatch:
             r.error, r.done = e, True
         self._rows = []
         self._cache = self._mask = self._pos = self._logits = None
+        self.groups.clear()
 
     # -- one tick ------------------------------------------------------------------------------------
 
@@ -151,6 +169,7 @@ class RunningBatch:
         self.stats.sample_s += t1 - t0
         keep: list[int] = []
         ended: list[tuple[int, Request, list[int]]] = []  # rows that stopped at a stop string or their budget
+        released: list[tuple[int, int]] = []  # GroupKV slots of the rows that stopped
         for pos, (row, tok) in enumerate(zip(self._rows, chosen, strict=True)):
             self.stats.new_tokens += 1
             toks = row.req.tokens[row.j]
@@ -160,6 +179,8 @@ class RunningBatch:
                     keep.append(pos)
                     continue
                 ended.append((pos, row.req, toks))
+            if row.slot is not None:
+                released.append(row.slot)
             row.req.open_rows -= 1
             if row.req.open_rows == 0:
                 row.req.done = True
@@ -168,6 +189,8 @@ class RunningBatch:
         if len(keep) < len(self._rows):
             order = self._select(keep)
             chosen = [chosen[i] for i in order]
+        if released and self._rows:
+            self._release(released)
         t2 = time.perf_counter()
         self.stats.retire_s += t2 - t1
         if not self._rows:
@@ -176,7 +199,7 @@ class RunningBatch:
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=-1)
         out = self.model(input_ids=torch.tensor(chosen, device=dev).unsqueeze(-1), attention_mask=self._mask,
                          position_ids=self._pos.unsqueeze(-1), **cache_kwargs(self.model, self._cache), use_cache=True,
-                         **self._shared())
+                         **self._shared(), **self._group_prefix())
         self._logits = out.logits[:, -1, :].float()
         self._pos = self._pos + 1
         self.stats.decode_ticks += 1
@@ -195,11 +218,31 @@ class RunningBatch:
     def _shared(self) -> dict:
         return {"shared_prefix": self.shared} if self.shared is not None else {}
 
+    # -- group attention -------------------------------------------------------------------------------
+
+    def _group_prefix(self) -> dict:
+        if not self.grouped:
+            return {}
+        return {"group_prefix": self.groups.prefix([row.slot for row in self._rows], self.device)}
+
+    def _release(self, released: list[tuple[int, int]]) -> None:
+        """The stopped rows leave their GroupKV slots; a slot moved into a freed one takes its rows along."""
+        pending = list(released)
+        while pending:
+            slot = pending.pop()
+            moved = self.groups.release(slot)
+            if moved is not None:
+                for row in self._rows:
+                    if row.slot == moved:
+                        row.slot = slot
+                pending = [slot if s == moved else s for s in pending]
+
     def _select(self, keep: list[int]) -> list[int]:
         """Keep rows ``keep``; returns the rows' new order (``kv_cache.compact_rows``: slots refilled in place)."""
         if not keep:
             self._rows = []
             self._cache = self._mask = self._pos = self._logits = None
+            self.groups.clear()
             return []
         order = compact_rows(self._cache, keep)
         self._rows = [self._rows[i] for i in order]
@@ -244,6 +287,7 @@ class RunningBatch:
                     r.error, r.done = e, True
                 raise
             self.peak_rows = max(self.peak_rows, len(self._rows))
+            self.peak_slots = max(self.peak_slots, len(self.groups))
 
     def _prefill(self, reqs: list[Request]) -> None:
         dev = self.device
@@ -304,25 +348,35 @@ class RunningBatch:
         self.stats.reused_tokens += sum(skip + n for n, _ in found)
         mask = mask.to(dev)
         # Every prompt's KV goes to the store: its children's prompts start with it.
-        for i, ids in enumerate(prompts):
-            self.store.add(ids, row_kv(cache, i, mask[i].nonzero().squeeze(-1)))
-        # k rows per request, each a copy of its prompt's row.
+        kvs = [row_kv(cache, i, mask[i].nonzero().squeeze(-1)) for i in range(n_u)]
+        for ids, kv in zip(prompts, kvs, strict=True):
+            self.store.add(ids, kv)
+        # k rows per request. Grouped: the rows start empty and attend to their prompt's GroupKV slot; otherwise
+        # each is a copy of its prompt's row.
         rows: list[_Row] = []
         src: list[int] = []
         for r in reqs:
             r.tokens = [[] for _ in range(r.k)]
             r.open_rows = r.k
+            slot = self.groups.acquire(tuple(r.ids), kvs[uniq[tuple(r.ids)]], r.k) if self.grouped else None
             for j, seed in enumerate(r.seeds):
                 g = torch.Generator(device=dev)
                 g.manual_seed(seed)
-                rows.append(_Row(r, j, g))
+                rows.append(_Row(r, j, g, slot))
                 src.append(uniq[tuple(r.ids)])
         sel = torch.tensor(src, device=dev)
-        cache.batch_select_indices(sel)
         logits = out.logits[:, -1, :].float()[sel]
+        if self.grouped:
+            cache = cache_of(self.model.config, [(k.new_empty((len(rows), k.shape[1], 0, k.shape[-1])),
+                                                  v.new_empty((len(rows), v.shape[1], 0, v.shape[-1])))
+                                                 for k, v in kvs[0]], spare=0)
+            new_mask = mask.new_zeros((len(rows), 0))
+        else:
+            cache.batch_select_indices(sel)
+            new_mask = mask[sel]
         pos = torch.tensor([len(r.req.ids) for r in rows], device=dev)
         running = self._cache
-        self._cache, self._mask = join_left_padded(self.model.config, running, self._mask, cache, mask[sel],
+        self._cache, self._mask = join_left_padded(self.model.config, running, self._mask, cache, new_mask,
                                                    slots=self.max_rows)
         self.joins_copied += running is not None and self._cache is not running
         self._pos = pos if self._pos is None else torch.cat([self._pos, pos])

@@ -22,6 +22,8 @@ own prefill, training, the probe) this is plain sdpa. CPU only: the CUDA kernels
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 NAME = "open_rstar_prefix_cascade"
@@ -46,23 +48,50 @@ def _flash(query, key, value, mask, scale, causal=False):
                                                                        attn_mask=mask, scale=scale)
 
 
-def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None, **kwargs):
+@dataclass
+class GroupPart:
+    """One bucket of ``kv_cache.GroupKV``: ``layers[i]`` is layer i's ``(keys, values)`` ``[R, kv_heads, w, d]``, one
+    slot per running prompt (right aligned, zeros masked on the left); ``mask`` additive ``[R, 1, 1, w]`` or None
+    when no slot is padded; ``gather`` ``[R * kmax]``: the row whose queries fill slot r's j-th query place (places
+    past a slot's rows repeat one of them: computed, never read)."""
+
+    layers: list
+    mask: torch.Tensor | None
+    gather: torch.Tensor
+    kmax: int
+
+
+@dataclass
+class GroupPrefix:
+    """Each request's prompt KV, held once for the request's rows: the buckets' parts, and ``scatter`` ``[rows]``:
+    each row's place among all buckets' query places, in order."""
+
+    parts: list[GroupPart]
+    scatter: torch.Tensor
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None,
+              group_prefix=None, **kwargs):
     """transformers' attention-function signature: ``query`` ``[b, heads, q, d]``, ``key``/``value`` the rows'
     caches ``[b, kv_heads, S, d]``, ``attention_mask`` boolean ``[b, 1, q, S]`` or None; returns
-    ``([b, q, heads, d], None)``."""
-    if shared_prefix is None:
+    ``([b, q, heads, d], None)``. With ``group_prefix`` too, a row attends to three parts, in order: the shared
+    prefix, its request's prompt (``GroupPrefix``: one copy read by all the request's rows), its own cache."""
+    if shared_prefix is None and group_prefix is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    pk, pv = shared_prefix[module.layer_idx]  # [1, kv_heads, P, d]
     b, h, q, d = query.shape
     kvh, s = key.shape[1], key.shape[2]
     g = h // kvh  # query heads per kv head (repeat_kv's order: heads i*g .. i*g+g-1 read kv head i)
     grouped = query.reshape(b, kvh, g * q, d)
-    out_p, lse_p = _flash(grouped.transpose(0, 1).reshape(1, kvh, b * g * q, d), pk, pv, None, scaling)
-    out_p = out_p.reshape(kvh, b, g * q, d).transpose(0, 1)
-    lse_p = lse_p.reshape(kvh, b, g * q).transpose(0, 1)
+    parts = []  # (out [b, kv_heads, g*q, d], log-sum-exp [b, kv_heads, g*q]) of each part the rows attend to
+    if shared_prefix is not None:
+        pk, pv = shared_prefix[module.layer_idx]  # [1, kv_heads, P, d]
+        out_p, lse_p = _flash(grouped.transpose(0, 1).reshape(1, kvh, b * g * q, d), pk, pv, None, scaling)
+        parts.append((out_p.reshape(kvh, b, g * q, d).transpose(0, 1), lse_p.reshape(kvh, b, g * q).transpose(0, 1)))
+    if group_prefix is not None:
+        parts.append(_group_part(group_prefix, module.layer_idx, grouped, scaling))
     mask, causal = None, False
     if attention_mask is not None:
         allowed = attention_mask[:, :, None].expand(b, 1, g, q, s).reshape(b, 1, g * q, s)
@@ -75,8 +104,32 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             ok = torch.ones(q, s, dtype=torch.bool, device=query.device).tril(s - q)
             ok = ok[None, None, None].expand(b, 1, g, q, s).reshape(b, 1, g * q, s)
             mask = torch.zeros(ok.shape, dtype=query.dtype, device=query.device).masked_fill_(~ok, float("-inf"))
-    out_s, lse_s = _flash(grouped, key, value, mask, scaling, causal)
-    top = torch.maximum(lse_p, lse_s)
-    w_p, w_s = torch.exp(lse_p - top).unsqueeze(-1), torch.exp(lse_s - top).unsqueeze(-1)
-    out = (out_p.float() * w_p + out_s.float() * w_s) / (w_p + w_s)
+    parts.append(_flash(grouped, key, value, mask, scaling, causal)[:2])
+    top = parts[0][1]
+    for _, lse in parts[1:]:
+        top = torch.maximum(top, lse)
+    # out = sum_i e^(lse_i - top) o_i / sum_i e^(lse_i - top): softmax over all the parts' keys together.
+    num = den = None
+    for o, lse in parts:
+        w = torch.exp(lse - top).unsqueeze(-1)
+        num = o.float() * w if num is None else num + o.float() * w
+        den = w if den is None else den + w
+    out = num / den
     return out.to(query.dtype).reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+
+
+def _group_part(group: GroupPrefix, layer: int, grouped: torch.Tensor, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows' queries (``[b, kv_heads, g*q, d]``) against their requests' prompts: per bucket one flash call with
+    each request's rows' queries side by side (``kmax`` places per slot), so a prompt's keys and values are read
+    once for all its rows."""
+    outs, lses = [], []
+    m, d = grouped.shape[2], grouped.shape[3]
+    for part in group.parts:
+        gk, gv = part.layers[layer]
+        r, kvh = gk.shape[0], gk.shape[1]
+        places = grouped[part.gather].reshape(r, part.kmax, kvh, m, d).transpose(1, 2).reshape(r, kvh, part.kmax * m, d)
+        out, lse = _flash(places, gk, gv, part.mask, scaling)[:2]
+        outs.append(out.reshape(r, kvh, part.kmax, m, d).transpose(1, 2).reshape(r * part.kmax, kvh, m, d))
+        lses.append(lse.reshape(r, kvh, part.kmax, m).transpose(1, 2).reshape(r * part.kmax, kvh, m))
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
+    return out[group.scatter], lse[group.scatter]

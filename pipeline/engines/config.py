@@ -110,6 +110,11 @@ class EngineConfig:
     # CPU transformers engines: the shared prefix (instruction + examples) is held once, not in every row's cache,
     # and each decode step attends to it once for all rows (pipeline/engines/cascade.py). False: every row holds it.
     shared_prefix_attention: bool = True
+    # With shared_prefix_attention: a request's k sample rows attend to one copy of their prompt's KV (question +
+    # history), not one copy each, and hold only what they generate (pipeline/engines/cascade.py GroupPrefix). Pays
+    # with long histories (a decode step 1.36x faster at 274 tokens of history), costs ~10% with short ones (the
+    # embedded preset's rollouts): README, "Group attention".
+    group_attention: bool = False
     few_shot_examples: int = 1  # worked examples shown when a round turns few-shot on
     # Which worked examples: 'arithmetic' (word problems) or 'countdown' (pipeline/engines/prompts.py EXAMPLE_SETS).
     examples: str = "arithmetic"

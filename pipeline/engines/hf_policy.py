@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mcts.protocols import Proposal, SearchState
+from pipeline.engines import compute
 from pipeline.engines.common import EngineError, GenStats, cut_at_stop, sample_seed, stop_strings
 from pipeline.engines.config import GenerationConfig
 from pipeline.engines.prompts import PromptBuilder
@@ -75,6 +76,7 @@ class TransformersPolicy:
         cpu_fast_path: str = "fp32",
         prefix_cache_mb: int = 1024,
         shared_prefix_attention: bool = True,
+        group_attention: bool = False,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -144,6 +146,8 @@ class TransformersPolicy:
         self.store = PrefixStore(prefix_cache_mb << 20 if share_prefix else 0)
         self.batch = RunningBatch(self.model, self.device, max_batch_rows, self.store, self.pad_id, self.eos_ids,
                                   self._hit_stop, self._sample, self.stats)
+        # Group attention rides on cascade attention's kernel: a request's rows attend to one copy of its prompt.
+        self.batch.grouped = self.cascade and group_attention
 
     # -- the protocol -------------------------------------------------------------------------------
 
@@ -209,7 +213,7 @@ class TransformersPolicy:
             text = self.builder.shared_prefix if self.share_prefix else ""
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
             if ids:
-                kv = self._agreed_prefix_kv(ids)
+                kv = compute.run(self._agreed_prefix_kv, ids)
                 if self.cascade:
                     batch.shared = kv
                     kv = [(k[..., :0, :], v[..., :0, :]) for k, v in kv]

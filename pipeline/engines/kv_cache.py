@@ -24,10 +24,14 @@ import functools
 import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+if TYPE_CHECKING:
+    from pipeline.engines.cascade import GroupPrefix
 
 _MIN_CAPACITY = 64  # tokens
 JOIN_HEADROOM = 64  # columns kept free on the left of a running batch, so joins that widen it copy no rows
@@ -399,3 +403,149 @@ class PrefixStore:
             if m > best:
                 best, best_kv = m, kv
         return best, best_kv
+
+
+GROUP_WIDTH_STEP = 64  # GroupKV pads a prompt to a multiple of this (its bucket's width)
+
+
+class _Bucket:
+    """Prompts padded to one width ``w``: per layer a buffer ``[slots, heads, w, head_dim]``, slots ``[0, R)`` in use,
+    a prompt of ``n`` tokens in its slot's last ``n`` columns and zeros left of them (masked; zeros, not garbage,
+    because a masked column's value still meets a zero weight and NaN bits would survive that)."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.lengths: list[int] = []
+
+    def add(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        n, r, w = kv[0][0].shape[-2], len(self.lengths), self.width
+        if not self.k or r == self.k[0].shape[0]:
+            slots = max(4, 2 * r)
+            grown_k, grown_v = [], []
+            for li, (k, v) in enumerate(kv):
+                nk = k.new_empty((slots, k.shape[1], w, k.shape[-1]))
+                nv = v.new_empty((slots, v.shape[1], w, v.shape[-1]))
+                if r:
+                    nk[:r], nv[:r] = self.k[li][:r], self.v[li][:r]
+                grown_k.append(nk)
+                grown_v.append(nv)
+            self.k, self.v = grown_k, grown_v
+        for bk, bv, (k, v) in zip(self.k, self.v, kv, strict=True):
+            bk[r, :, : w - n] = 0
+            bv[r, :, : w - n] = 0
+            bk[r, :, w - n :] = k[0]
+            bv[r, :, w - n :] = v[0]
+        self.lengths.append(n)
+        return r
+
+    def remove(self, slot: int) -> int | None:
+        """Frees ``slot``; the last slot moves into it (returns the index it came from) unless it was the last."""
+        last = len(self.lengths) - 1
+        moved = None
+        if slot != last:
+            for buf in self.k + self.v:
+                buf[slot] = buf[last]
+            self.lengths[slot] = self.lengths[last]
+            moved = last
+        self.lengths.pop()
+        return moved
+
+    def view(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        r, w = len(self.lengths), self.width
+        layers = [(k[:r], v[:r]) for k, v in zip(self.k, self.v, strict=True)]
+        if all(n == w for n in self.lengths):
+            return layers, None
+        lengths = torch.tensor(self.lengths, device=self.k[0].device)
+        pad = torch.arange(w, device=lengths.device)[None, :] < (w - lengths)[:, None]
+        mask = torch.zeros((r, 1, 1, w), dtype=self.k[0].dtype, device=lengths.device)
+        return layers, mask.masked_fill_(pad[:, None, None, :], float("-inf"))
+
+
+class GroupKV:
+    """The running batch's prompt KV (what follows the shared prefix), one slot per distinct running prompt, which
+    all the prompt's rows attend to (``cascade.GroupPrefix``) instead of each holding a copy.
+
+    A prompt of ``n`` tokens goes to the bucket of width ``n`` rounded up to ``GROUP_WIDTH_STEP``; attention runs
+    once per bucket. Buckets, not one buffer padded to the longest running prompt, because CPU attention's last
+    bits depend on how many (masked) columns it runs over: a request's rows would then decode other bits beside
+    a longer prompt than alone. A bucket's width is a function of the prompt's own length, so they do not.
+    A slot is ``(width, index)``; freeing one moves the bucket's last slot into it."""
+
+    def __init__(self, step: int = GROUP_WIDTH_STEP):
+        self.step = step
+        self.buckets: dict[int, _Bucket] = {}
+        self._slots: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> slot
+        self._prompts: dict[tuple[int, int], tuple[int, ...]] = {}  # slot -> prompt
+        self.rows: dict[tuple[int, int], int] = {}  # slot -> running rows attending to it
+        self.moves = 0
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.nbytes for b in self.buckets.values() for t in b.k + b.v)
+
+    def acquire(self, ids: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> tuple[int, int]:
+        """The slot holding prompt ``ids`` (added from ``kv``, per layer ``[1, heads, n, head_dim]``, unless it is
+        running already), with ``rows`` more rows on it."""
+        slot = self._slots.get(ids)
+        if slot is None:
+            n = kv[0][0].shape[-2]
+            width = -(-n // self.step) * self.step
+            bucket = self.buckets.setdefault(width, _Bucket(width))
+            slot = (width, bucket.add(kv))
+            self._slots[ids], self._prompts[slot] = slot, ids
+            self.rows[slot] = 0
+        self.rows[slot] += rows
+        return slot
+
+    def release(self, slot: tuple[int, int]) -> tuple[int, int] | None:
+        """One row less on ``slot``; at none the slot is freed. Returns the slot whose rows must now read ``slot``
+        (the bucket's last one moved into it), else None."""
+        self.rows[slot] -= 1
+        if self.rows[slot]:
+            return None
+        width, index = slot
+        bucket = self.buckets[width]
+        del self._slots[self._prompts.pop(slot)], self.rows[slot]
+        moved = bucket.remove(index)
+        if not bucket.lengths:
+            del self.buckets[width]
+        if moved is None:
+            return None
+        old = (width, moved)
+        self.moves += 1
+        ids = self._prompts.pop(old)
+        self._prompts[slot], self._slots[ids], self.rows[slot] = ids, slot, self.rows.pop(old)
+        return old
+
+    def clear(self) -> None:
+        self.buckets, self._slots, self._prompts, self.rows = {}, {}, {}, {}
+
+    def prefix(self, row_slots: Sequence[tuple[int, int]], device) -> GroupPrefix:
+        """The ``group_prefix=`` of a forward whose row i reads slot ``row_slots[i]``: per bucket, slot r's j-th query
+        place holds its j-th row; places past a slot's rows repeat its first row (computed, not read)."""
+        from pipeline.engines.cascade import GroupPart, GroupPrefix
+
+        members: dict[tuple[int, int], list[int]] = {}
+        for i, slot in enumerate(row_slots):
+            members.setdefault(slot, []).append(i)
+        if len(members) != len(self._slots):
+            raise ValueError(f"rows read {len(members)} of the {len(self._slots)} prompts held: a slot without rows "
+                             f"would be attended to by a query place of some other row")
+        parts, scatter, base = [], [0] * len(row_slots), 0
+        for width, bucket in self.buckets.items():
+            slots = [members[(width, r)] for r in range(len(bucket.lengths))]
+            kmax = max(map(len, slots))
+            gather: list[int] = []
+            for r, rows in enumerate(slots):
+                for j, i in enumerate(rows):
+                    scatter[i] = base + r * kmax + j
+                gather += rows + [rows[0]] * (kmax - len(rows))
+            layers, mask = bucket.view()
+            parts.append(GroupPart(layers, mask, torch.tensor(gather, device=device), kmax))
+            base += len(gather)
+        return GroupPrefix(parts, torch.tensor(scatter, device=device))

@@ -51,8 +51,10 @@ class TransformersScorer:
         return [self.builder.build(s.question, s.history) for s in states]
 
     def score(self, states: Sequence[SearchState]) -> list[float]:
+        from pipeline.engines import compute
         from rounds.ppm_model import ppm_scores
 
         if not states:
             return []
-        return ppm_scores(self.model, self.tokenizer, self.texts(states), self.batch_size, self.max_length)
+        texts = self.texts(states)
+        return compute.run(ppm_scores, self.model, self.tokenizer, texts, self.batch_size, self.max_length)

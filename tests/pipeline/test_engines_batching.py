@@ -35,14 +35,17 @@ def _states(n: int, offset: int = 0) -> list[SearchState]:
 # -- continuous batching -----------------------------------------------------------------------------
 
 
-def test_refilled_batch_gives_each_request_what_its_seed_gives_alone(tiny, tok):
+@pytest.mark.parametrize("group", [False, True], ids=["rows", "group"])
+def test_refilled_batch_gives_each_request_what_its_seed_gives_alone(tiny, tok, group):
     # 6 prompts x 2 samples = 12 rows through a 4-row batch: rows finish at different lengths and queued
-    # requests take their slots while others are still decoding.
-    pol = _policy(tiny, tok, max_batch_rows=4)
+    # requests take their slots while others are still decoding. Under group attention the rows read their
+    # prompts from GroupKV slots that come and go with them.
+    pol = _policy(tiny, tok, max_batch_rows=4, group_attention=group)
     states = _states(6)
     together = pol.propose(states, 2)
     assert pol.batch.peak_rows <= 4, pol.batch.peak_rows
-    alone = _policy(tiny, tok, max_batch_rows=4)
+    assert pol.batch.peak_slots == (2 if group else 0)
+    alone = _policy(tiny, tok, max_batch_rows=4, group_attention=group)
     for s, got in zip(states, together, strict=True):
         assert alone.propose([s], 2) == [got], f"{s.tree_id}: batched {got} vs alone"
 
@@ -72,8 +75,9 @@ def test_finished_slots_are_refilled_and_every_request_matches_its_run_alone(tin
         assert len(req.tokens[0]) <= 2 + i
 
 
-def test_concurrent_callers_share_one_batch_and_keep_their_samples(tiny, tok):
-    pol = _policy(tiny, tok, max_batch_rows=16)
+@pytest.mark.parametrize("group", [False, True], ids=["rows", "group"])
+def test_concurrent_callers_share_one_batch_and_keep_their_samples(tiny, tok, group):
+    pol = _policy(tiny, tok, max_batch_rows=16, group_attention=group)
     groups = [_states(2, 0), _states(3, 2), _states(2, 5)]
     results: dict[int, list] = {}
 
@@ -85,7 +89,7 @@ def test_concurrent_callers_share_one_batch_and_keep_their_samples(tiny, tok):
         t.start()
     for t in threads:
         t.join()
-    alone = _policy(tiny, tok, max_batch_rows=16)
+    alone = _policy(tiny, tok, max_batch_rows=16, group_attention=group)
     for g, states in enumerate(groups):
         assert results[g] == [alone.propose([s], 3)[0] for s in states], f"group {g}"
     assert pol.stats.calls == 3 and pol.batch.peak_rows <= 16
@@ -369,6 +373,58 @@ def test_engine_prefix_store_respects_its_bound(tiny, tok):
     pol.propose(_states(12, 1), 1)
     assert pol.store.bytes <= pol.store.max_bytes and pol.store.evictions > 0, (pol.store.bytes, pol.store.evictions)
     assert pol.store.longest(pol._prefix_ids, len(pol._prefix_ids))[0] == len(pol._prefix_ids), "pinned prefix kept"
+
+
+# -- group attention ---------------------------------------------------------------------------------------
+
+
+def _prompt_kv(n: int, fill: float) -> list:
+    return [(torch.full((1, 2, n, 4), fill), torch.full((1, 2, n, 4), -fill)) for _ in range(2)]
+
+
+def test_group_kv_shares_a_prompt_buckets_by_width_and_moves_the_last_slot_into_a_freed_one():
+    from pipeline.engines.kv_cache import GroupKV
+
+    groups = GroupKV(step=8)
+    a = groups.acquire((1,), _prompt_kv(5, 1.0), 2)
+    assert groups.acquire((1,), _prompt_kv(5, 9.0), 3) == a, "a running prompt is held once"
+    b = groups.acquire((2,), _prompt_kv(7, 2.0), 1)
+    c = groups.acquire((3,), _prompt_kv(8, 3.0), 1)
+    d = groups.acquire((4,), _prompt_kv(12, 4.0), 1)
+    assert (a, b, c, d) == ((8, 0), (8, 1), (8, 2), (16, 0)) and len(groups) == 4
+    keys = groups.buckets[8].k[0]
+    assert keys[0, :, 3:].eq(1.0).all() and keys[0, :, :3].eq(0).all(), "right aligned, zeros on the left"
+    layers, mask = groups.buckets[8].view()
+    assert layers[0][0].shape == (3, 2, 8, 4)
+    assert mask[:, 0, 0].isinf().sum(-1).tolist() == [3, 1, 0]
+    for _ in range(4):
+        assert groups.release(a) is None, "rows still read it"
+    assert groups.release(a) == c, "freed: the bucket's last slot (prompt 3) moved into it"
+    assert groups.buckets[8].k[0][0, :, :].eq(3.0).all() and groups.rows == {(8, 0): 1, (8, 1): 1, (16, 0): 1}
+    assert groups.acquire((3,), _prompt_kv(8, 0.0), 1) == (8, 0), "prompt 3 is found at its new slot"
+    assert groups.release(d) is None and 16 not in groups.buckets, "an empty bucket goes"
+    # Query places: bucket 8 holds slots 0 (2 rows) and 1 (1 row) -> 2 places each; row 2's place is 2.
+    prefix = groups.prefix([(8, 0), (8, 1), (8, 0)], "cpu")
+    (part,) = prefix.parts
+    assert part.kmax == 2 and part.gather.tolist() == [0, 2, 1, 1] and prefix.scatter.tolist() == [0, 2, 1]
+    with pytest.raises(ValueError, match="a slot without rows"):
+        groups.prefix([(8, 0)], "cpu")
+
+
+def test_group_attention_decodes_what_rows_holding_their_prompts_decode(tiny, tok):
+    """Rows attending to one copy of their request's prompt: the same greedy text as rows that each hold it, over
+    prompts with histories of different lengths (several width buckets), k = 3, in a batch refilled as rows end."""
+    from mcts.steps import render_steps
+
+    greedy = GenerationConfig(temperature=0.0, max_new_tokens_step=10)
+    states = [SearchState(s.tree_id, s.question, render_steps([(f"x = {i}\nprint(x)", str(i), False)] * (i % 4)),
+                          s.seed) for i, s in enumerate(_states(8))]
+    on = _policy(tiny, tok, gen=greedy, max_batch_rows=12, group_attention=True)
+    off = _policy(tiny, tok, gen=greedy, max_batch_rows=12)
+    assert on.propose(states, 3) == off.propose(states, 3)
+    assert on.batch.grouped and not off.batch.grouped
+    assert on.batch.peak_slots == 4 and off.batch.peak_slots == 0, "12 rows = 4 prompts x 3 samples, held once each"
+    assert len(on.batch.groups) == 0 and not on.batch.groups.buckets, "held prompts go when their rows end"
 
 
 # -- CPU fast paths (auto's probe and its cache: test_engines_fastpath.py) ------------------------------------
