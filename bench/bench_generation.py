@@ -91,6 +91,8 @@ def hf_generate_batch(pol, model_path, new_tokens: int, gen):
     from transformers import GenerationConfig as HFGenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    from pipeline.engines import compute
+
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=pol.model.dtype,
                                                  attn_implementation="sdpa").eval()
     tok = pol.tokenizer
@@ -105,7 +107,8 @@ def hf_generate_batch(pol, model_path, new_tokens: int, gen):
         blocks = len(ids) * k * math.ceil((max(map(len, ids)) + new_tokens) / page) + 8
         cb = ContinuousBatchingConfig(page_size=page, num_blocks=blocks, max_batch_tokens=4096,
                                       max_requests_per_batch=len(ids) * k, seed=seed)
-        out = model.generate_batch(ids, generation_config=hf_gen, continuous_batching_config=cb, warmup=False)
+        out = compute.run(model.generate_batch, ids, generation_config=hf_gen, continuous_batching_config=cb,
+                          warmup=False)
         if len(out) != len(ids) * k:
             raise RuntimeError(f"generate_batch returned {len(out)} of {len(ids) * k} requests")
         return sum(len(o.generated_tokens) for o in out.values())
@@ -131,7 +134,7 @@ def main() -> None:
 
     import torch
 
-    from pipeline.engines import EngineConfig, GenerationConfig, make_policy, with_generation
+    from pipeline.engines import EngineConfig, GenerationConfig, compute, make_policy, with_generation
 
     gen = GenerationConfig(temperature=0.7, top_p=0.95, max_new_tokens_step=args.new_tokens)
     policies = {}
@@ -155,8 +158,10 @@ def main() -> None:
 
         runners[f"generate_batch:{first.model.dtype}".replace("torch.", "")] = hf_generate_batch(
             first, resolve_model(EngineConfig().policy_model), args.new_tokens, gen)
-    peak = matmul_flops("float32")
-    peak_bf16 = matmul_flops("bfloat16")
+    # On the engines' compute thread: a matmul on the main thread would leave an OpenMP team there that slows every
+    # engine of this process 1.4-1.7x (pipeline/engines/compute.py).
+    peak = compute.run(matmul_flops, "float32")
+    peak_bf16 = compute.run(matmul_flops, "bfloat16")
     prompt_len = len(first.tokenizer(first.builder.build(_states(1)[0].question))["input_ids"])
     print(f"embedded SmolLM2-135M, CPU, torch threads={torch.get_num_threads()}, prompt ~{prompt_len} tokens, "
           f"<= {args.new_tokens} new tokens per row, step mode; machine shared with other work (load varies)")
@@ -173,7 +178,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     new = run(states, k, rep)
                     best[h, path] = max(best[h, path], new / (time.perf_counter() - t0))
-        peak = max(peak, matmul_flops("float32", repeats=2))
+        peak = max(peak, compute.run(matmul_flops, "float32", repeats=2))
         for h, states in cases.items():
             own = len(first.tokenizer(first.builder.build(states[0].question, states[0].history))["input_ids"])
             cells = " ".join(f"{best[h, p]:>11.1f} {best[h, p] * ftok / peak:>8.1%}" for p in runners)

@@ -15,6 +15,9 @@ whole cache on the embedded model). Both parts are torch's fused CPU flash-atten
 log-sum-exp; a row's result does not depend on the other rows (each query is reduced on its own), so requests
 stay independent of what else is batched, as with sdpa.
 
+With ``engines.group_attention`` a third part joins the merge: each request's prompt (question + history), held
+once for the request's k sample rows (``GroupPrefix``), which then hold only the tokens they generate.
+
 The batcher passes the prefix as ``shared_prefix=`` (a list of per-layer ``(keys, values)``) to the model's
 forward; transformers hands forward keyword arguments down to the attention function. Without it (the prefix's
 own prefill, training, the probe) this is plain sdpa. CPU only: the CUDA kernels' log-sum-exp outputs differ.
