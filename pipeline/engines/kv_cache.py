@@ -479,14 +479,9 @@ class GroupKV:
         self._slots: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> slot
         self._prompts: dict[tuple[int, int], tuple[int, ...]] = {}  # slot -> prompt
         self.rows: dict[tuple[int, int], int] = {}  # slot -> running rows attending to it
-        self.moves = 0
 
     def __len__(self) -> int:
         return len(self._slots)
-
-    @property
-    def bytes(self) -> int:
-        return sum(t.nbytes for b in self.buckets.values() for t in b.k + b.v)
 
     def acquire(self, ids: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> tuple[int, int]:
         """The slot holding prompt ``ids`` (added from ``kv``, per layer ``[1, heads, n, head_dim]``, unless it is
@@ -517,7 +512,6 @@ class GroupKV:
         if moved is None:
             return None
         old = (width, moved)
-        self.moves += 1
         ids = self._prompts.pop(old)
         self._prompts[slot], self._slots[ids], self.rows[slot] = ids, slot, self.rows.pop(old)
         return old
