@@ -133,7 +133,8 @@ def _embedded_cfg(args: argparse.Namespace, min_rows: int = 0):
     return EngineConfig(device="cpu", cpu_fast_path=args.fast_path, max_batch_rows=max(args.max_rows, min_rows),
                         generation=GenerationConfig(temperature=args.temperature, max_new_tokens_step=args.new_tokens,
                                                     max_new_tokens_solution=args.new_tokens),
-                        shared_prefix_attention=not args.flat, group_attention=args.group)
+                        shared_prefix_attention=not args.flat, group_attention=args.group,
+                        fused_admission=not args.unfused)
 
 
 def engine_batch64(args: argparse.Namespace):
@@ -196,6 +197,8 @@ def main() -> None:
     parser.add_argument("--group", action="store_true", help="embedded engine: engines.group_attention true (a "
                                                              "request's sample rows attend to one copy of their "
                                                              "prompt's KV)")
+    parser.add_argument("--unfused", action="store_true", help="embedded engine: engines.fused_admission false (a "
+                                                               "forward per admission; the engine before 2026-12-02)")
     args = parser.parse_args()
 
     import ray

@@ -14,6 +14,11 @@ advances the whole batch tick by tick while there is work. A tick:
    the next tick, so the batch does not shrink as rows stop at different lengths;
 4. decodes the remaining rows one step.
 
+With ``fused`` (``engines.fused_admission``, on with cascade attention) steps 1 and 4 are one forward at the end
+of the tick: the running rows' next tokens and the admitted prompts' tokens go through the model as one flattened
+sequence (``cascade.Ragged``), so admitting a request costs its tokens, not a forward of its own that every running
+row waits for; the admitted rows' first logits come out of that forward and are sampled at the next tick.
+
 Row layout in the cache: ``[left padding | prompt | generated]``; the attention mask zeroes the padding and
 position ids skip it, so every row sees the positions it would alone. Under cascade attention
 (``pipeline.engines.cascade``) the engine's shared prefix (``prefix_ids``, ``shared``: its KV, held once) is not
@@ -41,6 +46,7 @@ from pipeline.engines.kv_cache import (
     cache_kwargs,
     cache_of,
     compact_rows,
+    growing_cache,
     join_left_padded,
     row_kv,
     row_tail_kv,
@@ -93,6 +99,9 @@ class RunningBatch:
         # Group attention (set with ``shared``): a prompt's KV is held once (``groups``) for the request's rows, which
         # hold only their generated tokens; False: every row holds a copy of its prompt.
         self.grouped = False
+        # Fused ticks (``_admit_fused``): admitted prompts are computed in the running rows' decode forward. Needs
+        # the model's attention to be ``cascade.attention`` (the policy sets it with cascade attention).
+        self.fused = False
         self.groups = GroupKV()
         self.peak_slots = 0  # most prompts held in ``groups`` together
         self.peak_rows = 0  # most rows decoded together
@@ -160,9 +169,30 @@ class RunningBatch:
 
     def _tick(self) -> None:
         self.ticks += 1
+        if self.fused:
+            chosen = self._sample_and_retire() if self._rows else []
+            self._admit_fused(chosen)
+            return
         self._admit()
         if not self._rows:
             return
+        chosen = self._sample_and_retire()
+        if not self._rows:
+            return
+        t2 = time.perf_counter()
+        dev = self.device
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=-1)
+        out = self.model(input_ids=torch.tensor(chosen, device=dev).unsqueeze(-1), attention_mask=self._mask,
+                         position_ids=self._pos.unsqueeze(-1), **cache_kwargs(self.model, self._cache), use_cache=True,
+                         **self._shared(), **self._group_prefix())
+        self._logits = out.logits[:, -1, :].float()
+        self._pos = self._pos + 1
+        self.stats.decode_ticks += 1
+        self.stats.decode_s += time.perf_counter() - t2
+
+    def _sample_and_retire(self) -> list[int]:
+        """Steps 2-3: one token for every row, then the rows that stopped leave; returns the remaining rows' tokens
+        (the next forward's input), in the rows' new order."""
         t0 = time.perf_counter()
         chosen = self._sample_all()
         t1 = time.perf_counter()
@@ -191,19 +221,61 @@ class RunningBatch:
             chosen = [chosen[i] for i in order]
         if released and self._rows:
             self._release(released)
-        t2 = time.perf_counter()
-        self.stats.retire_s += t2 - t1
-        if not self._rows:
+        self.stats.retire_s += time.perf_counter() - t1
+        return chosen
+
+    def _admit_fused(self, chosen: list[int]) -> None:
+        """Steps 1 and 4 in one forward (``fused``): the running rows' next tokens and the admitted prompts' tokens
+        side by side in one flattened sequence (``cascade.Ragged``), so an admission does not pay a forward of its
+        own: a forward's fixed cost (every weight read once, ~30 layers of kernel calls) is ~38 ms on the embedded
+        model, a 30-token prompt adds ~13 ms to it (measured 2026-12-02), and the rollout phase admits a request
+        every few decode steps. The admitted rows' first logits come out of this forward and are sampled next tick."""
+        from pipeline.engines.cascade import Ragged
+
+        take = self._take()
+        if not take and not self._rows:
             return
-        dev = self.device
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=-1)
-        out = self.model(input_ids=torch.tensor(chosen, device=dev).unsqueeze(-1), attention_mask=self._mask,
-                         position_ids=self._pos.unsqueeze(-1), **cache_kwargs(self.model, self._cache), use_cache=True,
-                         **self._shared(), **self._group_prefix())
-        self._logits = out.logits[:, -1, :].float()
-        self._pos = self._pos + 1
-        self.stats.decode_ticks += 1
-        self.stats.decode_s += time.perf_counter() - t2
+        self.joins += bool(take and self._rows)
+        try:
+            t0 = time.perf_counter()
+            adm = self._prepare(take) if take else None
+            t1 = time.perf_counter()
+            self.stats.prefill_s += t1 - t0
+            dev, rows = self.device, len(self._rows)
+            ids, pos, keep = [], [], list(range(rows))
+            row_mask = None
+            if rows:
+                self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=-1)
+                row_mask = self._mask.bool()[:, None, None, :]
+                ids.append(torch.tensor(chosen, device=dev))
+                pos.append(self._pos)
+            if adm is not None:
+                ids.append(adm.input_ids.to(dev).reshape(-1))
+                pos.append(adm.positions.to(dev).reshape(-1))
+                keep += [rows + (i + 1) * adm.width - 1 for i in range(len(adm.prompts))]
+            ragged = Ragged(rows, self._cache if rows else None, row_mask,
+                            self._group_prefix().get("group_prefix") if rows else None,
+                            len(adm.prompts) if adm else 0, adm.width if adm else 0,
+                            adm.cache if adm else None, adm.attention if adm else None)
+            out = self.model(input_ids=torch.cat(ids).unsqueeze(0), position_ids=torch.cat(pos).unsqueeze(0),
+                             use_cache=False, logits_to_keep=torch.tensor(keep, device=dev), ragged=ragged,
+                             **self._shared())
+            logits = out.logits[0].float()
+            t2 = time.perf_counter()
+            if rows:
+                self._logits = logits[:rows]
+                self._pos = self._pos + 1
+                self.stats.decode_ticks += 1
+                self.stats.decode_s += t2 - t1
+            else:
+                self.stats.prefill_s += t2 - t1
+            if adm is not None:
+                self._join(take, adm, logits[rows:])
+        except BaseException as e:  # taken off the queue but not yet running: _fail would not see them
+            for r in take:
+                if not r.done:
+                    r.error, r.done = e, True
+            raise
 
     def _keep_sampled_kv(self, ended: list[tuple[int, Request, list[int]]]) -> None:
         """Each stopped row's decoded tokens' KV goes to the prefix store with its prompt's entry: a child's prompt
@@ -268,7 +340,7 @@ class RunningBatch:
 
     # -- admission -----------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _take(self) -> list[Request]:
         # Requests join in arrival order as soon as the queue's head fits (a request's k rows join together, so
         # its prompt is prefilled once); a request wider than the whole batch runs once the batch is empty.
         free = self.max_rows - len(self._rows)
@@ -278,6 +350,10 @@ class RunningBatch:
                 req = self._queue.popleft()
                 free -= req.k
                 take.append(req)
+        return take
+
+    def _admit(self) -> None:
+        take = self._take()
         if take:
             self.joins += bool(self._rows)
             try:
@@ -286,10 +362,20 @@ class RunningBatch:
                 for r in take:
                     r.error, r.done = e, True
                 raise
-            self.peak_rows = max(self.peak_rows, len(self._rows))
-            self.peak_slots = max(self.peak_slots, len(self.groups))
 
     def _prefill(self, reqs: list[Request]) -> None:
+        """Admission in a forward of its own (without ``fused``): the admitted prompts only."""
+        adm = self._prepare(reqs)
+        t0 = time.perf_counter()
+        out = self.model(input_ids=adm.input_ids.to(self.device), attention_mask=adm.mask.to(self.device),
+                         position_ids=adm.positions.to(self.device), **cache_kwargs(self.model, adm.cache),
+                         use_cache=True, logits_to_keep=1, **self._shared())
+        self.stats.prefill_s += time.perf_counter() - t0
+        self._join(reqs, adm, out.logits[:, -1, :].float())
+
+    def _prepare(self, reqs: list[Request]) -> _Admission:
+        """The admitted requests' distinct prompts, each on top of the longest prefix the store holds for it: their
+        tokens still to compute (left padded to one width), masks, positions and a cache of the stored KV."""
         dev = self.device
         uniq: dict[tuple[int, ...], int] = {}
         for r in reqs:
@@ -320,7 +406,6 @@ class RunningBatch:
             mask[i, p - n : p] = 1
             mask[i, p + width - len(suffix) :] = 1
         # Stored prefix KV, left padded to p columns (zeros where a row's prefix is shorter: masked out).
-        cache = None
         if p:
             layers = []
             template = next(kv for _, kv in found if kv is not None)
@@ -334,22 +419,28 @@ class RunningBatch:
                 layers.append((k, v))
             cache = cache_of(self.model.config, layers, spare=width + 64)
         else:
-            from pipeline.engines.kv_cache import growing_cache
-
             cache = growing_cache(self.model.config)
         positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
-        t0 = time.perf_counter()
-        out = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                         **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1, **self._shared())
-        t1 = time.perf_counter()
-        self.stats.prefill_s += t1 - t0
+        attention = None
+        if self.fused:  # the boolean mask sdpa_mask would build: padding, causal, no query left attending to nothing
+            allowed = mask.to(dev).bool()[:, None, None, :] & torch.ones(width, p + width, dtype=torch.bool,
+                                                                         device=dev).tril(p)
+            attention = allowed | ~allowed.any(-1, keepdim=True)
         self.stats.prompt_tokens += sum(map(len, prompts))
         self.stats.prefill_tokens += sum(len(ids) - skip - n for ids, (n, _) in zip(prompts, found, strict=True))
         self.stats.reused_tokens += sum(skip + n for n, _ in found)
-        mask = mask.to(dev)
+        return _Admission(prompts, uniq, width, input_ids, mask, positions, cache, attention)
+
+    def _join(self, reqs: list[Request], adm: _Admission, logits: torch.Tensor) -> None:
+        """The admitted prompts, computed (``adm.cache`` holds their KV, ``logits`` each one's last logits): every
+        prompt's KV to the store, ``k`` rows per request joined to the running batch."""
+        t1 = time.perf_counter()
+        dev = self.device
+        cache, n_u = adm.cache, len(adm.prompts)
+        mask = adm.mask.to(dev)
         # Every prompt's KV goes to the store: its children's prompts start with it.
         kvs = [row_kv(cache, i, mask[i].nonzero().squeeze(-1)) for i in range(n_u)]
-        for ids, kv in zip(prompts, kvs, strict=True):
+        for ids, kv in zip(adm.prompts, kvs, strict=True):
             self.store.add(ids, kv)
         # k rows per request. Grouped: the rows start empty and attend to their prompt's GroupKV slot; otherwise
         # each is a copy of its prompt's row.
@@ -358,14 +449,14 @@ class RunningBatch:
         for r in reqs:
             r.tokens = [[] for _ in range(r.k)]
             r.open_rows = r.k
-            slot = self.groups.acquire(tuple(r.ids), kvs[uniq[tuple(r.ids)]], r.k) if self.grouped else None
+            slot = self.groups.acquire(tuple(r.ids), kvs[adm.index[tuple(r.ids)]], r.k) if self.grouped else None
             for j, seed in enumerate(r.seeds):
                 g = torch.Generator(device=dev)
                 g.manual_seed(seed)
                 rows.append(_Row(r, j, g, slot))
-                src.append(uniq[tuple(r.ids)])
+                src.append(adm.index[tuple(r.ids)])
         sel = torch.tensor(src, device=dev)
-        logits = out.logits[:, -1, :].float()[sel]
+        logits = logits[sel]
         if self.grouped:
             cache = cache_of(self.model.config, [(k.new_empty((len(rows), k.shape[1], 0, k.shape[-1])),
                                                   v.new_empty((len(rows), v.shape[1], 0, v.shape[-1])))
@@ -382,4 +473,23 @@ class RunningBatch:
         self._pos = pos if self._pos is None else torch.cat([self._pos, pos])
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
         self._rows += rows
+        self.peak_rows = max(self.peak_rows, len(self._rows))
+        self.peak_slots = max(self.peak_slots, len(self.groups))
         self.stats.join_s += time.perf_counter() - t1
+
+
+@dataclass
+class _Admission:
+    """``RunningBatch._prepare``'s result: ``prompts`` (distinct, ``index``: prompt -> its place), each one's tokens
+    still to compute (``input_ids`` ``[prompts, width]``, left padded), ``mask`` ``[prompts, p + width]`` over the
+    stored prefix columns and those, ``positions`` ``[prompts, width]``, ``cache`` the stored KV (``p`` columns) that
+    the forward extends, and ``attention`` (fused forwards only) the boolean mask ``[prompts, 1, width, p + width]``."""
+
+    prompts: list[tuple[int, ...]]
+    index: dict[tuple[int, ...], int]
+    width: int
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: object
+    attention: torch.Tensor | None

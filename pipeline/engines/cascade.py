@@ -73,12 +73,60 @@ class GroupPrefix:
     scatter: torch.Tensor
 
 
+@dataclass
+class Ragged:
+    """A forward over two kinds of token in one flattened sequence (``[1, N]``, the batcher's fused tick): first
+    ``rows`` running rows' next tokens, one each (their caches ``row_cache``, boolean mask ``row_mask``
+    ``[rows, 1, 1, S]``, ``group_prefix`` under group attention), then ``prompts`` prompts' tokens, ``width`` each,
+    left padded (the stored KV they extend ``prompt_cache``, boolean mask ``prompt_mask``
+    ``[prompts, 1, width, p + width]``). Linear layers, norms and RoPE see the tokens as one batch; attention splits
+    them back and runs each part as its own forward would, and writes the new keys and values to those caches
+    (the model's forward runs with ``use_cache=False``)."""
+
+    rows: int
+    row_cache: object
+    row_mask: torch.Tensor | None
+    group_prefix: GroupPrefix | None
+    prompts: int
+    width: int
+    prompt_cache: object
+    prompt_mask: torch.Tensor | None
+
+
+def _ragged(module, query, key, value, ragged: Ragged, scaling, shared_prefix) -> tuple[torch.Tensor, None]:
+    layer, b = module.layer_idx, ragged.rows
+    h, d = query.shape[1], query.shape[-1]
+    kvh = key.shape[1]
+    outs = []
+    if b:
+        k, v = ragged.row_cache.layers[layer].update(key[0, :, :b].transpose(0, 1).unsqueeze(2),
+                                                     value[0, :, :b].transpose(0, 1).unsqueeze(2))
+        out, _ = attention(module, query[0, :, :b].transpose(0, 1).unsqueeze(2), k, v, ragged.row_mask,
+                           scaling=scaling, shared_prefix=shared_prefix, group_prefix=ragged.group_prefix)
+        outs.append(out.reshape(b, h, d))
+    if ragged.prompts:
+        n, w = ragged.prompts, ragged.width
+
+        def split(x, heads):  # [heads, n * w, d] -> [n, heads, w, d]
+            return x[0, :, b:].reshape(heads, n, w, d).transpose(0, 1)
+
+        k, v = ragged.prompt_cache.layers[layer].update(split(key, kvh), split(value, kvh))
+        out, _ = attention(module, split(query, h), k, v, ragged.prompt_mask, scaling=scaling,
+                           shared_prefix=shared_prefix)
+        outs.append(out.reshape(n * w, h, d))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.unsqueeze(0), None
+
+
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None,
-              group_prefix=None, **kwargs):
+              group_prefix=None, ragged=None, **kwargs):
     """transformers' attention-function signature: ``query`` ``[b, heads, q, d]``, ``key``/``value`` the rows'
     caches ``[b, kv_heads, S, d]``, ``attention_mask`` boolean ``[b, 1, q, S]`` or None; returns
     ``([b, q, heads, d], None)``. With ``group_prefix`` too, a row attends to three parts, in order: the shared
-    prefix, its request's prompt (``GroupPrefix``: one copy read by all the request's rows), its own cache."""
+    prefix, its request's prompt (``GroupPrefix``: one copy read by all the request's rows), its own cache.
+    With ``ragged`` (``Ragged``), ``query``/``key``/``value`` are a fused tick's flattened tokens: see there."""
+    if ragged is not None:
+        return _ragged(module, query, key, value, ragged, scaling, shared_prefix)
     if shared_prefix is None and group_prefix is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -32,11 +32,12 @@ class GenStats:
     # The running batch's own clock (pipeline.engines.batcher): ticks that decoded rows (new_tokens / decode_ticks
     # = mean rows per decode step) and seconds per part of a tick, which say where a phase's tokens/s goes.
     decode_ticks: int = 0
-    prefill_s: float = 0.0  # prompt forwards of admitted requests
+    prefill_s: float = 0.0  # admitted prompts: store lookups and their stored KV, their forward when nothing else runs
+    # (fused admissions) or their forward of its own (engines.fused_admission false)
     join_s: float = 0.0  # storing prompt KV, copying it to sample rows, joining the running batch
     sample_s: float = 0.0  # choosing each row's token
     retire_s: float = 0.0  # stop checks and dropping finished rows from the cache
-    decode_s: float = 0.0  # the decode forward of the running rows
+    decode_s: float = 0.0  # the decode forward of the running rows (with the admitted prompts' tokens when fused)
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -115,6 +115,10 @@ class EngineConfig:
     # with long histories (a decode step 1.36x faster at 274 tokens of history), costs ~10% with short ones (the
     # embedded preset's rollouts): README, "Group attention".
     group_attention: bool = False
+    # With shared_prefix_attention: admitted prompts are computed in the running rows' decode forward (one flattened
+    # forward a tick), not in a forward of their own that the other rows wait for (pipeline/engines/batcher.py
+    # _admit_fused; README, "Fused admissions"). False: a forward per admission (the engine before 2026-12-02).
+    fused_admission: bool = True
     few_shot_examples: int = 1  # worked examples shown when a round turns few-shot on
     # Which worked examples: 'arithmetic' (word problems) or 'countdown' (pipeline/engines/prompts.py EXAMPLE_SETS).
     examples: str = "arithmetic"

@@ -77,6 +77,7 @@ class TransformersPolicy:
         prefix_cache_mb: int = 1024,
         shared_prefix_attention: bool = True,
         group_attention: bool = False,
+        fused_admission: bool = True,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -148,6 +149,8 @@ class TransformersPolicy:
                                   self._hit_stop, self._sample, self.stats)
         # Group attention rides on cascade attention's kernel: a request's rows attend to one copy of its prompt.
         self.batch.grouped = self.cascade and group_attention
+        # So do fused admissions (the flattened forward's attention is cascade.attention's).
+        self.batch.fused = self.cascade and fused_admission
 
     # -- the protocol -------------------------------------------------------------------------------
 

@@ -126,15 +126,16 @@ def test_a_failing_tick_fails_the_requests_and_the_batch_recovers(tiny, tok):
 
 
 def _perturb_forwards(model, calls: int):
-    """Make the model's next ``calls`` forwards write other keys into their cache (each a different amount)."""
+    """Make the model's next ``calls`` forwards with a cache (the shared prefix's come first; a fused tick's forward
+    has none) write other keys into it (each a different amount)."""
     from transformers import DynamicCache
 
     seen = []
 
     def hook(module, args, kwargs, output):
-        if len(seen) < calls:
+        cache = next((v for v in kwargs.values() if isinstance(v, DynamicCache)), None)
+        if cache is not None and len(seen) < calls:
             seen.append(1)
-            cache = next(v for v in kwargs.values() if isinstance(v, DynamicCache))
             cache.layers[0].keys.add_(1e-3 * len(seen))
         return output
 
@@ -425,6 +426,44 @@ def test_group_attention_decodes_what_rows_holding_their_prompts_decode(tiny, to
     assert on.batch.grouped and not off.batch.grouped
     assert on.batch.peak_slots == 4 and off.batch.peak_slots == 0, "12 rows = 4 prompts x 3 samples, held once each"
     assert len(on.batch.groups) == 0 and not on.batch.groups.buckets, "held prompts go when their rows end"
+
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["rows", "group"])
+def test_fused_admissions_sample_what_a_forward_per_admission_samples_in_fewer_forwards(tiny, tok, group):
+    """Admitted prompts computed inside the running rows' decode forward (one flattened forward a tick): the same
+    samples, bit for bit, as prefilling them in a forward of their own, over prompts with histories of different
+    lengths in a 4-row batch refilled as requests end (budgets 2..8 tokens); and no forward beyond one a tick."""
+    from mcts.steps import render_steps
+    from pipeline.engines.batcher import Request
+
+    fused = _policy(tiny, tok, max_batch_rows=4, group_attention=group)
+    apart = _policy(tiny, tok, max_batch_rows=4, group_attention=group, fused_admission=False)
+    assert fused.batch.fused and not apart.batch.fused
+    history = [render_steps([(f"y = {i}\nprint(y)", str(i), False)] * (i % 3)) for i in range(7)]
+    ids = [tok(fused.builder.build(s.question, history[i]))["input_ids"] for i, s in enumerate(_states(7))]
+    forwards, got = {}, {}
+    for name, pol in (("fused", fused), ("apart", apart)):
+        with torch.inference_mode():
+            pol._prefix()  # the shared prefix's forwards are not a tick's
+        forwards[name] = 0
+
+        def hook(module, args, kwargs, output, name=name):
+            forwards[name] += 1
+
+        handle = pol.model.register_forward_hook(hook, with_kwargs=True)
+        reqs = [Request(ids[i], [500 + i, 600 + i], 2 + i, 1.0, 0.9) for i in range(7)]
+        try:
+            with torch.inference_mode():
+                pol.batch.run(reqs)
+        finally:
+            handle.remove()
+        got[name] = [r.tokens for r in reqs]
+    assert got["fused"] == got["apart"]
+    assert fused.batch.joins >= 3 and apart.batch.joins >= 3, "the batch was not refilled while running"
+    assert forwards["fused"] <= fused.batch.ticks
+    assert forwards["apart"] >= apart.stats.decode_ticks + apart.batch.joins + 1
+    assert forwards["fused"] <= forwards["apart"] - apart.batch.joins
 
 
 # -- CPU fast paths (auto's probe and its cache: test_engines_fastpath.py) ------------------------------------
