@@ -230,8 +230,11 @@ class RunningBatch:
         own: a forward's fixed cost (every weight read once, ~30 layers of kernel calls) is ~38 ms on the embedded
         model, a 30-token prompt adds ~13 ms to it (measured 2026-12-02), and the rollout phase admits a request
         every few decode steps. The admitted rows' first logits come out of this forward and are sampled next tick."""
-        from pipeline.engines.cascade import Ragged
+        from pipeline.engines import cascade
 
+        if getattr(self.model.config, "_attn_implementation", None) != cascade.NAME:
+            raise RuntimeError("fused admissions need the model's attention to be cascade.attention (its forward would "
+                               "ignore the flattened tick's layout): set engines.fused_admission false")
         take = self._take()
         if not take and not self._rows:
             return
@@ -246,17 +249,18 @@ class RunningBatch:
             row_mask = None
             if rows:
                 self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=-1)
-                row_mask = self._mask.bool()[:, None, None, :]
+                row_mask = torch.zeros(self._mask.shape, dtype=self.model.dtype, device=dev).masked_fill_(
+                    self._mask == 0, float("-inf"))[:, None, None, :]
                 ids.append(torch.tensor(chosen, device=dev))
                 pos.append(self._pos)
             if adm is not None:
                 ids.append(adm.input_ids.to(dev).reshape(-1))
                 pos.append(adm.positions.to(dev).reshape(-1))
                 keep += [rows + (i + 1) * adm.width - 1 for i in range(len(adm.prompts))]
-            ragged = Ragged(rows, self._cache if rows else None, row_mask,
-                            self._group_prefix().get("group_prefix") if rows else None,
-                            len(adm.prompts) if adm else 0, adm.width if adm else 0,
-                            adm.cache if adm else None, adm.attention if adm else None)
+            ragged = cascade.Ragged(rows, self._cache if rows else None, row_mask,
+                                    self._group_prefix().get("group_prefix") if rows else None,
+                                    len(adm.prompts) if adm else 0, adm.width if adm else 0,
+                                    adm.cache if adm else None, adm.attention if adm else None)
             out = self.model(input_ids=torch.cat(ids).unsqueeze(0), position_ids=torch.cat(pos).unsqueeze(0),
                              use_cache=False, logits_to_keep=torch.tensor(keep, device=dev), ragged=ragged,
                              **self._shared())

@@ -76,8 +76,8 @@ class GroupPrefix:
 @dataclass
 class Ragged:
     """A forward over two kinds of token in one flattened sequence (``[1, N]``, the batcher's fused tick): first
-    ``rows`` running rows' next tokens, one each (their caches ``row_cache``, boolean mask ``row_mask``
-    ``[rows, 1, 1, S]``, ``group_prefix`` under group attention), then ``prompts`` prompts' tokens, ``width`` each,
+    ``rows`` running rows' next tokens, one each (their caches ``row_cache``, additive mask ``row_mask``
+    ``[rows, 1, 1, S]`` in the model's dtype, built once for all layers; ``group_prefix`` under group attention), then ``prompts`` prompts' tokens, ``width`` each,
     left padded (the stored KV they extend ``prompt_cache``, boolean mask ``prompt_mask``
     ``[prompts, 1, width, p + width]``). Linear layers, norms and RoPE see the tokens as one batch; attention splits
     them back and runs each part as its own forward would, and writes the new keys and values to those caches
@@ -144,7 +144,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if group_prefix is not None:
         parts.append(_group_part(group_prefix, module.layer_idx, grouped, scaling))
     mask, causal = None, False
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        # Additive, [b, 1, 1, s], built once per forward for every layer (``Ragged.row_mask``): one query per row.
+        if q != 1:
+            raise ValueError(f"an additive attention mask is for one query per row, got {q}")
+        mask = attention_mask.expand(b, 1, g, s)
+    elif attention_mask is not None:
         allowed = attention_mask[:, :, None].expand(b, 1, g, q, s).reshape(b, 1, g * q, s)
         mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed,
                                                                                                float("-inf"))
@@ -156,6 +161,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             ok = ok[None, None, None].expand(b, 1, g, q, s).reshape(b, 1, g * q, s)
             mask = torch.zeros(ok.shape, dtype=query.dtype, device=query.device).masked_fill_(~ok, float("-inf"))
     parts.append(_flash(grouped, key, value, mask, scaling, causal)[:2])
+    if len(parts) == 2:
+        # The same weighted sum as below, in fewer kernels: each costs ~10-20 us of dispatch on a small CPU, and
+        # this runs in every layer of every decode step. o_1 + (o_0 - o_1) e^l0 / (e^l0 + e^l1).
+        (o0, l0), (o1, l1) = parts
+        out = torch.lerp(o1.float(), o0.float(), torch.sigmoid(l0 - l1).unsqueeze(-1))
+        return out.to(query.dtype).reshape(b, h, q, d).transpose(1, 2).contiguous(), None
     top = parts[0][1]
     for _, lse in parts[1:]:
         top = torch.maximum(top, lse)
