@@ -466,6 +466,16 @@ def test_fused_admissions_sample_what_a_forward_per_admission_samples_in_fewer_f
     assert forwards["fused"] <= forwards["apart"] - apart.batch.joins
 
 
+
+def test_fused_admissions_refuse_a_model_whose_attention_would_ignore_the_flattened_tick(tiny, tok):
+    pol = _policy(tiny, tok, shared_prefix_attention=False)  # sdpa attention: fused ticks are off
+    assert not pol.batch.fused
+    pol.batch.fused = True
+    with pytest.raises(RuntimeError, match="engines.fused_admission false"):
+        pol.propose(_states(1), 2)
+    pol.batch.fused = False
+    assert pol.propose(_states(1), 2) == _policy(tiny, tok, shared_prefix_attention=False).propose(_states(1), 2)
+
 # -- CPU fast paths (auto's probe and its cache: test_engines_fastpath.py) ------------------------------------
 
 
