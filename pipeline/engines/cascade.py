@@ -79,9 +79,9 @@ class Ragged:
     ``rows`` running rows' next tokens, one each (their caches ``row_cache``; additive mask ``row_mask``
     ``[rows, 1, 1, S]`` in the model's dtype, built once for all layers; ``group_prefix`` under group attention),
     then ``prompts`` prompts' tokens, ``width`` each, left padded (the stored KV they extend ``prompt_cache``;
-    boolean mask ``prompt_mask`` ``[prompts, 1, width, p + width]``). Linear layers, norms and RoPE see the tokens as one batch; attention splits
-    them back and runs each part as its own forward would, and writes the new keys and values to those caches
-    (the model's forward runs with ``use_cache=False``)."""
+    boolean mask ``prompt_mask`` ``[prompts, 1, width, p + width]``). Linear layers, norms and RoPE see the tokens
+    as one batch; attention splits them back and runs each part as its own forward would, and writes the new keys
+    and values to those caches (the model's forward runs with ``use_cache=False``)."""
 
     rows: int
     row_cache: object
