@@ -134,7 +134,7 @@ def _embedded_cfg(args: argparse.Namespace, min_rows: int = 0):
                         generation=GenerationConfig(temperature=args.temperature, max_new_tokens_step=args.new_tokens,
                                                     max_new_tokens_solution=args.new_tokens),
                         shared_prefix_attention=not args.flat, group_attention=args.group,
-                        fused_admission=not args.unfused)
+                        fused_admission=not args.unfused, packed_linears=not args.unpacked)
 
 
 def engine_batch64(args: argparse.Namespace):
@@ -199,6 +199,9 @@ def main() -> None:
                                                              "prompt's KV)")
     parser.add_argument("--unfused", action="store_true", help="embedded engine: engines.fused_admission false (a "
                                                                "forward per admission; the engine before 2026-12-02)")
+    parser.add_argument("--unpacked", action="store_true", help="embedded engine: engines.packed_linears false (bf16 "
+                                                                "linear layers reorder their weights on every call, "
+                                                                "as torch's plain Linear does)")
     args = parser.parse_args()
 
     import ray

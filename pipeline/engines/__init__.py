@@ -47,7 +47,8 @@ def _transformers(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: s
                                   max_batch_rows=cfg.max_batch_rows, cpu_fast_path=cfg.cpu_fast_path,
                                   prefix_cache_mb=cfg.prefix_cache_mb,
                                   shared_prefix_attention=cfg.shared_prefix_attention,
-                                  group_attention=cfg.group_attention, fused_admission=cfg.fused_admission)
+                                  group_attention=cfg.group_attention, fused_admission=cfg.fused_admission,
+                                  packed_linears=cfg.packed_linears)
 
     return compute.run(build)
 

@@ -65,15 +65,22 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
-def apply(model, path: str):
-    """``model`` (fp32, on CPU, eval) converted to ``path``; fp32 returns it unchanged. int8 quantizes a copy's
-    ``nn.Linear`` layers (weights int8 per channel, activations quantized per call) and leaves it in fp32 otherwise."""
+def apply(model, path: str, pack: bool = True):
+    """``model`` (fp32, on CPU, eval) converted to ``path``; fp32 returns it unchanged. bf16 converts a copy and,
+    with ``pack``, lays its linear layers' weights out once for oneDNN (``packed.pack_linears``: same outputs,
+    faster). int8 quantizes a copy's ``nn.Linear`` layers (weights int8 per channel, activations quantized per
+    call) and leaves it in fp32 otherwise."""
     import torch
 
     if path == "fp32":
         return model
     if path == "bf16":
-        return copy.deepcopy(model).to(torch.bfloat16)
+        converted = copy.deepcopy(model).to(torch.bfloat16)
+        if pack:
+            from pipeline.engines.packed import pack_linears
+
+            pack_linears(converted)
+        return converted
     if path == "int8":
         import warnings
 
@@ -164,10 +171,10 @@ def greedy_tokens(model, prompt_ids: list[int], n: int = _GREEDY_TOKENS) -> list
     return out
 
 
-def measure(model, rows: int, prompt_ids: list[int], paths: tuple[str, ...] = FAST_PATHS):
+def measure(model, rows: int, prompt_ids: list[int], paths: tuple[str, ...] = FAST_PATHS, pack: bool = True):
     """({path: model on it}, tokens/s per path at ``rows`` rows, greedy agreement with fp32 per path).
     Timing rounds alternate between the paths, so a load change during the probe touches them alike."""
-    models = {p: apply(model, p) for p in paths}
+    models = {p: apply(model, p, pack) for p in paths}
     ref = greedy_tokens(models["fp32"], prompt_ids)
     agrees = {p: p == "fp32" or greedy_tokens(m, prompt_ids) == ref for p, m in models.items()}
     caches = {p: decode_context(m, rows) for p, m in models.items()}
@@ -178,7 +185,8 @@ def measure(model, rows: int, prompt_ids: list[int], paths: tuple[str, ...] = FA
     return models, {p: rows / s for p, s in best.items()}, agrees
 
 
-def _from_cache(model, hit: dict, prompt_ids: list[int], checked: dict[str, bool]) -> tuple[object, str, dict, str]:
+def _from_cache(model, hit: dict, prompt_ids: list[int], checked: dict[str, bool],
+                pack: bool = True) -> tuple[object, str, dict, str]:
     """(model, path, agreement on this checkpoint, note) for a cache hit: the cached pick when this checkpoint's
     greedy text on it equals fp32's, else the next fastest cached path that agrees (never a faster one: those
     changed the text when probed). ``checked`` holds earlier checks of this checkpoint and gains the new ones."""
@@ -191,31 +199,31 @@ def _from_cache(model, hit: dict, prompt_ids: list[int], checked: dict[str, bool
             break
         converted = None
         if path not in checked:
-            converted = apply(model, path)
+            converted = apply(model, path, pack)
             ref = greedy_tokens(model, prompt_ids) if ref is None else ref
             checked[path] = greedy_tokens(converted, prompt_ids) == ref
         if checked[path]:
             note = "" if path == hit["chosen"] else (f"{hit['chosen']} changes this checkpoint's greedy text: "
                                                      f"{path} is the fastest that keeps it")
-            return converted if converted is not None else apply(model, path), path, checked, note
+            return converted if converted is not None else apply(model, path, pack), path, checked, note
     note = "" if hit["chosen"] == "fp32" else f"{hit['chosen']} changes this checkpoint's greedy text: fp32"
     return model, "fp32", checked, note
 
 
 def choose(model, requested: str, rows: int, prompt_ids: list[int], cache: ProbeCache | None = None,
-           reprobe: bool = False, weights: str = "") -> tuple[object, Probe]:
+           reprobe: bool = False, weights: str = "", pack: bool = True) -> tuple[object, Probe]:
     """(the model on the chosen path, the record of why). ``requested`` 'auto': the cached decision for this
     machine and model when ``cache`` holds one (and not ``reprobe``), its greedy check redone on these weights
     (``weights``: ``probe_cache.weights_id``; '' checks every time), else ``measure`` and ``pick``, stored in
-    ``cache``. ``prompt_ids``: the fixed prompt of the greedy check."""
+    ``cache``. ``prompt_ids``: the fixed prompt of the greedy check. ``pack``: see ``apply``."""
     if requested != "auto":
-        return apply(model, requested), Probe(requested)
+        return apply(model, requested, pack), Probe(requested)
     import torch
 
     from pipeline.engines.probe_cache import machine_key
 
     if cache is None:
-        models, rates, agrees = measure(model, rows, prompt_ids)
+        models, rates, agrees = measure(model, rows, prompt_ids, pack=pack)
         chosen = pick(rates, agrees)
         return models[chosen], Probe(chosen, "probe", rates, agrees, "no cache")
     key = machine_key(model, torch.get_num_threads(), rows, prompt_ids, cpu_flags())
@@ -229,18 +237,18 @@ def choose(model, requested: str, rows: int, prompt_ids: list[int], cache: Probe
                     hit, note = None, f"cache unreadable, replaced: {e}"
                 if hit is not None and hit.get("chosen") in FAST_PATHS:
                     known = dict(hit.get("checked", {}).get(weights, {})) if weights else {}
-                    converted, chosen, here, why = _from_cache(model, hit, prompt_ids, dict(known))
+                    converted, chosen, here, why = _from_cache(model, hit, prompt_ids, dict(known), pack)
                     if weights and here != known:
                         cache.record_check(key, weights, here)
                     note = f"probed {hit.get('probed_at')}" + (f"; {why}" if why else "")
                     return converted, Probe(chosen, "cache", hit.get("tok_per_s", {}), {**hit.get("agrees", {}),
                                                                                         **here}, note)
-            models, rates, agrees = measure(model, rows, prompt_ids)
+            models, rates, agrees = measure(model, rows, prompt_ids, pack=pack)
             chosen = pick(rates, agrees)
             cache.store(key, {"chosen": chosen, "tok_per_s": rates, "agrees": agrees,
                               **({"checked": {weights: agrees}} if weights else {})})
     except OSError as e:  # a read-only or full cache directory: the engine still starts, on a fresh probe
-        models, rates, agrees = measure(model, rows, prompt_ids)
+        models, rates, agrees = measure(model, rows, prompt_ids, pack=pack)
         chosen = pick(rates, agrees)
         return models[chosen], Probe(chosen, "probe", rates, agrees, f"not cached: {cache.dir} unusable ({e})")
     return models[chosen], Probe(chosen, "probe", rates, agrees, note or f"stored in {cache.path}")

@@ -78,6 +78,7 @@ class TransformersPolicy:
         shared_prefix_attention: bool = True,
         group_attention: bool = False,
         fused_admission: bool = True,
+        packed_linears: bool = True,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -106,8 +107,12 @@ class TransformersPolicy:
             probe_ids = builder.tokenizer(builder.build(PROBE_QUESTION), add_special_tokens=False)["input_ids"]
             self.model, self.probe = fastpath.choose(self.model, cpu_fast_path, max_batch_rows, probe_ids,
                                                      ProbeCache(cache_dir()), reprobe_requested(),
-                                                     weights_id(model_path))
+                                                     weights_id(model_path), pack=packed_linears)
             print(f"transformers engine: {self.probe.summary()}", file=sys.stderr, flush=True)
+        elif self.device == "cpu" and packed_linears:  # dtype: bfloat16 named: loaded in bf16, packed the same way
+            from pipeline.engines.packed import pack_linears
+
+            pack_linears(self.model)
         if self.device == "cpu" and not rows_are_independent(self.model.dtype):
             if self.model.dtype == fastpath.torch_float32():
                 why = ("this process's CPU matrix products depend on the number of rows (MKL_CBWR was unset or not "
