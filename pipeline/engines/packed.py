@@ -14,8 +14,9 @@ are whole texts, thousands of rows) scored 1.1x slower packed, so only the polic
 
 The reorder takes a row count as a hint of the products to come; with ``PACK_ROWS`` (64) every row count from 1 to
 600 gave the same bits as the plain ``Linear`` (with 1, row counts above 32 did not), so packing changes no
-output: ``tests/pipeline/test_engines_packed.py`` compares whole-model logits. Only the engine's inference copy
-is packed (``fastpath.apply``): the packed tensor is opaque (no autograd, no ``state_dict`` a checkpoint could
+output: ``tests/pipeline/test_engines_packed.py`` compares whole-model logits. Only the policy engine's inference
+model is packed (``fastpath.apply`` for the bf16 path, ``TransformersPolicy`` for a model loaded in bf16): the
+packed tensor is opaque (no autograd, no ``state_dict`` a checkpoint could
 load), and a tied ``lm_head`` gets its own packed copy (the embedding keeps the plain one: +28M bf16 weights,
 56 MB, on the embedded model).
 """
