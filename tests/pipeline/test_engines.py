@@ -343,3 +343,42 @@ def test_solution_mode_stops_after_the_line_that_closes_the_boxed_answer():
     p = cut_at_stop(raw, stop_strings("solution"))
     assert (p.text, p.stop) == ("# cost\ncost = 4 * 3\nprint(cost)\n# The answer is \\boxed{12", BRACE_STOP)
     assert cut_at_stop(raw, stop_strings("step")).stop is None  # step mode runs on to its own delimiters
+
+
+def test_top_p_in_blocks_picks_what_the_topk_search_picks():
+    """On a large vocabulary the nucleus is looked for in each row's best blocks; every row picks what the top-k
+    search over its whole row picks from the same uniform, alone or batched: peaked rows, ties across blocks
+    (settled by token id), a row whose nucleus spans more blocks than are searched, and a flat row."""
+    import torch
+
+    from pipeline.engines import hf_policy
+    from pipeline.engines.hf_policy import TransformersPolicy, _top_p_picks
+
+    vocab, top_p, temp = 20_000, 0.9, 0.7
+    assert vocab >= hf_policy._BLOCK_MIN_VOCAB
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(vocab, generator=g) * 2 for _ in range(6)]
+    for i, r in enumerate(rows[:4]):
+        r[torch.randperm(vocab, generator=g)[: 1 + 3 * i]] += 14  # a nucleus of 1, 4, 7, 10 tokens
+    rows[4][[5, 64 * 40 + 3, 64 * 200 + 9, 19_999]] = 25.0  # four tied tokens in four blocks
+    spread = torch.arange(0, vocab, hf_policy._BLOCK)[: 3 * hf_policy._BLOCKS]
+    rows[5][spread] = 30.0  # a nucleus over more blocks than are searched: left to the top-k search
+    rows.append(torch.linspace(0.0, 1.0, vocab))  # flat: past the top 256 as well
+    logits = torch.stack(rows)
+    probs = torch.softmax(logits / temp, -1)
+    picks, ok = hf_policy._top_p_in_blocks(probs, torch.full((len(rows),), 0.5), top_p)
+    assert ok.tolist() == [True] * 5 + [False, False]
+    for seed in range(30):
+        gens = [torch.Generator().manual_seed(seed * 100 + i) for i in range(len(rows))]
+        got = TransformersPolicy._sample(logits, gens, temp, top_p).tolist()
+        u = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(seed * 100 + i))
+                         for i in range(len(rows))])
+        ref = _top_p_picks(probs, u, top_p).tolist()
+        assert got[:4] + got[5:] == ref[:4] + ref[5:]  # row 4: topk orders its ties its own way
+        assert got[4] in {5, 64 * 40 + 3, 64 * 200 + 9, 19_999}
+        alone = [TransformersPolicy._sample(logits[i:i + 1], [torch.Generator().manual_seed(seed * 100 + i)], temp,
+                                            top_p).item() for i in range(len(rows))]
+        assert got == alone
+    ties = [TransformersPolicy._sample(logits[4:5], [torch.Generator().manual_seed(s)], temp, top_p).item()
+            for s in range(40)]
+    assert set(ties) == {5, 64 * 40 + 3, 64 * 200 + 9, 19_999}  # each tied token is reachable
