@@ -337,9 +337,11 @@ class RunningBatch:
         out = [0] * len(self._rows)
         for (temp, top_p), idx in groups.items():
             logits = self._logits if len(groups) == 1 else self._logits[torch.tensor(idx, device=self.device)]
-            picks = self.sample(logits, [self._rows[i].gen for i in idx], temp, top_p).tolist()
+            # The logits are this tick's scratch: sampled once, then replaced by the next forward's.
+            picks = self.sample(logits, [self._rows[i].gen for i in idx], temp, top_p, overwrite=True).tolist()
             for i, t in zip(idx, picks, strict=True):
                 out[i] = t
+        self._logits = None  # overwritten by the sampler: never to be read again
         return out
 
     # -- admission -----------------------------------------------------------------------------------

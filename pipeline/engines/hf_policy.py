@@ -277,8 +277,11 @@ class TransformersPolicy:
         return any(s in tail for s in self.stops)
 
     @staticmethod
-    def _sample(logits, gens, temperature: float, top_p: float):
+    def _sample(logits, gens, temperature: float, top_p: float, overwrite: bool = False):
         """One token per row: greedy at temperature 0, else top-p sampling driven by that row's generator.
+        ``overwrite``: ``logits`` is the caller's scratch (fp32, contiguous) and becomes the probabilities, in place:
+        the same bits as computed out of place, without two vocabulary-sized allocations a step (a fresh 13 MB
+        buffer each at 64 rows, its pages faulted in anew: softmax(logits / T) took 16 ms there, in place 3 ms).
 
         Batched inverse-CDF sampling: each row draws one uniform from its own generator and picks the first
         token whose cumulative probability passes it. (Per-row ``torch.multinomial`` over a 49k vocabulary
@@ -294,7 +297,10 @@ class TransformersPolicy:
 
         if temperature == 0.0:
             return logits.argmax(-1)
-        probs = torch.softmax(logits / temperature, dim=-1)  # [rows, vocab]
+        if overwrite and logits.dtype == torch.float32 and logits.is_contiguous():
+            probs = torch.ops.aten._softmax.out(logits.div_(temperature), -1, False, out=logits)  # [rows, vocab]
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
         u = torch.stack([torch.rand((), generator=g, device=g.device) for g in gens]).to(probs.dtype)
         if top_p >= 1.0:
             return _inverse_cdf(probs, u)

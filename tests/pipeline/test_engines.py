@@ -382,3 +382,23 @@ def test_top_p_in_blocks_picks_what_the_topk_search_picks():
     ties = [TransformersPolicy._sample(logits[4:5], [torch.Generator().manual_seed(s)], temp, top_p).item()
             for s in range(40)]
     assert set(ties) == {5, 64 * 40 + 3, 64 * 200 + 9, 19_999}  # each tied token is reachable
+
+
+def test_sampling_in_place_gives_the_same_picks_and_consumes_the_logits():
+    """``overwrite=True`` (the running batch's scratch logits) turns the logits into probabilities in place; the
+    picks are those of sampling out of place, bit for bit."""
+    import torch
+
+    from pipeline.engines.hf_policy import TransformersPolicy
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 20_000, generator=g) * 3
+    for temp, top_p in ((0.7, 0.95), (1.0, 1.0), (0.4, 0.5)):
+        kept = logits.clone()
+        ref = TransformersPolicy._sample(kept, [torch.Generator().manual_seed(i) for i in range(5)], temp, top_p)
+        assert torch.equal(kept, logits)  # out of place: the caller's logits are untouched
+        scratch = logits.clone()
+        got = TransformersPolicy._sample(scratch, [torch.Generator().manual_seed(i) for i in range(5)], temp, top_p,
+                                         overwrite=True)
+        assert torch.equal(got, ref), (got.tolist(), ref.tolist())
+        assert torch.equal(scratch, torch.softmax(logits / temp, -1))  # the scratch now holds the probabilities
