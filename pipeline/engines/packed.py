@@ -12,17 +12,23 @@ products took about the same time, at 2400 rows packed ones up to 1.4x longer, a
 are whole texts, thousands of rows) scored 1.1x slower packed, so only the policy engine packs (measured
 2026-12-03, same machine).
 
-The reorder takes a row count as a hint of the products to come; with ``PACK_ROWS`` (64) every row count from 1 to
-600 gave the same bits as the plain ``Linear`` (with 1, row counts above 32 did not), so packing changes no
-output: ``tests/pipeline/test_engines_packed.py`` compares whole-model logits. Only the policy engine's inference
+The reorder takes a row count as a hint of the products to come; with ``PACK_ROWS`` (64) the row counts of decode
+steps (1-64, and the other counts tested up to 600) gave the same bits as the plain ``Linear`` (with 1, row counts
+above 32 did not): ``tests/pipeline/test_engines_packed.py`` compares whole-model logits. Not every prefill size
+does: the 576 x 576 layers differ from the plain ones at 300 and 960 rows (found 2026-12-03; the 192-, 1536- and
+49152-wide layers agreed at all 11 counts tried, 1-2400), so a prompt of such a length is prefilled in other last
+bits than by the plain layers. Only the policy engine's inference
 model is packed (``fastpath.apply`` for the bf16 path, ``TransformersPolicy`` for a model loaded in bf16): the
 packed tensor is opaque (no autograd, no ``state_dict`` a checkpoint could
 load), and a tied ``lm_head`` gets its own packed copy (the embedding keeps the plain one: +28M bf16 weights,
 56 MB, on the embedded model).
 
-An attention layer's q, k and v projections read the same input, so they are packed as one product (``FusedQKV``):
-one call of 960 outputs instead of three (576 + 192 + 192) on the embedded model, 278 -> 186 us at 56 rows, the
-same bits as the three (oneDNN computes each output column alike; measured 2026-12-03).
+An attention layer's q, k and v projections read the same input, so a decode step's (at most ``PACK_ROWS`` rows)
+multiplies them as one packed product (``FusedQKV``): one call of 960 outputs instead of three (576 + 192 + 192) on
+the embedded model, 278 -> 186 us at 56 rows. Its bits equal the three products' at 1-95 rows, not at 96 nor at most
+prefill sizes (200+ rows; oneDNN blocks the wider product otherwise), so larger inputs take the three packed
+products as before and no output changes (measured 2026-12-03). Those are kept beside the joint one: the q, k and
+v weights twice (+33 MB on the embedded model).
 """
 
 from __future__ import annotations
@@ -59,9 +65,10 @@ class PackedLinear(torch.nn.Linear):
 
 class FusedQKV(PackedLinear):
     """A layer's q projection holding the packed product of its q, k and v projections (``weight`` is all three:
-    FLOPs counted from linear layers' weights stay right). Called with ``x`` it computes all three outputs, keeps
-    them with ``x`` and returns q's; ``k_proj`` and ``v_proj`` (``ProjectionSlice``) then take theirs when called
-    with that same tensor ``x`` (the attention forward passes one tensor to the three), else compute anew."""
+    FLOPs counted from linear layers' weights stay right) and, for inputs of more than ``PACK_ROWS`` rows, the
+    three separately (``separate``). Called with ``x`` of at most ``PACK_ROWS`` rows it computes all three outputs,
+    keeps them with ``x`` and returns q's; ``k_proj`` and ``v_proj`` (``ProjectionSlice``) then take theirs when
+    called with that same tensor ``x`` (the attention forward passes one tensor to the three), else compute anew."""
 
     def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, rows: int = PACK_ROWS):
         joined = torch.nn.Linear(q.in_features, q.out_features + k.out_features + v.out_features,
@@ -71,12 +78,17 @@ class FusedQKV(PackedLinear):
             if q.bias is not None:
                 joined.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
         super().__init__(joined, rows)
+        # Not submodules: the FLOPs of a token are counted once, from the joint weight.
+        self.__dict__["separate"] = [PackedLinear(x, rows) for x in (q, k, v)]
+        self.max_rows = PACK_ROWS  # the joint product's bits equal the three's at 1-95 rows (module docstring)
         sizes = [q.out_features, k.out_features, v.out_features]
         self.bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(3)]
         self.out_features = q.out_features
         self._x = self._y = None
 
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if x.numel() > self.max_rows * x.shape[-1]:
+            return self.separate[i](x)
         if x is not self._x:
             self._x, self._y = x, super().forward(x)
         lo, hi = self.bounds[i]

@@ -46,6 +46,22 @@ def test_packed_model_gives_the_plain_bf16_models_logits_at_every_row_count(fp32
     assert all(type(m) is torch.nn.Linear for m in fp32_model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def test_fused_qkv_gives_the_separately_packed_models_logits(fp32_model):
+    """q, k and v in one product (up to PACK_ROWS rows) or three (above): the logits of the model packed without the
+    joint product, bit for bit, at decode sizes and at prefill sizes where the joint product's own bits differ."""
+    from unittest import mock
+
+    fused = fastpath.apply(fp32_model, "bf16")
+    with mock.patch.object(packed, "_fuse_qkv", return_value=0):
+        separate = fastpath.apply(fp32_model, "bf16")
+    assert not any(isinstance(m, packed.FusedQKV) for m in separate.modules())
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for rows, length in ((1, 1), (56, 1), (64, 1), (96, 1), (1, 300), (8, 120)):
+            ids = torch.randint(0, fp32_model.config.vocab_size, (rows, length), generator=gen)
+            assert torch.equal(fused(input_ids=ids).logits, separate(input_ids=ids).logits), (rows, length)
+
+
 def test_packing_refuses_a_weight_that_is_not_bf16():
     with pytest.raises(ValueError, match="bf16"):
         packed.PackedLinear(torch.nn.Linear(8, 4))
@@ -90,3 +106,7 @@ def test_fused_qkv_takes_k_and_v_from_the_product_of_the_same_input_only():
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape and torch.equal(g, w)
         assert torch.equal(attn.k_proj(y), alone[1](y))  # no q call first: computed, not a stale x product
+        # Above PACK_ROWS rows (here 300 tokens) the three separate products: the joint one's bits differ there.
+        z = torch.randn(1, 300, 64).to(torch.bfloat16)
+        for proj, one in zip((attn.q_proj, attn.k_proj, attn.v_proj), alone, strict=True):
+            assert torch.equal(proj(z), one(z))
