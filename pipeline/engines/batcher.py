@@ -324,9 +324,7 @@ class RunningBatch:
         self._rows = [self._rows[i] for i in order]
         sel = torch.tensor(order, device=self.device)
         self._mask, self._pos = self._mask[sel], self._pos[sel]
-        # This tick's logits are sampled already and the decode step after replaces them: gathering them (rows x
-        # vocabulary floats, 16 MB at 84 rows) would be wasted.
-        self._logits = None
+        # No logits to gather: _sample_all consumed this tick's (rows x vocabulary floats, 16 MB at 84 rows).
         return order
 
     def _sample_all(self) -> list[int]:
