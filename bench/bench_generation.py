@@ -27,7 +27,8 @@ and attends to it itself (pipeline/engines/cascade.py), the engine as it was bef
 'auto:group') turns ``engines.group_attention`` on: a request's sample rows attend to one copy of their prompt's
 KV (question + history) instead of each holding one. ':plain' (e.g. 'bf16:plain') keeps torch's plain bf16
 ``Linear`` layers, which reorder their weights for oneDNN on every call (``engines.packed_linears`` false;
-pipeline/engines/packed.py).
+pipeline/engines/packed.py). ':eager' (e.g. 'auto:eager') keeps transformers' own RMSNorm, residual adds and RoPE
+instead of the fused C kernels (``engines.fused_kernels`` false; pipeline/engines/fused.py).
 
 ``--hf-generate-batch`` also times transformers' own continuous batching (``model.generate_batch``: paged KV
 cache, its scheduler and sampler) on the same prompts, k, sampling settings and new-token budget, with a
@@ -125,7 +126,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per batch size; the best is kept")
     ap.add_argument("--paths", nargs="+", default=["fp32", "auto"],
                     help="cpu fast paths to compare (fp32 first); ':flat' = without shared prefix attention, "
-                         "':group' = with group attention, ':plain' = bf16 linear layers not packed")
+                         "':group' = with group attention, ':plain' = bf16 linear layers not packed, ':eager' = "
+                         "transformers' own norms and RoPE (no fused kernels)")
     ap.add_argument("--agree-prompts", type=int, default=6, help="prompts of the greedy agreement check")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     ap.add_argument("--history-steps", type=int, nargs="+", default=[0],
@@ -142,12 +144,14 @@ def main() -> None:
     policies = {}
     for path in dict.fromkeys(args.paths):
         fast, _, variant = path.partition(":")
-        if variant not in ("", "flat", "group", "plain"):
+        if variant not in ("", "flat", "group", "plain", "eager"):
             raise SystemExit(f"--paths {path}: variants are ':flat' (no shared prefix attention), ':group' "
-                             f"(group attention) and ':plain' (bf16 linear layers not packed)")
+                             f"(group attention), ':plain' (bf16 linear layers not packed) and ':eager' "
+                             f"(no fused kernels)")
         cfg = EngineConfig(device="cpu", max_batch_rows=max(args.batches), generation=gen, cpu_fast_path=fast,
                            cpu_threads=args.threads, shared_prefix_attention=variant != "flat",
-                           group_attention=variant == "group", packed_linears=variant != "plain")
+                           group_attention=variant == "group", packed_linears=variant != "plain",
+                           fused_kernels=variant != "eager")
         policies[path] = pol = make_policy(cfg, mode="step", few_shot=True)
         pol.propose(_states(1), 1)  # computes the shared prefix once, as a long-lived engine would
         if fast == "auto":

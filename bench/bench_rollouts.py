@@ -134,7 +134,8 @@ def _embedded_cfg(args: argparse.Namespace, min_rows: int = 0):
                         generation=GenerationConfig(temperature=args.temperature, max_new_tokens_step=args.new_tokens,
                                                     max_new_tokens_solution=args.new_tokens),
                         shared_prefix_attention=not args.flat, group_attention=args.group,
-                        fused_admission=not args.unfused, packed_linears=not args.unpacked)
+                        fused_admission=not args.unfused, packed_linears=not args.unpacked,
+                        fused_kernels=not args.eager_kernels)
 
 
 def engine_batch64(args: argparse.Namespace):
@@ -202,6 +203,8 @@ def main() -> None:
     parser.add_argument("--unpacked", action="store_true", help="embedded engine: engines.packed_linears false (bf16 "
                                                                 "linear layers reorder their weights on every call, "
                                                                 "as torch's plain Linear does)")
+    parser.add_argument("--eager-kernels", action="store_true", help="embedded engine: engines.fused_kernels false "
+                                                                     "(transformers' own norms and RoPE)")
     args = parser.parse_args()
 
     import ray
