@@ -28,7 +28,8 @@ and attends to it itself (pipeline/engines/cascade.py), the engine as it was bef
 KV (question + history) instead of each holding one. ':plain' (e.g. 'bf16:plain') keeps torch's plain bf16
 ``Linear`` layers, which reorder their weights for oneDNN on every call (``engines.packed_linears`` false;
 pipeline/engines/packed.py). ':eager' (e.g. 'auto:eager') keeps transformers' own RMSNorm, residual adds and RoPE
-instead of the fused C kernels (``engines.fused_kernels`` false; pipeline/engines/fused.py).
+instead of the fused C kernels (``engines.fused_kernels`` false; pipeline/engines/fused.py); ':flash' keeps the
+fused norms and RoPE but torch's flash attention for each row's own cache (``engines.fused_attention`` false).
 
 ``--hf-generate-batch`` also times transformers' own continuous batching (``model.generate_batch``: paged KV
 cache, its scheduler and sampler) on the same prompts, k, sampling settings and new-token budget, with a
@@ -76,13 +77,15 @@ def matmul_flops(dtype_name: str = "float32", n: int = 1024, repeats: int = 5) -
 
 def engine_runner(pol):
     """A function (states, k, seed) -> tokens the engine ``pol`` generated for ``k`` samples of each state; its
-    ``rows_per_step`` is the last call's sampled tokens per decode step (rows stop at different lengths, so a call
-    of 64 rows decodes fewer than 64 a step on average)."""
+    ``rows_per_step`` is the last call's rows per decode step: tokens sampled after each row's first (which comes
+    from its prompt's forward) over decode forwards. Rows stop at different lengths, so a call of 64 rows decodes
+    fewer than 64 a step on average."""
 
     def run(states, k: int, seed: int) -> int:
         before, ticks = pol.stats.new_tokens, pol.stats.decode_ticks
         pol.propose(states, k)  # the states carry their own seeds
-        run.rows_per_step = (pol.stats.new_tokens - before) / max(1, pol.stats.decode_ticks - ticks)
+        rows = len(states) * k
+        run.rows_per_step = (pol.stats.new_tokens - before - rows) / max(1, pol.stats.decode_ticks - ticks)
         return pol.stats.new_tokens - before
 
     return run
@@ -130,7 +133,8 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=["fp32", "auto"],
                     help="cpu fast paths to compare (fp32 first); ':flat' = without shared prefix attention, "
                          "':group' = with group attention, ':plain' = bf16 linear layers not packed, ':eager' = "
-                         "transformers' own norms and RoPE (no fused kernels)")
+                         "transformers' own norms and RoPE (no fused kernels), ':flash' = fused kernels with flash "
+                         "attention")
     ap.add_argument("--agree-prompts", type=int, default=6, help="prompts of the greedy agreement check")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     ap.add_argument("--history-steps", type=int, nargs="+", default=[0],
@@ -147,14 +151,14 @@ def main() -> None:
     policies = {}
     for path in dict.fromkeys(args.paths):
         fast, _, variant = path.partition(":")
-        if variant not in ("", "flat", "group", "plain", "eager"):
+        if variant not in ("", "flat", "group", "plain", "eager", "flash"):
             raise SystemExit(f"--paths {path}: variants are ':flat' (no shared prefix attention), ':group' "
-                             f"(group attention), ':plain' (bf16 linear layers not packed) and ':eager' "
-                             f"(no fused kernels)")
+                             f"(group attention), ':plain' (bf16 linear layers not packed), ':eager' "
+                             f"(no fused kernels) and ':flash' (fused kernels, flash attention)")
         cfg = EngineConfig(device="cpu", max_batch_rows=max(args.batches), generation=gen, cpu_fast_path=fast,
                            cpu_threads=args.threads, shared_prefix_attention=variant != "flat",
                            group_attention=variant == "group", packed_linears=variant != "plain",
-                           fused_kernels=variant != "eager")
+                           fused_kernels=variant != "eager", fused_attention=variant != "flash")
         policies[path] = pol = make_policy(cfg, mode="step", few_shot=True)
         pol.propose(_states(1), 1)  # computes the shared prefix once, as a long-lived engine would
         if fast == "auto":
@@ -198,7 +202,7 @@ def main() -> None:
             cells = " ".join(f"{best[h, p]:>11.1f} {best[h, p] * ftok / peak:>8.1%}" for p in runners)
             print(f"{batch:>5} {f'{len(states)} x {k}':>11} {f'{own - prompt_len:+d} tok':>9} {cells}", flush=True)
         if rows:
-            print(f"{'':>5} tokens per decode step in the best calls: "
+            print(f"{'':>5} rows per decode step in the best calls: "
                   + ", ".join(f"{p} {r:.1f}" + (f" (+{h} steps of history)" if h else "") for (h, p), r in rows.items()))
     print(f"roofline = tok/s x {ftok / 1e6:.0f} MFLOP/token / fp32 matmul {peak / 1e9:.0f} GFLOP/s "
           f"(bf16 matmul {peak_bf16 / 1e9:.0f} GFLOP/s), measured in this run")

@@ -135,7 +135,7 @@ def _embedded_cfg(args: argparse.Namespace, min_rows: int = 0):
                                                     max_new_tokens_solution=args.new_tokens),
                         shared_prefix_attention=not args.flat, group_attention=args.group,
                         fused_admission=not args.unfused, packed_linears=not args.unpacked,
-                        fused_kernels=not args.eager_kernels)
+                        fused_kernels=not args.eager_kernels, fused_attention=not args.flash_attention)
 
 
 def engine_batch64(args: argparse.Namespace):
@@ -205,6 +205,9 @@ def main() -> None:
                                                                 "as torch's plain Linear does)")
     parser.add_argument("--eager-kernels", action="store_true", help="embedded engine: engines.fused_kernels false "
                                                                      "(transformers' own norms and RoPE)")
+    parser.add_argument("--flash-attention", action="store_true", help="embedded engine: engines.fused_attention "
+                                                                       "false (torch's flash kernel for each row's own "
+                                                                       "cache)")
     args = parser.parse_args()
 
     import ray

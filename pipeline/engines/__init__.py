@@ -48,7 +48,8 @@ def _transformers(cfg: EngineConfig, path: Path, builder: PromptBuilder, mode: s
                                   prefix_cache_mb=cfg.prefix_cache_mb,
                                   shared_prefix_attention=cfg.shared_prefix_attention,
                                   group_attention=cfg.group_attention, fused_admission=cfg.fused_admission,
-                                  packed_linears=cfg.packed_linears, fused_kernels=cfg.fused_kernels)
+                                  packed_linears=cfg.packed_linears, fused_kernels=cfg.fused_kernels,
+                                  fused_attention=cfg.fused_attention)
 
     return compute.run(build)
 

@@ -160,7 +160,11 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             ok = torch.ones(q, s, dtype=torch.bool, device=query.device).tril(s - q)
             ok = ok[None, None, None].expand(b, 1, g, q, s).reshape(b, 1, g * q, s)
             mask = torch.zeros(ok.shape, dtype=query.dtype, device=query.device).masked_fill_(~ok, float("-inf"))
-    parts.append(_flash(grouped, key, value, mask, scaling, causal)[:2])
+    own = None
+    kernels = getattr(module, "_fused_kernels", None)  # pipeline/engines/fused.py: decode attention in C
+    if kernels is not None and q == 1 and (attention_mask is None or attention_mask.dtype != torch.bool):
+        own = kernels.decode_attention(grouped, key, value, attention_mask, d**-0.5 if scaling is None else scaling)
+    parts.append(own if own is not None else _flash(grouped, key, value, mask, scaling, causal)[:2])
     if len(parts) == 2:
         # The same weighted sum as below in 5 kernels instead of ~12 (each a few microseconds of dispatch on a small
         # CPU, in every layer of every decode step): o_1 + (o_0 - o_1) e^l0 / (e^l0 + e^l1).

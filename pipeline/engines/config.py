@@ -111,6 +111,11 @@ class EngineConfig:
     # calls into a small C library built at first use (pipeline/engines/fused.py): the same bits as transformers'
     # code, decode steps ~1.1-1.25x faster. False: transformers' own layers.
     fused_kernels: bool = True
+    # With fused_kernels, on a CPU with AVX-512 BF16: each decode step's attention of a row to its own cache runs in
+    # that library too (bf16 dot products, fp32 softmax and sums, padding columns skipped, torch's OpenMP threads)
+    # instead of torch's flash kernel: not flash's bits (closer to fp32: no bf16 rounding of the partial output).
+    # False: flash attention.
+    fused_attention: bool = True
     # KV of prompts already prefilled (instruction prefix, every node's question + history), kept for the
     # prompts that extend them; least recently used entries beyond this bound are evicted. 0 turns it off.
     prefix_cache_mb: int = 1024

@@ -5,8 +5,10 @@
  * all three give its bits. Plain C (no torch headers: builds in about a second), single-threaded, rows independent
  * of each other. Built with -ffp-contract=off so that no multiply-add is fused behind the code's back.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float bf2f(uint16_t x) {
@@ -130,4 +132,119 @@ void rope(const uint16_t *q, const uint16_t *k, const uint16_t *cos, const uint1
         rope_heads(q + t * q_heads * d, c, s, q_out + t * q_heads * d, q_heads, d);
         rope_heads(k + t * k_heads * d, c, s, k_out + t * k_heads * d, k_heads, d);
     }
+}
+
+/* e^x (x <= 88) within ~2 ulp, 0 below -87 (Cephes' expf polynomial), written so that the compiler vectorizes it. */
+static inline float exp_approx(float x) {
+    float c = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = c - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * (r * r) + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return x < -87.0f ? 0.0f : y * scale;
+}
+
+#define GMAX 8 /* query heads per kv head */
+
+#ifdef __AVX512BF16__
+/* One row's query heads of one kv head (G x 64) against that row's cache (S x 64 keys and values): scores by
+ * bf16 dot products accumulated in fp32 (AVX-512 BF16), softmax in fp32, the values' weighted sum in fp32. Masked
+ * columns (-inf: a row's left padding) are skipped, not read. out [G, 64] fp32, lse [G]: log-sum-exp of the
+ * scaled, masked scores (flash attention's second output). sc: scratch of G * S floats. */
+static void attend(const uint16_t *qp, const uint16_t *kp, const uint16_t *vp, const uint16_t *mp, int64_t G,
+                   int64_t S, float scale, float *sc, float *out, float *lse) {
+    __m512bh qv[GMAX][2];
+    for (int64_t g = 0; g < G; ++g) {
+        qv[g][0] = (__m512bh)_mm512_loadu_si512(qp + g * 64);
+        qv[g][1] = (__m512bh)_mm512_loadu_si512(qp + g * 64 + 32);
+    }
+    for (int64_t s = 0; s < S; ++s) {
+        float mk = mp ? bf2f(mp[s]) : 0.0f;
+        if (mk == -INFINITY) {
+            for (int64_t g = 0; g < G; ++g) sc[g * S + s] = -INFINITY;
+            continue;
+        }
+        __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + s * 64);
+        __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + s * 64 + 32);
+        for (int64_t g = 0; g < G; ++g) {
+            __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][0], k0);
+            acc = _mm512_dpbf16_ps(acc, qv[g][1], k1);
+            sc[g * S + s] = _mm512_reduce_add_ps(acc) * scale + mk;
+        }
+    }
+    float m[GMAX], sum[GMAX];
+    for (int64_t g = 0; g < G; ++g) {
+        float *row = sc + g * S, mx = -INFINITY, tot = 0.0f;
+        for (int64_t s = 0; s < S; ++s) mx = row[s] > mx ? row[s] : mx;
+        if (mx == -INFINITY) {
+            for (int64_t s = 0; s < S; ++s) row[s] = 0.0f;
+        } else {
+            for (int64_t s = 0; s < S; ++s) row[s] = exp_approx(row[s] - mx);
+            for (int64_t s = 0; s < S; ++s) tot += row[s];
+        }
+        m[g] = mx;
+        sum[g] = tot;
+    }
+    __m512 acc[GMAX][4];
+    for (int64_t g = 0; g < G; ++g)
+        for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+        if (mp && bf2f(mp[s]) == -INFINITY) continue;
+        const uint16_t *vr = vp + s * 64;
+        __m512 vf[4];
+        for (int i = 0; i < 4; ++i) /* bf16 -> fp32: the 16 bits become the high half */
+            vf[i] = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr + 16 * i))), 16));
+        for (int64_t g = 0; g < G; ++g) {
+            __m512 p = _mm512_set1_ps(sc[g * S + s]);
+            for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_fmadd_ps(p, vf[i], acc[g][i]);
+        }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        __m512 inv = _mm512_set1_ps(sum[g] > 0.0f ? 1.0f / sum[g] : 0.0f);
+        for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + g * 64 + 16 * i, _mm512_mul_ps(acc[g][i], inv));
+        lse[g] = sum[g] > 0.0f ? m[g] + logf(sum[g]) : -INFINITY;
+    }
+}
+#endif
+
+/* Decode attention, one query per row (GQA: G query heads per kv head, head_dim 64): q [B, KVH, G, 64] bf16
+ * (strides q_sb, q_sh; heads 64 apart), k and v [B, KVH, S, 64] bf16 (strides kv_sb, kv_sh; columns 64 apart), mask
+ * [B, S] bf16 additive (row stride m_sb; 0 or -inf) or NULL; out [B, KVH, G, 64] fp32, lse [B, KVH, G] fp32. The
+ * B x KVH tasks are shared among the OpenMP threads (torch's own team: the library links the libgomp torch has
+ * loaded). Returns 0; -1 for G > GMAX, -2 when scratch memory is short, -3 when built without AVX-512 BF16. */
+int decode_attention(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16_t *k, const uint16_t *v,
+                     int64_t kv_sb, int64_t kv_sh, const uint16_t *mask, int64_t m_sb, float *out, float *lse,
+                     int64_t B, int64_t KVH, int64_t G, int64_t S, float scale) {
+#ifdef __AVX512BF16__
+    if (G > GMAX) return -1;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *sc = (float *)malloc(sizeof(float) * (size_t)(G * S + 16));
+        failed = sc == NULL;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < B * KVH; ++t) {
+            if (sc == NULL) continue;
+            int64_t b = t / KVH, h = t % KVH;
+            attend(q + b * q_sb + h * q_sh, k + b * kv_sb + h * kv_sh, v + b * kv_sb + h * kv_sh,
+                   mask ? mask + b * m_sb : NULL, G, S, scale, sc, out + t * G * 64, lse + t * G);
+        }
+        free(sc);
+    }
+    return failed ? -2 : 0;
+#else
+    (void)q, (void)q_sb, (void)q_sh, (void)k, (void)v, (void)kv_sb, (void)kv_sh, (void)mask, (void)m_sb;
+    (void)out, (void)lse, (void)B, (void)KVH, (void)G, (void)S, (void)scale;
+    return -3;
+#endif
 }

@@ -85,6 +85,7 @@ class TransformersPolicy:
         fused_admission: bool = True,
         packed_linears: bool = True,
         fused_kernels: bool = True,
+        fused_attention: bool = True,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -122,7 +123,7 @@ class TransformersPolicy:
         if self.device == "cpu" and fused_kernels and self.model.dtype != fastpath.torch_float32():
             from pipeline.engines import fused
 
-            print(f"transformers engine: {fused.install(self.model)}", file=sys.stderr, flush=True)
+            print(f"transformers engine: {fused.install(self.model, fused_attention)}", file=sys.stderr, flush=True)
         if self.device == "cpu" and not rows_are_independent(self.model.dtype):
             if self.model.dtype == fastpath.torch_float32():
                 why = ("this process's CPU matrix products depend on the number of rows (MKL_CBWR was unset or not "

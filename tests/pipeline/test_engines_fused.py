@@ -120,3 +120,79 @@ def test_engine_on_fused_kernels_samples_what_it_samples_without(tiny, tok):
     want = [[p.text for p in props] for props in plain.propose(states, 3)]
     got = [[p.text for p in props] for props in fast.propose(states, 3)]
     assert got == want
+
+
+needs_attention = pytest.mark.skipif(KERNELS is None or not KERNELS.attention,
+                                     reason="the library's decode attention needs AVX-512 BF16")
+
+
+def _decode_case(rows=5, kv_heads=3, g=3, width=37, seed=0):
+    """Queries [rows, kv_heads, g, 64] and keys/values laid out as the engine's cache is (a view of columns of a
+    wider buffer), left padding of 0..rows-1 columns masked; bf16."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, kv_heads, g, 64, generator=gen).to(torch.bfloat16)
+    buf_k = torch.randn(rows + 2, kv_heads, width + 20, 64, generator=gen).to(torch.bfloat16)
+    buf_v = torch.randn(rows + 2, kv_heads, width + 20, 64, generator=gen).to(torch.bfloat16)
+    k, v = buf_k[:rows, :, 5 : 5 + width], buf_v[:rows, :, 5 : 5 + width]
+    mask = torch.zeros(rows, width)
+    for r in range(rows):
+        mask[r, :r] = float("-inf")
+    return q, k, v, mask.to(torch.bfloat16)[:, None, None, :]
+
+
+def _softmax_reference(q, k, v, mask, scale):
+    scores = q.float() @ k.float().transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    return torch.softmax(scores, -1) @ v.float(), torch.logsumexp(scores, -1)
+
+
+@needs_attention
+def test_decode_attention_is_softmax_attention_and_rows_stay_independent():
+    q, k, v, mask = _decode_case()
+    for m in (mask, None):
+        out, lse = KERNELS.decode_attention(q, k, v, m, 0.125)
+        want, want_lse = _softmax_reference(q, k, v, m, 0.125)
+        assert out.dtype == lse.dtype == torch.float32
+        torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
+    out, lse = KERNELS.decode_attention(q, k, v, mask, 0.125)
+    alone, alone_lse = KERNELS.decode_attention(q[2:3], k[2:3], v[2:3], mask[2:3], 0.125)
+    assert torch.equal(alone, out[2:3]) and torch.equal(alone_lse, lse[2:3])
+    # What it does not take, it declines (the caller then runs flash attention).
+    assert KERNELS.decode_attention(q[..., :32], k[..., :32], v[..., :32], None, 0.125) is None
+    assert KERNELS.decode_attention(q.float(), k.float(), v.float(), None, 0.125) is None
+    assert KERNELS.decode_attention(q, k, v, mask.float(), 0.125) is None
+
+
+@needs_attention
+def test_cascade_decode_on_the_kernel_is_as_close_to_fp32_as_flash():
+    import types
+
+    from pipeline.engines import cascade
+
+    q, k, v, mask = _decode_case(rows=6, width=50, seed=3)
+    b, kvh, g, d = q.shape
+    query = q.reshape(b, kvh * g, 1, d)
+    gen = torch.Generator().manual_seed(4)
+    prefix = [(torch.randn(1, kvh, 30, d, generator=gen).to(torch.bfloat16),
+               torch.randn(1, kvh, 30, d, generator=gen).to(torch.bfloat16))]
+    flash_module = types.SimpleNamespace(layer_idx=0)
+    calls = []
+
+    def counted(*args):
+        calls.append(KERNELS.decode_attention(*args))
+        return calls[-1]
+
+    fused_module = types.SimpleNamespace(layer_idx=0, _fused_kernels=types.SimpleNamespace(decode_attention=counted))
+    got, _ = cascade.attention(fused_module, query, k, v, mask, scaling=0.125, shared_prefix=prefix)
+    base, _ = cascade.attention(flash_module, query, k, v, mask, scaling=0.125, shared_prefix=prefix)
+    pk, pv = prefix[0]
+    full_k = torch.cat([pk.expand(b, -1, -1, -1), k], 2)
+    full_v = torch.cat([pv.expand(b, -1, -1, -1), v], 2)
+    full_mask = torch.cat([torch.zeros(b, 1, 1, 30, dtype=torch.bfloat16), mask], -1)
+    want = _softmax_reference(q, full_k, full_v, full_mask, 0.125)[0].reshape(b, 1, kvh * g, d)
+    assert got.dtype == base.dtype == torch.bfloat16 and got.shape == base.shape == want.shape
+    err, flash_err = (got.float() - want).abs().max(), (base.float() - want).abs().max()
+    assert err <= flash_err + 1e-6, (err, flash_err)
+    assert len(calls) == 1 and calls[0] is not None  # the kernel ran, not flash
