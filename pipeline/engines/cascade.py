@@ -137,9 +137,16 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     g = h // kvh  # query heads per kv head (repeat_kv's order: heads i*g .. i*g+g-1 read kv head i)
     grouped = query.reshape(b, kvh, g * q, d)
     parts = []  # (out [b, kv_heads, g*q, d], log-sum-exp [b, kv_heads, g*q]) of each part the rows attend to
+    kernels = getattr(module, "_fused_kernels", None)  # pipeline/engines/fused.py: decode attention in C
+    own_kernel = kernels is not None and q == 1 and (attention_mask is None or attention_mask.dtype != torch.bool)
+    scale = d**-0.5 if scaling is None else scaling
     if shared_prefix is not None:
         pk, pv = shared_prefix[module.layer_idx]  # [1, kv_heads, P, d]
-        out_p, lse_p = _flash(grouped.transpose(0, 1).reshape(1, kvh, b * g * q, d), pk, pv, None, scaling)
+        out_p, lse_p = _flash(grouped.transpose(0, 1).reshape(1, kvh, b * g * q, d), pk, pv, None, scaling)[:2]
+        if own_kernel and group_prefix is None:  # the row's own part and the merge in one call
+            merged = kernels.decode_attention_merged(grouped, key, value, attention_mask, scale, out_p, lse_p)
+            if merged is not None:
+                return merged, None
         parts.append((out_p.reshape(kvh, b, g * q, d).transpose(0, 1), lse_p.reshape(kvh, b, g * q).transpose(0, 1)))
     if group_prefix is not None:
         parts.append(_group_part(group_prefix, module.layer_idx, grouped, scaling))
@@ -160,10 +167,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             ok = torch.ones(q, s, dtype=torch.bool, device=query.device).tril(s - q)
             ok = ok[None, None, None].expand(b, 1, g, q, s).reshape(b, 1, g * q, s)
             mask = torch.zeros(ok.shape, dtype=query.dtype, device=query.device).masked_fill_(~ok, float("-inf"))
-    own = None
-    kernels = getattr(module, "_fused_kernels", None)  # pipeline/engines/fused.py: decode attention in C
-    if kernels is not None and q == 1 and (attention_mask is None or attention_mask.dtype != torch.bool):
-        own = kernels.decode_attention(grouped, key, value, attention_mask, d**-0.5 if scaling is None else scaling)
+    own = kernels.decode_attention(grouped, key, value, attention_mask, scale) if own_kernel else None
     parts.append(own if own is not None else _flash(grouped, key, value, mask, scaling, causal)[:2])
     if len(parts) == 2:
         # The same weighted sum as below in 5 kernels instead of ~12 (each a few microseconds of dispatch on a small

@@ -63,6 +63,8 @@ class Kernels:
         lib.rope.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
         lib.decode_attention.argtypes = [p, i, i, p, p, i, i, p, i, p, p, i, i, i, i, f]
         lib.decode_attention.restype = ctypes.c_int
+        lib.decode_attention_merged.argtypes = [p, i, i, p, p, i, i, p, i, p, i, i, p, i, i, p, i, i, i, i, f]
+        lib.decode_attention_merged.restype = ctypes.c_int
         self._lib = lib
         self.lanes = self._sum_lanes()
         self.attention = self._attention_works()
@@ -83,22 +85,52 @@ class Kernels:
         log-sum-exp ``[b, kv_heads, g]`` fp32), or None where the kernel cannot take these inputs."""
         import torch
 
+        if not self._takes(q, k, v, mask):
+            return None
         b, kvh, g, d = q.shape
-        s = k.shape[2]
-        if (d != 64 or q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16
-                or q.stride(3) != 1 or q.stride(2) != d or k.stride() != v.stride() or k.stride(3) != 1
-                or k.stride(2) != d or tuple(v.shape) != tuple(k.shape) or k.shape[:2] != q.shape[:2]):
-            return None
-        if mask is not None and (mask.dtype != torch.bfloat16 or tuple(mask.shape) != (b, 1, 1, s)
-                                 or mask.stride(3) != 1):
-            return None
         out = torch.empty((b, kvh, g, d), dtype=torch.float32)
         lse = torch.empty((b, kvh, g), dtype=torch.float32)
         rc = self._lib.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
                                         k.stride(0), k.stride(1), 0 if mask is None else mask.data_ptr(),
                                         0 if mask is None else mask.stride(0), out.data_ptr(), lse.data_ptr(),
-                                        b, kvh, g, s, scale)
+                                        b, kvh, g, k.shape[2], scale)
         return (out, lse) if rc == 0 else None
+
+    def decode_attention_merged(self, q, k, v, mask, scale: float, prefix_out, prefix_lse):
+        """``decode_attention`` merged with the shared prefix's part (``prefix_out`` ``[1, kv_heads, b * g, 64]`` bf16,
+        head_dim contiguous, ``prefix_lse`` ``[1, kv_heads, b * g]`` fp32: flash attention of every row's queries to the prefix, as
+        ``cascade.attention`` computes it): softmax attention over [prefix | own cache] in transformers' layout
+        ``[b, 1, kv_heads * g, 64]`` bf16, or None where the kernel cannot take these inputs."""
+        import torch
+
+        if not self._takes(q, k, v, mask):
+            return None
+        b, kvh, g, d = q.shape
+        if (prefix_out.dtype != torch.bfloat16 or tuple(prefix_out.shape) != (1, kvh, b * g, d)
+                or prefix_out.stride(3) != 1 or prefix_lse.dtype != torch.float32
+                or tuple(prefix_lse.shape) != (1, kvh, b * g)):
+            return None
+        merged = torch.empty((b, 1, kvh * g, d), dtype=torch.bfloat16)
+        rc = self._lib.decode_attention_merged(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
+                                               k.stride(0), k.stride(1), 0 if mask is None else mask.data_ptr(),
+                                               0 if mask is None else mask.stride(0), prefix_out.data_ptr(),
+                                               prefix_out.stride(1), prefix_out.stride(2), prefix_lse.data_ptr(),
+                                               prefix_lse.stride(1), prefix_lse.stride(2), merged.data_ptr(), b, kvh,
+                                               g, k.shape[2], scale)
+        return merged if rc == 0 else None
+
+    @staticmethod
+    def _takes(q, k, v, mask) -> bool:
+        import torch
+
+        b, kvh, g, d = q.shape
+        s = k.shape[2]
+        if (d != 64 or q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16
+                or q.stride(3) != 1 or q.stride(2) != d or k.stride() != v.stride() or k.stride(3) != 1
+                or k.stride(2) != d or tuple(v.shape) != tuple(k.shape) or k.shape[:2] != q.shape[:2]):
+            return False
+        return mask is None or (mask.dtype == torch.bfloat16 and tuple(mask.shape) == (b, 1, 1, s)
+                                and mask.stride(3) == 1)
 
     def _sum_lanes(self) -> int:
         """The vector width in which this torch build's CPU ``sum`` adds (8 on this project's machines, AVX-512

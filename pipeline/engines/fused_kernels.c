@@ -248,3 +248,44 @@ int decode_attention(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16
     return -3;
 #endif
 }
+
+/* decode_attention with the shared prefix's part merged in, as cascade attention merges it: o0 [KVH, B * G, 64]
+ * bf16 (strides o0_sh, o0_sl; head_dim contiguous) and l0 [KVH, B * G] fp32 (strides l0_sh, l0_sl) are the prefix's
+ * flash output and log-sum-exp for every row's queries (row b's head g at b * G + g); with the row's own part (o1, l1) the result is o1 + (o0 - o1) / (1 + e^(l1 - l0)), the
+ * softmax over [prefix | own cache], written in bf16 as transformers' attention output [B, KVH * G, 64]. */
+int decode_attention_merged(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16_t *k, const uint16_t *v,
+                            int64_t kv_sb, int64_t kv_sh, const uint16_t *mask, int64_t m_sb, const uint16_t *o0,
+                            int64_t o0_sh, int64_t o0_sl, const float *l0, int64_t l0_sh, int64_t l0_sl,
+                            uint16_t *merged, int64_t B, int64_t KVH, int64_t G, int64_t S, float scale) {
+#ifdef __AVX512BF16__
+    if (G > GMAX) return -1;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *sc = (float *)malloc(sizeof(float) * (size_t)(G * S + 16));
+        failed = sc == NULL;
+        float o1[GMAX * 64], l1[GMAX];
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < B * KVH; ++t) {
+            if (sc == NULL) continue;
+            int64_t b = t / KVH, h = t % KVH;
+            attend(q + b * q_sb + h * q_sh, k + b * kv_sb + h * kv_sh, v + b * kv_sb + h * kv_sh,
+                   mask ? mask + b * m_sb : NULL, G, S, scale, sc, o1, l1);
+            for (int64_t g = 0; g < G; ++g) {
+                int64_t p = b * G + g;
+                float w = 1.0f / (1.0f + exp_approx(l1[g] - l0[h * l0_sh + p * l0_sl])); /* the prefix's share */
+                const uint16_t *pre = o0 + h * o0_sh + p * o0_sl;
+                const float *own = o1 + g * 64;
+                uint16_t *dst = merged + b * KVH * G * 64 + (h * G + g) * 64;
+                for (int j = 0; j < 64; ++j) dst[j] = f2bf(own[j] + (bf2f(pre[j]) - own[j]) * w);
+            }
+        }
+        free(sc);
+    }
+    return failed ? -2 : 0;
+#else
+    (void)q, (void)q_sb, (void)q_sh, (void)k, (void)v, (void)kv_sb, (void)kv_sh, (void)mask, (void)m_sb;
+    (void)o0, (void)o0_sh, (void)o0_sl, (void)l0, (void)l0_sh, (void)l0_sl, (void)merged, (void)B, (void)KVH, (void)G, (void)S, (void)scale;
+    return -3;
+#endif
+}

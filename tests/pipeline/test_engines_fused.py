@@ -180,11 +180,14 @@ def test_cascade_decode_on_the_kernel_is_as_close_to_fp32_as_flash():
     flash_module = types.SimpleNamespace(layer_idx=0)
     calls = []
 
-    def counted(*args):
-        calls.append(KERNELS.decode_attention(*args))
-        return calls[-1]
+    def spy(name):
+        def counted(*args):
+            calls.append((name, getattr(KERNELS, name)(*args)))
+            return calls[-1][1]
+        return counted
 
-    fused_module = types.SimpleNamespace(layer_idx=0, _fused_kernels=types.SimpleNamespace(decode_attention=counted))
+    fused_module = types.SimpleNamespace(layer_idx=0, _fused_kernels=types.SimpleNamespace(
+        decode_attention=spy("decode_attention"), decode_attention_merged=spy("decode_attention_merged")))
     got, _ = cascade.attention(fused_module, query, k, v, mask, scaling=0.125, shared_prefix=prefix)
     base, _ = cascade.attention(flash_module, query, k, v, mask, scaling=0.125, shared_prefix=prefix)
     pk, pv = prefix[0]
@@ -195,4 +198,4 @@ def test_cascade_decode_on_the_kernel_is_as_close_to_fp32_as_flash():
     assert got.dtype == base.dtype == torch.bfloat16 and got.shape == base.shape == want.shape
     err, flash_err = (got.float() - want).abs().max(), (base.float() - want).abs().max()
     assert err <= flash_err + 1e-6, (err, flash_err)
-    assert len(calls) == 1 and calls[0] is not None  # the kernel ran, not flash
+    assert [(name, out is not None) for name, out in calls] == [("decode_attention_merged", True)]  # not flash
