@@ -217,46 +217,13 @@ static void attend(const uint16_t *qp, const uint16_t *kp, const uint16_t *vp, c
 }
 #endif
 
-/* Decode attention, one query per row (GQA: G query heads per kv head, head_dim 64): q [B, KVH, G, 64] bf16
- * (strides q_sb, q_sh; heads 64 apart), k and v [B, KVH, S, 64] bf16 (strides kv_sb, kv_sh; columns 64 apart), mask
- * [B, S] bf16 additive (row stride m_sb; 0 or -inf) or NULL; out [B, KVH, G, 64] fp32, lse [B, KVH, G] fp32. The
- * B x KVH tasks are shared among the OpenMP threads (torch's own team: the library links the libgomp torch has
- * loaded). Returns 0; -1 for G > GMAX, -2 when scratch memory is short, -3 when built without AVX-512 BF16. */
-int decode_attention(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16_t *k, const uint16_t *v,
-                     int64_t kv_sb, int64_t kv_sh, const uint16_t *mask, int64_t m_sb, float *out, float *lse,
-                     int64_t B, int64_t KVH, int64_t G, int64_t S, float scale) {
-#ifdef __AVX512BF16__
-    if (G > GMAX) return -1;
-    int failed = 0;
-#pragma omp parallel reduction(| : failed)
-    {
-        float *sc = (float *)malloc(sizeof(float) * (size_t)(G * S + 16));
-        failed = sc == NULL;
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < B * KVH; ++t) {
-            if (sc == NULL) continue;
-            int64_t b = t / KVH, h = t % KVH;
-            attend(q + b * q_sb + h * q_sh, k + b * kv_sb + h * kv_sh, v + b * kv_sb + h * kv_sh,
-                   mask ? mask + b * m_sb : NULL, G, S, scale, sc, out + t * G * 64, lse + t * G);
-        }
-        free(sc);
-    }
-    return failed ? -2 : 0;
-#else
-    (void)q, (void)q_sb, (void)q_sh, (void)k, (void)v, (void)kv_sb, (void)kv_sh, (void)mask, (void)m_sb;
-    (void)out, (void)lse, (void)B, (void)KVH, (void)G, (void)S, (void)scale;
-    return -3;
-#endif
-}
-
-/* decode_attention with the shared prefix's part merged in, as cascade attention merges it: o0 [KVH, B * G, 64]
- * bf16 (strides o0_sh, o0_sl; head_dim contiguous) and l0 [KVH, B * G] fp32 (strides l0_sh, l0_sl) are the prefix's
- * flash output and log-sum-exp for every row's queries (row b's head g at b * G + g); with the row's own part (o1, l1) the result is o1 + (o0 - o1) / (1 + e^(l1 - l0)), the
- * softmax over [prefix | own cache], written in bf16 as transformers' attention output [B, KVH * G, 64]. */
-int decode_attention_merged(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16_t *k, const uint16_t *v,
-                            int64_t kv_sb, int64_t kv_sh, const uint16_t *mask, int64_t m_sb, const uint16_t *o0,
-                            int64_t o0_sh, int64_t o0_sl, const float *l0, int64_t l0_sh, int64_t l0_sl,
-                            uint16_t *merged, int64_t B, int64_t KVH, int64_t G, int64_t S, float scale) {
+/* The B x KVH (row, kv head) tasks of a decode step's attention, shared among the OpenMP threads (torch's own team:
+ * the library links libgomp.so.1, which the loader resolves to the copy torch has loaded). Without o0 each task's
+ * output goes to out / lse (fp32); with it, merged with the shared prefix's part into merged (bf16). */
+static int decode_tasks(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16_t *k, const uint16_t *v,
+                        int64_t kv_sb, int64_t kv_sh, const uint16_t *mask, int64_t m_sb, const uint16_t *o0,
+                        int64_t o0_sh, int64_t o0_sl, const float *l0, int64_t l0_sh, int64_t l0_sl, uint16_t *merged,
+                        float *out, float *lse, int64_t B, int64_t KVH, int64_t G, int64_t S, float scale) {
 #ifdef __AVX512BF16__
     if (G > GMAX) return -1;
     int failed = 0;
@@ -270,7 +237,8 @@ int decode_attention_merged(const uint16_t *q, int64_t q_sb, int64_t q_sh, const
             if (sc == NULL) continue;
             int64_t b = t / KVH, h = t % KVH;
             attend(q + b * q_sb + h * q_sh, k + b * kv_sb + h * kv_sh, v + b * kv_sb + h * kv_sh,
-                   mask ? mask + b * m_sb : NULL, G, S, scale, sc, o1, l1);
+                   mask ? mask + b * m_sb : NULL, G, S, scale, sc, o0 ? o1 : out + t * G * 64, o0 ? l1 : lse + t * G);
+            if (o0 == NULL) continue;
             for (int64_t g = 0; g < G; ++g) {
                 int64_t p = b * G + g;
                 float w = 1.0f / (1.0f + exp_approx(l1[g] - l0[h * l0_sh + p * l0_sl])); /* the prefix's share */
@@ -284,8 +252,33 @@ int decode_attention_merged(const uint16_t *q, int64_t q_sb, int64_t q_sh, const
     }
     return failed ? -2 : 0;
 #else
-    (void)q, (void)q_sb, (void)q_sh, (void)k, (void)v, (void)kv_sb, (void)kv_sh, (void)mask, (void)m_sb;
-    (void)o0, (void)o0_sh, (void)o0_sl, (void)l0, (void)l0_sh, (void)l0_sl, (void)merged, (void)B, (void)KVH, (void)G, (void)S, (void)scale;
+    (void)q, (void)q_sb, (void)q_sh, (void)k, (void)v, (void)kv_sb, (void)kv_sh, (void)mask, (void)m_sb, (void)o0;
+    (void)o0_sh, (void)o0_sl, (void)l0, (void)l0_sh, (void)l0_sl, (void)merged, (void)out, (void)lse, (void)B;
+    (void)KVH, (void)G, (void)S, (void)scale;
     return -3;
 #endif
+}
+
+/* Decode attention, one query per row (GQA: G query heads per kv head, head_dim 64): q [B, KVH, G, 64] bf16
+ * (strides q_sb, q_sh; heads 64 apart), k and v [B, KVH, S, 64] bf16 (strides kv_sb, kv_sh; columns 64 apart), mask
+ * [B, S] bf16 additive (row stride m_sb; 0 or -inf) or NULL; out [B, KVH, G, 64] fp32, lse [B, KVH, G] fp32.
+ * Returns 0; -1 for G > GMAX, -2 when scratch memory is short, -3 when built without AVX-512 BF16. */
+int decode_attention(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16_t *k, const uint16_t *v,
+                     int64_t kv_sb, int64_t kv_sh, const uint16_t *mask, int64_t m_sb, float *out, float *lse,
+                     int64_t B, int64_t KVH, int64_t G, int64_t S, float scale) {
+    return decode_tasks(q, q_sb, q_sh, k, v, kv_sb, kv_sh, mask, m_sb, NULL, 0, 0, NULL, 0, 0, NULL, out, lse, B, KVH,
+                        G, S, scale);
+}
+
+/* decode_attention with the shared prefix's part merged in, as cascade attention merges it: o0 [KVH, B * G, 64]
+ * bf16 (strides o0_sh, o0_sl; head_dim contiguous) and l0 [KVH, B * G] fp32 (strides l0_sh, l0_sl) are the prefix's
+ * flash output and log-sum-exp for every row's queries (row b's head g at b * G + g). With the row's own part (o1,
+ * l1) the result is o1 + (o0 - o1) / (1 + e^(l1 - l0)), the softmax over [prefix | own cache], written in bf16 as
+ * transformers' attention output [B, KVH * G, 64]. Returns as decode_attention. */
+int decode_attention_merged(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16_t *k, const uint16_t *v,
+                            int64_t kv_sb, int64_t kv_sh, const uint16_t *mask, int64_t m_sb, const uint16_t *o0,
+                            int64_t o0_sh, int64_t o0_sl, const float *l0, int64_t l0_sh, int64_t l0_sl,
+                            uint16_t *merged, int64_t B, int64_t KVH, int64_t G, int64_t S, float scale) {
+    return decode_tasks(q, q_sb, q_sh, k, v, kv_sb, kv_sh, mask, m_sb, o0, o0_sh, o0_sl, l0, l0_sh, l0_sl, merged,
+                        NULL, NULL, B, KVH, G, S, scale);
 }
