@@ -269,7 +269,7 @@ def fuse(model, kernels: Kernels, attention: bool = True) -> int:
     ``cascade.attention``) runs ``Kernels.decode_attention`` instead of flash attention.
     Inputs the kernels do not take (not bf16, not contiguous, rotary tables of another shape) go through
     transformers' own code, per call."""
-    why = supported(model)
+    why = supported(model) or ("" if kernels.lanes else "the norm's sum order does not match this torch build's")
     if why:
         raise ValueError(f"cannot fuse this model's layers: {why}")
     inner = model.model

@@ -4,6 +4,8 @@ missing compiler or an unsupported model leaves transformers' code with a reason
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -103,6 +105,10 @@ def test_a_broken_compiler_or_model_keeps_transformers_code(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="cannot fuse"):
         fused.fuse(fp32_model, KERNELS)
     assert fused.install(fp32_model).startswith("fused kernels off: dtype torch.float32")
+    odd = copy.copy(KERNELS)
+    odd.lanes = 0  # a torch build whose sum adds in an order the norm does not know
+    with pytest.raises(ValueError, match="sum order"):
+        fused.fuse(fastpath.apply(fp32_model, "bf16"), odd)
 
 
 def test_engine_on_fused_kernels_samples_what_it_samples_without(tiny, tok):
