@@ -185,7 +185,7 @@ def main() -> None:
         k = min(batch, 8)
         cases = {h: _states(max(1, batch // k), history_steps=h) for h in args.history_steps}
         best = {(h, path): 0.0 for h in cases for path in runners}
-        rows = {}  # (history, path) -> the best call's tokens per decode step (engines only)
+        rows = {}  # (history, path) -> the best call's rows per decode step (engines only)
         for rep in range(args.repeats):
             for h, states in cases.items():
                 for path, run in runners.items():

@@ -142,7 +142,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     scale = d**-0.5 if scaling is None else scaling
     if shared_prefix is not None:
         pk, pv = shared_prefix[module.layer_idx]  # [1, kv_heads, P, d]
-        out_p, lse_p = _flash(grouped.transpose(0, 1).reshape(1, kvh, b * g * q, d), pk, pv, None, scaling)[:2]
+        out_p, lse_p = _flash(grouped.transpose(0, 1).reshape(1, kvh, b * g * q, d), pk, pv, None, scaling)
         if own_kernel and group_prefix is None:  # the row's own part and the merge in one call
             merged = kernels.decode_attention_merged(grouped, key, value, attention_mask, scale, out_p, lse_p)
             if merged is not None:

@@ -31,6 +31,7 @@ code and the engine says why. ``engines.fused_kernels: false`` turns it off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -90,10 +91,8 @@ class Kernels:
         b, kvh, g, d = q.shape
         out = torch.empty((b, kvh, g, d), dtype=torch.float32)
         lse = torch.empty((b, kvh, g), dtype=torch.float32)
-        rc = self._lib.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
-                                        k.stride(0), k.stride(1), 0 if mask is None else mask.data_ptr(),
-                                        0 if mask is None else mask.stride(0), out.data_ptr(), lse.data_ptr(),
-                                        b, kvh, g, k.shape[2], scale)
+        rc = self._lib.decode_attention(*self._inputs(q, k, v, mask), out.data_ptr(), lse.data_ptr(), b, kvh, g,
+                                        k.shape[2], scale)
         return (out, lse) if rc == 0 else None
 
     def decode_attention_merged(self, q, k, v, mask, scale: float, prefix_out, prefix_lse):
@@ -111,13 +110,18 @@ class Kernels:
                 or tuple(prefix_lse.shape) != (1, kvh, b * g)):
             return None
         merged = torch.empty((b, 1, kvh * g, d), dtype=torch.bfloat16)
-        rc = self._lib.decode_attention_merged(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
-                                               k.stride(0), k.stride(1), 0 if mask is None else mask.data_ptr(),
-                                               0 if mask is None else mask.stride(0), prefix_out.data_ptr(),
+        rc = self._lib.decode_attention_merged(*self._inputs(q, k, v, mask), prefix_out.data_ptr(),
                                                prefix_out.stride(1), prefix_out.stride(2), prefix_lse.data_ptr(),
                                                prefix_lse.stride(1), prefix_lse.stride(2), merged.data_ptr(), b, kvh,
                                                g, k.shape[2], scale)
         return merged if rc == 0 else None
+
+    @staticmethod
+    def _inputs(q, k, v, mask) -> tuple[int, ...]:
+        """The C functions' first arguments: q, its row and head strides, k, v, their row and head strides, the mask
+        (0 for none) and its row stride."""
+        return (q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                0 if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0))
 
     @staticmethod
     def _takes(q, k, v, mask) -> bool:
@@ -137,15 +141,17 @@ class Kernels:
         ones included: the norm must add in the same order to give the same bits), found by trying both on fixed
         random rows; 0 when neither gives torch's bits (the norms then stay transformers' own)."""
         import torch
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
         g = torch.Generator().manual_seed(0)
         x = (torch.randn(64, 576, generator=g) * 3).to(torch.bfloat16)
-        w = torch.randn(576, generator=g).to(torch.bfloat16)
-        h = x.float()
-        want = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+        norm = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(576, generator=g))
+            want = norm(x)
         for lanes in (8, 16):
             self.lanes = lanes
-            if torch.equal(self.rms_norm(x, w, 1e-5), want):
+            if torch.equal(self.rms_norm(x, norm.weight, norm.variance_epsilon), want):
                 return lanes
         return 0
 
@@ -186,6 +192,7 @@ def compiler() -> str | None:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
+@functools.cache
 def _library_name(cc: str) -> str:
     from pipeline.engines.fastpath import cpu_flags
 
@@ -263,13 +270,20 @@ def supported(model) -> str:
     return ""
 
 
+def _refusal(model, kernels: Kernels) -> str:
+    """'' when ``fuse`` can route ``model`` through ``kernels``, else why not."""
+    if not kernels.lanes:
+        return f"{kernels.path.name}'s norm does not match this torch build's sum order"
+    return supported(model)
+
+
 def fuse(model, kernels: Kernels, attention: bool = True) -> int:
     """Route ``model``'s decoder layers and final norm (in place) through ``kernels``; returns the layers fused.
     With ``attention`` (and a library that has it), cascade attention's decode part (each row against its own cache,
     ``cascade.attention``) runs ``Kernels.decode_attention`` instead of flash attention.
     Inputs the kernels do not take (not bf16, not contiguous, rotary tables of another shape) go through
     transformers' own code, per call."""
-    why = supported(model) or ("" if kernels.lanes else "the norm's sum order does not match this torch build's")
+    why = _refusal(model, kernels)
     if why:
         raise ValueError(f"cannot fuse this model's layers: {why}")
     inner = model.model
@@ -345,12 +359,11 @@ def _attention(self, k, x, position_embeddings, attention_mask, cache, **kwargs)
 def install(model, attention: bool = True) -> str:
     """Fuse ``model``'s layers when it and this machine allow (``attention``: see ``fuse``): a line for the engine's
     log saying what was done."""
-    why = supported(model)
+    why = supported(model)  # before load(): a model that cannot be fused need not build the library
     if not why:
         kernels, why = load()
-        if kernels is not None and not kernels.lanes:
-            why = f"this torch build's sum adds in an order {kernels.path.name}'s norm does not know"
-        elif kernels is not None:
+        why = why or _refusal(model, kernels)
+        if not why:
             n = fuse(model, kernels, attention)
             what = ("decode attention too" if attention and kernels.attention else
                     "decode attention: flash" + ("" if not attention else " (the CPU lacks AVX-512 BF16)"))
